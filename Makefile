@@ -1,0 +1,55 @@
+# One virtualenv in .venv holds everything, MPI included (the mpich wheel's mpiexec).
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+MPIEXEC  := $(VENV)/bin/mpiexec
+NP       ?= 2
+ARGS     ?=
+STAMP    := $(VENV)/.installed
+PYTEST   := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: venv build train test test-fast bench gpu-check clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h kernels/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Rebuild the Cython extensions in place after editing csrc/ or kernels/.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+train: $(STAMP)
+	$(MPIEXEC) -n $(NP) $(PY) -m engine.train $(ARGS)
+
+# The whole suite: one process for the plain tier, then the mpi tier under mpiexec -n 2.
+test: $(STAMP)
+	$(PYTEST) -q -m "not mpi" tests
+	$(MPIEXEC) -n 2 $(PY) tests/mpi_pytest.py -q -m "mpi and not slow" tests
+	$(MPIEXEC) -n 2 $(PY) tests/mpi_pytest.py -q -m "mpi and slow and not np4" tests
+	$(MPIEXEC) -n 4 $(PY) tests/mpi_pytest.py -q -m "mpi and np4" tests
+
+test-fast: $(STAMP)
+	$(PYTEST) -q -m "not mpi and not slow" tests
+	$(MPIEXEC) -n 2 $(PY) tests/mpi_pytest.py -q -m "mpi and not slow" tests
+
+bench: $(STAMP)
+	$(PY) bench/step.py
+	$(PY) bench/kernels.py
+	$(PY) bench/overlap.py
+	$(PY) bench/loader.py
+
+# Everything that needs a device: the gpu-marked tests, then the kernel benchmarks.
+gpu-check: $(STAMP)
+	@$(PY) -c "from engine.backend import gpu_count; import sys; n = gpu_count(); \
+	  print(f'gpu-check: {n} CUDA device(s) visible'); \
+	  sys.exit(0 if n else 'gpu-check: no CUDA device here; install the gpu extra on a GPU machine and rerun')"
+	$(PY) -m pip install -q -e '.[gpu,test,bench]'
+	$(PYTEST) -q -m gpu -rs tests
+	$(PY) bench/kernels.py --gpu
+
+clean:
+	rm -rf build engine/*.so engine/*.c $(VENV)

@@ -1,0 +1,1 @@
+"""A small data-parallel ResNet training engine (NumPy/CuPy, MPI/NCCL)."""
