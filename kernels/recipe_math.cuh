@@ -1,0 +1,148 @@
+/* The per-element math of every fused kernel, written once.
+ *
+ * NVRTC compiles this header into the CUDA kernels (the .cu files beside it); the host C compiler
+ * compiles it into engine.hostmath (csrc/hostmath.pyx) for the CPU path. Both paths
+ * therefore run the same formulas, and the host build is tested against float64 NumPy.
+ * Plain C99 on the host side: no templates, no overloading, float arithmetic only.
+ */
+#ifndef RECIPE_MATH_CUH
+#define RECIPE_MATH_CUH
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define RM_FN __host__ __device__ __forceinline__
+#else
+#include <math.h>
+#define RM_FN static inline
+#endif
+
+/* ---- optimizer ------------------------------------------------------------------- */
+
+/* Coefficients of one update, fixed for a whole launch (computed per iteration on the host
+ * from the schedules). The gradient arrives as a sum over ranks of loss-scaled gradients;
+ * gscale (= 1/(N*loss_scale)) turns it into the mean gradient. */
+typedef struct {
+    float eta;      /* learning rate of this iteration */
+    float a_sgd;    /* weight of the SGD direction (1 after the warm-up) */
+    float a_rms;    /* weight of the RMSprop direction (0 after the warm-up) */
+    float mu1;      /* momentum of the direction d */
+    float mu2;      /* decay of the squared-gradient average m */
+    float eps;      /* added to sqrt(m), outside the root */
+    float wd;       /* weight decay (L2), applied where the decay mask is 1 */
+    float gscale;   /* folds 1/N and the loss scale into the gradient */
+} rm_coef;
+
+/* The gradient the optimizer sees: scaled, plus L2 weight decay where it applies. */
+RM_FN float rm_effective_grad(float g, float w, float decay, const rm_coef *c)
+{
+    return g * c->gscale + c->wd * decay * w;
+}
+
+/* Momentum step shared by both optimizers: d = mu1*d - step*g, w = w + eta*d. */
+RM_FN void rm_momentum_step(float *w, float *d, float g, float step, const rm_coef *c)
+{
+    float dn = c->mu1 * (*d) - step * g;
+    *d = dn;
+    *w = *w + c->eta * dn;
+}
+
+/* The hybrid RMSprop-to-SGD update (no bias correction, eps outside the root):
+ *   m = mu2*m + (1-mu2)*g^2
+ *   d = mu1*d - (a_sgd + a_rms/(sqrt(m)+eps)) * g
+ *   w = w + eta*d                                                                     */
+RM_FN void rm_hybrid_step(float *w, float *d, float *m, float graw, float decay, const rm_coef *c)
+{
+    float g = rm_effective_grad(graw, *w, decay, c);
+    float mn = c->mu2 * (*m) + (1.0f - c->mu2) * g * g;
+    *m = mn;
+    rm_momentum_step(w, d, g, c->a_sgd + c->a_rms / (sqrtf(mn) + c->eps), c);
+}
+
+/* Momentum SGD of the baseline (Goyal et al.), in the same form with a_sgd = 1, a_rms = 0:
+ * d = mu1*d - g, w = w + eta*d (the learning rate multiplies the whole direction, so a
+ * change of eta needs no momentum correction). */
+RM_FN void rm_sgd_step(float *w, float *d, float graw, float decay, const rm_coef *c)
+{
+    rm_momentum_step(w, d, rm_effective_grad(graw, *w, decay, c), 1.0f, c);
+}
+
+/* IEEE binary16 bits to float, for the host path (the device uses __half2float). */
+RM_FN float rm_half_bits_to_float(unsigned short h)
+{
+    unsigned int sign = (unsigned int)(h & 0x8000u) << 16;
+    unsigned int expo = (h >> 10) & 0x1fu;
+    unsigned int mant = h & 0x3ffu;
+    unsigned int bits;
+    union { unsigned int u; float f; } out;
+    if (expo == 0x1fu) {                       /* inf or nan */
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (expo != 0) {                    /* normal */
+        bits = sign | ((expo + 112u) << 23) | (mant << 13);
+    } else if (mant == 0) {                    /* signed zero */
+        bits = sign;
+    } else {                                   /* subnormal: mant * 2^-24, exact in float */
+        out.f = (float)mant * 5.9604644775390625e-8f;
+        out.u |= sign;
+        return out.f;
+    }
+    out.u = bits;
+    return out.f;
+}
+
+/* ---- batch norm ------------------------------------------------------------------ */
+
+/* Running (count, mean, M2) of Welford's method; M2 = sum of squared deviations. */
+typedef struct {
+    float n;
+    float mean;
+    float m2;
+} rm_moments;
+
+RM_FN void rm_welford_push(rm_moments *s, float x)
+{
+    s->n += 1.0f;
+    float delta = x - s->mean;
+    s->mean += delta / s->n;
+    s->m2 += delta * (x - s->mean);
+}
+
+/* Chan et al.'s merge of two partial results: exact for any split of the data. */
+RM_FN void rm_moments_merge(rm_moments *a, const rm_moments *b)
+{
+    float n = a->n + b->n;
+    if (b->n == 0.0f) return;
+    if (a->n == 0.0f) { *a = *b; return; }
+    float delta = b->mean - a->mean;
+    float wb = b->n / n;
+    a->mean += delta * wb;
+    a->m2 += b->m2 + delta * delta * a->n * wb;
+    a->n = n;
+}
+
+RM_FN float rm_bn_inv_std(float var, float eps) { return 1.0f / sqrtf(var + eps); }
+
+/* y = (x - mean) * inv_std * gamma + beta, as one multiply-add with folded scale/shift. */
+RM_FN float rm_bn_scale(float gamma, float inv_std) { return gamma * inv_std; }
+RM_FN float rm_bn_shift(float beta, float mean, float scale) { return beta - mean * scale; }
+
+RM_FN float rm_bn_apply(float x, float scale, float shift, int relu)
+{
+    float y = x * scale + shift;
+    return (relu && y < 0.0f) ? 0.0f : y;
+}
+
+/* Gradient through the fused ReLU: y is the BN(+ReLU) output of the forward pass. */
+RM_FN float rm_relu_grad(float dy, float y, int relu)
+{
+    return (relu && !(y > 0.0f)) ? 0.0f : dy;
+}
+
+/* dx of training-mode BN, with sum_dy = sum(dy), sum_dyxh = sum(dy * xhat) per channel
+ * over the R = N*H*W rows: dx = gamma*inv_std*(dy - sum_dy/R - xhat*sum_dyxh/R). */
+RM_FN float rm_bn_dx(float dy, float x, float mean, float inv_std, float gamma,
+                     float mean_dy, float mean_dyxh)
+{
+    float xhat = (x - mean) * inv_std;
+    return gamma * inv_std * (dy - mean_dy - xhat * mean_dyxh);
+}
+
+#endif /* RECIPE_MATH_CUH */

@@ -1,0 +1,161 @@
+"""engine.hostmath (the host build of kernels/recipe_math.cuh) against plain float64 NumPy."""
+import numpy as np
+import pytest
+
+from engine import hostmath
+
+SEED = np.random.SeedSequence().entropy % 2**32
+print(f"test_hostmath seed {SEED}")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(SEED)
+
+
+def rel_err(got, ref):
+    return np.max(np.abs(np.asarray(got, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)
+
+
+def hybrid_reference(w, d, m, g, decay, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale):
+    """The formulas of DESIGN.md in float64: no bias correction, eps outside the root."""
+    w, d, m, g = (np.asarray(a, np.float64) for a in (w, d, m, g))
+    g = g * gscale + wd * decay * w
+    m = mu2 * m + (1 - mu2) * g * g
+    d = mu1 * d - (a_sgd + a_rms / (np.sqrt(m) + eps)) * g
+    return w + eta * d, d, m
+
+
+def random_state(rng, n):
+    w = rng.standard_normal(n).astype(np.float32)
+    d = (0.01 * rng.standard_normal(n)).astype(np.float32)
+    m = (1e-3 * rng.random(n)).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32) * 64.0   # a loss-scaled gradient sum
+    mask = (rng.random(n) < 0.7).astype(np.uint8)
+    return w, d, m, g, mask
+
+
+@pytest.mark.parametrize("gdtype", [np.float32, np.float16])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_hybrid_update_matches_float64(rng, gdtype, with_mask):
+    n = 4099  # not a multiple of any vector width
+    w, d, m, g, mask = random_state(rng, n)
+    g = g.astype(gdtype)
+    hp = dict(eta=0.8, a_sgd=float(rng.uniform(0.1, 0.9)), a_rms=float(rng.uniform(0.01, 0.5)),
+              mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64.0)
+    decay = mask.astype(np.float64) if with_mask else 1.0
+    ref_w, ref_d, ref_m = hybrid_reference(w, d, m, g, decay, **hp)
+    hostmath.hybrid_update(w, d, m, g, mask if with_mask else None, **hp)
+    assert rel_err(m, ref_m) < 1e-5
+    assert rel_err(d, ref_d) < 1e-5
+    assert rel_err(w, ref_w) < 1e-5
+
+
+def test_sgd_update_matches_float64(rng):
+    n = 1000
+    w, d, _, g, mask = random_state(rng, n)
+    eta, mu1, wd, gscale = 3.2, 0.9, 1e-4, 1 / 64.0
+    ref_w, ref_d, _ = hybrid_reference(w, d, np.zeros(n), g, mask.astype(np.float64), eta, 1.0, 0.0,
+                                       mu1, 0.0, 0.0, wd, gscale)
+    hostmath.sgd_update(w, d, g, mask, eta, mu1, wd, gscale)
+    assert rel_err(d, ref_d) < 1e-5
+    assert rel_err(w, ref_w) < 1e-5
+
+
+def test_fp16_gradients_are_read_exactly(rng):
+    """The header's own binary16 decoder, subnormals, infinities and signed zeros included."""
+    bits = np.arange(0, 2**16, dtype=np.uint16)
+    halves = bits.view(np.float16)
+    finite = np.isfinite(halves)
+    w = np.zeros(bits.size, np.float32)
+    d = np.zeros(bits.size, np.float32)
+    # With mu1 = 0, eta = 1, gscale = -1: w = 0 + 1 * (0 - (-1 * g)) = g exactly.
+    hostmath.sgd_update(w, d, halves, None, 1.0, 0.0, 0.0, -1.0)
+    np.testing.assert_array_equal(w[finite], halves[finite].astype(np.float32))
+    assert np.all(np.isinf(w[np.isinf(halves)]))
+    assert np.all(np.isnan(w[np.isnan(halves)]))
+
+
+def test_update_works_on_a_flat_range(rng):
+    """Updating [start, stop) of the flat buffers leaves the rest untouched."""
+    n, start, stop = 512, 128, 320
+    w, d, m, g, mask = random_state(rng, n)
+    w0 = w.copy()
+    hp = dict(eta=0.5, a_sgd=0.5, a_rms=0.1, mu1=0.9, mu2=0.99, eps=1e-8, wd=0.0, gscale=1.0)
+    ref_w, _, _ = hybrid_reference(w[start:stop], d[start:stop], m[start:stop], g[start:stop], 1.0, **hp)
+    hostmath.hybrid_update(w[start:stop], d[start:stop], m[start:stop], g[start:stop], None, **hp)
+    assert rel_err(w[start:stop], ref_w) < 1e-5
+    np.testing.assert_array_equal(w[:start], w0[:start])
+    np.testing.assert_array_equal(w[stop:], w0[stop:])
+
+
+def bn_reference(x, gamma, beta, eps, relu):
+    x = x.astype(np.float64)
+    mean, var = x.mean(0), x.var(0)
+    y = (x - mean) / np.sqrt(var + eps) * gamma + beta
+    return (np.maximum(y, 0) if relu else y), mean, var
+
+
+def bn_backward_reference(dy, x, gamma, eps, relu):
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    y, mean, var = bn_reference(x, gamma, np.zeros_like(gamma), eps, False)
+    inv = 1 / np.sqrt(var + eps)
+    xhat = (x - mean) * inv
+    if relu:
+        dy = dy * ((xhat * gamma) > 0)  # beta = 0 in this reference
+    dbeta, dgamma = dy.sum(0), (dy * xhat).sum(0)
+    dx = gamma * inv * (dy - dbeta / len(x) - xhat * dgamma / len(x))
+    return dx, dgamma, dbeta
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_train_forward_matches_float64(rng, relu):
+    rows, C = 2 * 7 * 7, 40
+    # A large offset relative to the spread: a naive E[x^2]-E[x]^2 in float32 would fail here.
+    x = (1000.0 + rng.standard_normal((rows, C)) * rng.uniform(0.1, 3, C)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = rng.standard_normal(C).astype(np.float32)
+    y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
+    ref_y, ref_mean, ref_var = bn_reference(x, gamma, beta, 1e-5, relu)
+    assert rel_err(mean, ref_mean) < 1e-6
+    assert np.max(np.abs(var - ref_var) / ref_var) < 1e-3
+    assert rel_err(inv_std, 1 / np.sqrt(ref_var + 1e-5)) < 1e-3
+    assert np.max(np.abs(y - ref_y)) < 5e-3
+    if relu:
+        assert np.all(y >= 0) and np.any(y == 0)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_backward_matches_float64(rng, relu):
+    rows, C = 3 * 5 * 5, 24
+    x = (rng.standard_normal((rows, C)) * 2 + 0.5).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = np.zeros(C, np.float32)
+    dy = rng.standard_normal((rows, C)).astype(np.float32)
+    y, mean, _, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
+    dx, dgamma, dbeta = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
+    ref_dx, ref_dgamma, ref_dbeta = bn_backward_reference(dy, x, gamma.astype(np.float64), 1e-5, relu)
+    assert rel_err(dbeta, ref_dbeta) < 1e-5
+    assert rel_err(dgamma, ref_dgamma) < 1e-5
+    assert rel_err(dx, ref_dx) < 1e-4
+
+
+def test_bn_infer_forward_uses_given_statistics(rng):
+    rows, C = 50, 16
+    x = rng.standard_normal((rows, C)).astype(np.float32)
+    gamma, beta, mean = (rng.standard_normal(C).astype(np.float32) for _ in range(3))
+    var = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    y = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True)
+    ref = np.maximum((x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta, 0)
+    assert np.max(np.abs(y - ref)) < 1e-5 * max(1.0, np.max(np.abs(ref)))
+
+
+def test_bad_input_is_named():
+    w = np.zeros(8, np.float32)
+    with pytest.raises(TypeError, match="hostmath: d must be float32"):
+        hostmath.sgd_update(w, np.zeros(8, np.float64), w.copy(), None, 1.0, 0.9, 0.0, 1.0)
+    with pytest.raises(ValueError, match="hostmath: g has 4 elements, expected 8"):
+        hostmath.sgd_update(w, w.copy(), np.zeros(4, np.float32), None, 1.0, 0.9, 0.0, 1.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        hostmath.hybrid_update(w, w.copy(), w.copy(), np.zeros(16, np.float32)[::2], None,
+                               1.0, 0.5, 0.1, 0.9, 0.99, 1e-8, 0.0, 1.0)
