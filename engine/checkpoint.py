@@ -1,0 +1,130 @@
+"""Checkpoints: one .npz file per save, written atomically, verified when read.
+
+A checkpoint holds named float arrays (parameters, optimizer state) and a JSON header
+(`meta`): what run it belongs to (arch, layout signature, data set, global batch, seed),
+where training stands (epoch, step, global step: the data position and the schedule's
+fractional epoch), the loader's and the run's random state (all randomness in a run is
+counter-based, derived from the seed and the position, so seed + position IS the random
+state). Every array is a zip member with its own CRC-32, checked when it is read.
+
+Writing: a temporary file in the target directory, flushed and fsync'ed, renamed over
+the final name, then the directory fsync'ed; a crash at any point leaves either the old
+file or the new one, never a torn one. Older checkpoints are pruned only after the new
+one is durable, so the previous good checkpoint always survives a failed write.
+
+Reading: a truncated, corrupt or foreign file raises CheckpointError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "engine-checkpoint-1"
+_NAME = re.compile(r"^ckpt-(\d{8})\.npz$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: unreadable, truncated, corrupt, or from another run."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path: str, arrays: dict, meta: dict) -> None:
+    """Atomically write `arrays` (name -> numpy array) and `meta` (JSON-able) to `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    header = dict(meta, format=FORMAT)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __meta__=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def load(path: str) -> tuple[dict, dict]:
+    """(arrays, meta) of the checkpoint at `path`, verified; CheckpointError otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt checkpoint ({type(e).__name__}: {e})") from e
+    raw = arrays.pop("__meta__", None)
+    try:
+        meta = json.loads(raw.tobytes().decode()) if raw is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this engine (no valid header)")
+    return arrays, meta
+
+
+def check_compatible(path: str, meta: dict, expected: dict) -> None:
+    """Refuse a checkpoint whose run description differs from the current run's."""
+    for key, want in expected.items():
+        have = meta.get(key)
+        if have != want:
+            raise CheckpointError(f"{path}: checkpoint was written with {key}={have!r}, "
+                                  f"this run has {key}={want!r}; refusing to resume from it")
+
+
+def path_for(directory: str, global_step: int) -> str:
+    return os.path.join(directory, f"ckpt-{global_step:08d}.npz")
+
+
+def list_checkpoints(directory: str) -> list:
+    """Checkpoint files in `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if _NAME.match(n)]
+
+
+def resolve(resume: str) -> str:
+    """--resume FILE, or --resume DIR meaning its newest checkpoint."""
+    if os.path.isdir(resume):
+        found = list_checkpoints(resume)
+        if not found:
+            raise CheckpointError(f"{resume}: --resume names a directory without checkpoints (ckpt-*.npz)")
+        return found[-1]
+    if not os.path.exists(resume):
+        raise CheckpointError(f"{resume}: --resume names no file or directory")
+    return resume
+
+
+def load_for_resume(resume: str) -> tuple[str, dict, dict]:
+    """(path, arrays, meta) of --resume; a bad newest file is refused, naming the intact one before it."""
+    path = resolve(resume)
+    try:
+        arrays, meta = load(path)
+    except CheckpointError as e:
+        earlier = [p for p in list_checkpoints(os.path.dirname(path)) if p < path]
+        if earlier:
+            raise CheckpointError(f"{e}; the previous checkpoint {earlier[-1]} is kept: "
+                                  f"resume from it with --resume {earlier[-1]}") from e
+        raise
+    return path, arrays, meta
+
+
+def prune(directory: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (called after a save is durable)."""
+    for p in list_checkpoints(directory)[:-keep]:
+        os.unlink(p)
