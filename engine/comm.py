@@ -1,0 +1,326 @@
+"""Communicators: one interface, MPI on NumPy buffers (CPU ranks), NCCL on CuPy buffers (GPUs).
+
+    comm = create_communicator(backend)          # after get_backend() selected the device
+    work = comm.allreduce_async(grads[a:b])       # returns at once
+    ...                                           # keep computing
+    work.wait()                                   # the slice now holds the sum over ranks
+
+Both implementations keep every collective in the order it was issued, on every rank, so
+the same sequence of calls on all ranks never crosses collectives.
+
+- `MpiCommunicator` issues every collective from ONE dedicated thread, on its own duplicate
+  of the MPI communicator, so a bucket's all-reduce progresses while the main thread
+  computes the next layer's gradients (NumPy releases the GIL in its kernels). FP16 buffers
+  are summed by a user-defined MPI operation (MPI has no half-precision sum).
+- `NcclCommunicator` enqueues NCCL calls on a communication stream that first waits on an
+  event recorded on the compute stream; `Work.wait()` makes the compute stream wait for
+  the collective, it never blocks the host.
+
+Progress counters (`progress()`) let engine.guard find collectives stuck on one rank
+because another rank never reached them.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+OPS = ("sum", "avg")
+
+
+class CommError(RuntimeError):
+    """A collective failed or was called with an unusable buffer."""
+
+
+class Work:
+    """Handle of one asynchronous collective.
+
+    `seq` numbers the collectives of a communicator from 0; `launched_at`, `started_at`,
+    `finished_at` are time.perf_counter() seconds (started/finished: when the collective
+    itself ran; None until known)."""
+
+    def __init__(self, seq: int, name: str, count: int):
+        self.seq, self.name, self.count = seq, name, count
+        self.launched_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    def wait(self) -> None:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        raise NotImplementedError
+
+
+class Communicator(ABC):
+    """rank, size, allreduce_async/allreduce/bcast/barrier/abort, progress()."""
+
+    rank: int
+    size: int
+
+    @abstractmethod
+    def allreduce_async(self, buf, op: str = "sum") -> Work:
+        """Start reducing `buf` in place over all ranks ("sum" or "avg")."""
+
+    def allreduce(self, buf, op: str = "sum"):
+        self.allreduce_async(buf, op).wait()
+        return buf
+
+    @abstractmethod
+    def bcast(self, buf, root: int = 0):
+        """Overwrite `buf` on every rank with rank `root`'s `buf`; returns it."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        ...
+
+    @abstractmethod
+    def abort(self, code: int = 1) -> None:
+        """End every process of the job now (a failing rank must not leave others hanging)."""
+
+    @abstractmethod
+    def progress(self) -> tuple[int, int, Work | None]:
+        """(collectives started, collectives finished, oldest unfinished Work or None)."""
+
+    def close(self) -> None:
+        pass
+
+
+def _check_buffer(buf, xp_name: str) -> None:
+    if getattr(buf, "dtype", None) not in (np.float32, np.float16):
+        raise CommError(f"collective buffers must be float32 or float16 arrays, got "
+                        f"{getattr(buf, 'dtype', type(buf).__name__)}")
+    if not buf.flags.c_contiguous:
+        raise CommError("collective buffers must be contiguous (a slice of the flat buffer)")
+    if type(buf).__module__.split(".")[0] != xp_name:
+        raise CommError(f"this communicator reduces {xp_name} arrays, got {type(buf).__module__}.{type(buf).__name__}")
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise CommError(f"reduction op must be one of {OPS}, got {op!r}")
+
+
+# ---------------------------------------------------------------------------- MPI ----------
+
+def _fp16_sum(inbuf, inoutbuf, datatype):
+    """MPI user operation: inoutbuf += inbuf on float16 data (sent as 2-byte integers).
+
+    The pair is added in float32 and rounded once to float16, as a GPU does."""
+    a = np.frombuffer(inbuf, dtype=np.float16)
+    b = np.frombuffer(inoutbuf, dtype=np.float16)
+    np.add(a, b, out=b, dtype=np.float32, casting="unsafe")
+
+
+class MpiWork(Work):
+    def __init__(self, seq, name, count):
+        super().__init__(seq, name, count)
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        self._event.wait()
+        if self._error is not None:
+            raise CommError(f"{self.name} #{self.seq} failed: {self._error!r}") from self._error
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+
+class MpiCommunicator(Communicator):
+    """Collectives on NumPy arrays, issued in order from one communication thread."""
+
+    def __init__(self, mpi_comm=None):
+        from mpi4py import MPI
+        self._MPI = MPI
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise CommError("MPI was initialized without MPI_THREAD_MULTIPLE; the communication "
+                            "thread needs it (do not set mpi4py.rc.thread_level)")
+        world = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.world = world
+        self._comm = world.Dup()           # our collectives never mix with the caller's
+        self.rank, self.size = self._comm.rank, self._comm.size
+        self._fp16_sum = MPI.Op.Create(_fp16_sum, commute=True)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._started = self._finished = 0
+        self._pending: dict[int, MpiWork] = {}
+        self._thread = threading.Thread(target=self._serve, name=f"comm-rank{self.rank}", daemon=True)
+        self._thread.start()
+
+    # -- the communication thread ------------------------------------------------------
+    def _serve(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            work, fn = item
+            with self._lock:
+                self._started += 1
+            work.started_at = time.perf_counter()
+            try:
+                fn()
+            except BaseException as exc:            # delivered to the waiter, which raises
+                work._error = exc
+            work.finished_at = time.perf_counter()
+            with self._lock:
+                self._finished += 1
+                self._pending.pop(work.seq, None)
+            work._event.set()
+
+    def _submit(self, name: str, count: int, fn) -> MpiWork:
+        with self._lock:
+            work = MpiWork(next(self._seq), name, count)
+            self._pending[work.seq] = work
+        self._queue.put((work, fn))
+        return work
+
+    # -- collectives ---------------------------------------------------------------------
+    def allreduce_async(self, buf, op: str = "sum") -> Work:
+        _check_buffer(buf, "numpy")
+        _check_op(op)
+        MPI, comm, size = self._MPI, self._comm, self.size
+        if buf.dtype == np.float16:
+            target, mpi_op = [buf.view(np.uint16), MPI.UINT16_T], self._fp16_sum
+        else:
+            target, mpi_op = buf, MPI.SUM
+
+        def run():
+            comm.Allreduce(MPI.IN_PLACE, target, op=mpi_op)
+            if op == "avg":
+                np.multiply(buf, buf.dtype.type(1.0 / size), out=buf)
+        return self._submit("allreduce", buf.size, run)
+
+    def bcast(self, buf, root: int = 0):
+        if not 0 <= root < self.size:
+            raise CommError(f"bcast root {root} is not a rank (size {self.size})")
+        if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
+            raise CommError("bcast needs a contiguous NumPy array")
+        self._submit("bcast", buf.size, lambda: self._comm.Bcast(buf, root=root)).wait()
+        return buf
+
+    def barrier(self) -> None:
+        self._submit("barrier", 0, self._comm.Barrier).wait()
+
+    def abort(self, code: int = 1) -> None:
+        self.world.Abort(code)
+
+    def progress(self):
+        with self._lock:
+            oldest = min(self._pending.values(), key=lambda w: w.seq, default=None)
+            return self._started, self._finished, oldest
+
+    def close(self) -> None:
+        """Finish queued collectives, stop the thread, free the duplicate communicator."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+            if not self._MPI.Is_finalized():
+                self._fp16_sum.Free()
+                self._comm.Free()
+
+
+# --------------------------------------------------------------------------- NCCL ----------
+
+class NcclWork(Work):
+    """Completion is a CUDA event on the communication stream; nothing here blocks the host
+    except `synchronize()`."""
+
+    def __init__(self, seq, name, count, backend, done_event):
+        super().__init__(seq, name, count)
+        self._backend, self._done = backend, done_event
+
+    def wait(self) -> None:
+        """Order the current (compute) stream after the collective, without a host sync."""
+        self._done.wait_on(self._backend.current_stream())
+
+    def synchronize(self) -> None:
+        self._done.synchronize()
+        self._mark_finished()
+
+    def done(self) -> bool:
+        if self._done.done():
+            self._mark_finished()
+            return True
+        return False
+
+    def _mark_finished(self):
+        if self.finished_at is None:
+            self.finished_at = time.perf_counter()      # when the host first saw it done
+
+
+class NcclCommunicator(Communicator):
+    """Collectives on CuPy arrays through engine.nccl, on a dedicated stream."""
+
+    def __init__(self, backend, mpi_comm=None):
+        from mpi4py import MPI
+        from engine import nccl
+        self.world = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
+        self.rank, self.size = self.world.rank, self.world.size
+        self._backend = backend
+        # Rank 0 creates the id, MPI carries it; the device was bound by get_backend().
+        uid = nccl.get_unique_id() if self.rank == 0 else None
+        uid = self.world.bcast(uid, root=0)
+        self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
+        self._stream = backend.stream()
+        self._seq = itertools.count()
+        self._started = 0
+        self._pending: list[NcclWork] = []
+
+    def _enqueue(self, name, buf, call) -> NcclWork:
+        ready = self._backend.event()
+        ready.record(self._backend.current_stream())   # the data is final on the compute stream
+        ready.wait_on(self._stream)
+        call(self._stream)
+        done = self._backend.event()
+        done.record(self._stream)
+        work = NcclWork(next(self._seq), name, buf.size, self._backend, done)
+        work.started_at = work.launched_at
+        self._started += 1
+        self._pending.append(work)
+        return work
+
+    def allreduce_async(self, buf, op: str = "sum") -> Work:
+        _check_buffer(buf, "cupy")
+        _check_op(op)
+        return self._enqueue("allreduce", buf,
+                             lambda s: self._nccl.all_reduce(buf, buf, op=op, stream=s))
+
+    def bcast(self, buf, root: int = 0):
+        _check_buffer(buf, "cupy")
+        self._enqueue("bcast", buf, lambda s: self._nccl.broadcast(buf, buf, root=root, stream=s)).wait()
+        return buf
+
+    def barrier(self) -> None:
+        self._backend.synchronize()
+        self.world.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        try:
+            self._nccl.abort()          # unblocks kernels stuck waiting for a dead peer
+        finally:
+            self.world.Abort(code)
+
+    def progress(self):
+        self._pending = [w for w in self._pending if not w.done()]
+        finished = self._started - len(self._pending)
+        return self._started, finished, (self._pending[0] if self._pending else None)
+
+    def check_async_error(self) -> None:
+        self._nccl.check_async_error()
+
+    def close(self) -> None:
+        self._backend.synchronize()
+        self._nccl.destroy()
+
+
+def create_communicator(backend, mpi_comm=None) -> Communicator:
+    """NCCL on a GPU backend, MPI on the CPU; the backend must already hold its device."""
+    if backend.is_gpu:
+        return NcclCommunicator(backend, mpi_comm)
+    return MpiCommunicator(mpi_comm)
