@@ -1,0 +1,119 @@
+"""Timeline: valid Chrome trace JSON after every event, correct overlap figures, merging."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from engine.trace import Timeline, format_figures, merge, overlap_figures, step_figures
+
+
+def _brute_force(spans, resolution):
+    """Overlap figures by marking integer time cells: an independent reference."""
+    horizon = max(e for _, _, e in spans)
+    compute = np.zeros(horizon, bool)
+    comm = np.zeros(horizon, bool)
+    for cat, s, e in spans:
+        (compute if cat in ("forward", "backward", "update") else comm if cat == "comm" else
+         np.zeros(horizon, bool))[s:e] = True
+    return compute.sum() * resolution, comm.sum() * resolution, (comm & ~compute).sum() * resolution
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_overlap_figures_match_a_brute_force_count(trial):
+    rng = np.random.default_rng()
+    spans = []
+    for _ in range(rng.integers(1, 30)):
+        s = int(rng.integers(0, 1000))
+        spans.append((str(rng.choice(["forward", "backward", "update", "comm", "comm", "data"])),
+                      s, s + int(rng.integers(1, 200))))
+    if not any(c == "comm" for c, _, _ in spans):
+        spans.append(("comm", 5, 50))
+    f = overlap_figures(spans)
+    compute, comm, exposed = _brute_force(spans, 1)
+    assert (f["compute_s"], f["comm_s"], f["exposed_s"]) == (compute, comm, exposed)
+    assert f["hidden_fraction"] == pytest.approx((comm - exposed) / comm)
+
+
+def test_fully_hidden_and_fully_exposed():
+    assert overlap_figures([("backward", 0, 10), ("comm", 2, 8)])["hidden_fraction"] == 1.0
+    assert overlap_figures([("backward", 0, 10), ("comm", 10, 14)])["hidden_fraction"] == 0.0
+    f = overlap_figures([("backward", 0, 10), ("comm", 8, 12), ("update", 11, 13)])
+    assert f["exposed_s"] == 1 and f["hidden_fraction"] == pytest.approx(3 / 4)
+
+
+def test_trace_is_valid_json_after_every_event(tmp_path):
+    path = tmp_path / "t.json"
+    tl = Timeline(str(path), rank=3)
+    assert isinstance(json.loads(path.read_text()), list)
+    tl.begin_step(7)
+    t0 = 100.0
+    for i in range(5):
+        tl.record(f"backward conv{i}", "backward", t0 + i, t0 + i + 1, {"layer": i})
+        events = json.loads(path.read_text())
+        assert events[-1]["name"] == f"backward conv{i}" and events[-1]["args"] == {"layer": i}
+    tl.record("allreduce b0", "comm", t0 + 2.5, t0 + 6.0)
+    with tl.span("update", "update"):
+        pass
+    token = tl.begin("data wait", "data")
+    tl.end(token)
+    figures = tl.end_step()
+    events = json.loads(path.read_text())
+    tl.close()
+    assert {e["pid"] for e in events} == {3}
+    x = [e for e in events if e["ph"] == "X"]
+    assert [e["cat"] for e in x] == ["backward"] * 5 + ["comm", "update", "data", "step"]
+    comm = x[5]
+    assert comm["dur"] == pytest.approx(3.5e6) and comm["tid"] != x[0]["tid"]
+    assert figures["step"] == 7 and figures["comm_s"] == pytest.approx(3.5)
+    assert figures["exposed_s"] == pytest.approx(1.0) and figures["hidden_fraction"] == pytest.approx(2.5 / 3.5)
+    assert "hidden 71%" in format_figures(figures)
+
+
+def test_figures_can_be_recomputed_from_the_file(tmp_path):
+    path = tmp_path / "t.json"
+    tl = Timeline(str(path))
+    for step in range(3):
+        tl.begin_step(step)
+        with tl.span("backward", "backward"):
+            sum(range(20000))
+        start = time.perf_counter()
+        sum(range(int(np.random.default_rng().integers(1000, 50000))))
+        tl.record("allreduce", "comm", start, time.perf_counter())
+        live = tl.end_step()
+    tl.close()
+    again = step_figures(json.loads(path.read_text()))
+    assert len(again) == 3
+    # wall-clock microseconds near 1.7e15 keep ~0.25 us of precision in a double
+    assert live["comm_s"] > 0
+    assert again[-1]["comm_s"] == pytest.approx(live["comm_s"], abs=2e-6)
+    assert again[-1]["exposed_s"] == pytest.approx(live["exposed_s"], abs=2e-6)
+
+
+def test_merge_aligns_ranks_on_clock_sync_and_the_cli_runs(tmp_path):
+    class FakeComm:
+        def barrier(self):
+            pass
+
+    paths = []
+    for rank in range(2):
+        tl = Timeline(str(tmp_path / f"r{rank}.json"), rank=rank)
+        tl._anchor += rank * 5.0          # rank 1's clock runs 5 s ahead
+        tl.sync(FakeComm())
+        tl.record("forward", "forward", 10.0, 11.0)
+        tl.close()
+        paths.append(str(tmp_path / f"r{rank}.json"))
+    out = str(tmp_path / "merged.json")
+    n = merge(paths, out)
+    events = json.loads(open(out).read())
+    assert n == len(events)
+    fwd = [e for e in events if e.get("name") == "forward"]
+    assert {e["pid"] for e in fwd} == {0, 1}
+    assert abs(fwd[0]["ts"] - fwd[1]["ts"]) < 1e5     # within 0.1 s after alignment, not 5 s
+    res = subprocess.run([sys.executable, "-m", "engine.trace", "merge", str(tmp_path / "m2.json"), *paths],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "merged 2 traces" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "engine.trace", "bogus"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "usage" in res.stderr
