@@ -65,30 +65,49 @@ RM_FN void rm_sgd_step(float *w, float *d, float graw, float decay, const rm_coe
     rm_momentum_step(w, d, rm_effective_grad(graw, *w, decay, c), 1.0f, c);
 }
 
-/* IEEE binary16 bits to float, for the host path (the device uses __half2float). */
-RM_FN float rm_half_bits_to_float(unsigned short h)
+/* ---- half precision, carried as the 16 bits of IEEE binary16 (unsigned short) ------- */
+/* No cuda_fp16.h: NVRTC then needs no toolkit headers, and the host needs no half type. */
+
+#if defined(__CUDA_ARCH__)
+RM_FN float rm_half_to_float(unsigned short h)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+/* Round to nearest even, overflow to infinity: the same as NumPy's float32 -> float16. */
+RM_FN unsigned short rm_float_to_half(float f)
+{
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#else
+RM_FN float rm_half_to_float(unsigned short h)
 {
     unsigned int sign = (unsigned int)(h & 0x8000u) << 16;
     unsigned int expo = (h >> 10) & 0x1fu;
     unsigned int mant = h & 0x3ffu;
-    unsigned int bits;
     union { unsigned int u; float f; } out;
     if (expo == 0x1fu) {                       /* inf or nan */
-        bits = sign | 0x7f800000u | (mant << 13);
+        out.u = sign | 0x7f800000u | (mant << 13);
     } else if (expo != 0) {                    /* normal */
-        bits = sign | ((expo + 112u) << 23) | (mant << 13);
-    } else if (mant == 0) {                    /* signed zero */
-        bits = sign;
-    } else {                                   /* subnormal: mant * 2^-24, exact in float */
+        out.u = sign | ((expo + 112u) << 23) | (mant << 13);
+    } else {                                   /* zero or subnormal: mant * 2^-24, exact */
         out.f = (float)mant * 5.9604644775390625e-8f;
         out.u |= sign;
-        return out.f;
     }
-    out.u = bits;
     return out.f;
 }
+#endif
 
 /* ---- batch norm ------------------------------------------------------------------ */
+
+/* Block shape of the per-channel reductions: 32 consecutive channels (one warp, coalesced)
+ * by 8 row groups. engine/cuda_ops.py launches with the same shape (a test checks). */
+#define RM_BN_TX 32
+#define RM_BN_TY 8
 
 /* Running (count, mean, M2) of Welford's method; M2 = sum of squared deviations. */
 typedef struct {

@@ -1,0 +1,89 @@
+// Training-mode batch norm over NHWC seen as x (rows = N*H*W, C), in three launches:
+//   bn_stats_partial   grid (ceil(C/32), G), block (32, 8): each thread runs Welford over a
+//                      strided set of rows of one channel (a warp reads 32 consecutive
+//                      channels of a row: coalesced); the 8 threads of a channel are merged
+//                      in shared memory (Chan); one partial (n, mean, M2) per block row.
+//   bn_stats_finalize  one thread per channel merges the G partials (Chan), then writes
+//                      mean, biased var, inv_std (saved for backward) and the folded
+//                      scale = gamma*inv_std, shift = beta - mean*scale.
+//   bn_forward_apply   y = x*scale + shift (+ReLU), 128-bit loads and stores when C % 4 == 0.
+// Welford within a thread and Chan's merge between threads keep the variance exact when
+// |mean| >> std, where E[x^2] - E[x]^2 in fp32 would cancel.
+#include "recipe_math.cuh"
+
+
+extern "C" __global__ void bn_stats_partial(const float* x, long long rows, int C, float* part_n,
+                                            float* part_mean, float* part_m2)
+{
+    __shared__ float sh_n[RM_BN_TY][RM_BN_TX], sh_mean[RM_BN_TY][RM_BN_TX], sh_m2[RM_BN_TY][RM_BN_TX];
+    const int c = blockIdx.x * RM_BN_TX + threadIdx.x;
+    rm_moments s = {0.0f, 0.0f, 0.0f};
+    if (c < C) {
+        for (long long r = (long long)blockIdx.y * RM_BN_TY + threadIdx.y; r < rows;
+             r += (long long)gridDim.y * RM_BN_TY)
+            rm_welford_push(&s, x[r * C + c]);
+    }
+    sh_n[threadIdx.y][threadIdx.x] = s.n;
+    sh_mean[threadIdx.y][threadIdx.x] = s.mean;
+    sh_m2[threadIdx.y][threadIdx.x] = s.m2;
+    __syncthreads();
+    for (int half = RM_BN_TY / 2; half > 0; half /= 2) {
+        if (threadIdx.y < half) {
+            rm_moments o = {sh_n[threadIdx.y + half][threadIdx.x], sh_mean[threadIdx.y + half][threadIdx.x],
+                            sh_m2[threadIdx.y + half][threadIdx.x]};
+            rm_moments_merge(&s, &o);
+            sh_n[threadIdx.y][threadIdx.x] = s.n;
+            sh_mean[threadIdx.y][threadIdx.x] = s.mean;
+            sh_m2[threadIdx.y][threadIdx.x] = s.m2;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && c < C) {
+        const long long at = (long long)blockIdx.y * C + c;
+        part_n[at] = s.n;
+        part_mean[at] = s.mean;
+        part_m2[at] = s.m2;
+    }
+}
+
+extern "C" __global__ void bn_stats_finalize(const float* part_n, const float* part_mean,
+                                             const float* part_m2, int G, int C, const float* gamma,
+                                             const float* beta, float eps, float* mean, float* var,
+                                             float* inv_std, float* scale, float* shift)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    rm_moments s = {0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < G; ++k) {
+        rm_moments o = {part_n[(long long)k * C + c], part_mean[(long long)k * C + c], part_m2[(long long)k * C + c]};
+        rm_moments_merge(&s, &o);
+    }
+    const float v = s.n > 0.0f ? s.m2 / s.n : 0.0f;
+    const float is = rm_bn_inv_std(v, eps);
+    const float sc = rm_bn_scale(gamma[c], is);
+    mean[c] = s.mean;
+    var[c] = v;
+    inv_std[c] = is;
+    scale[c] = sc;
+    shift[c] = rm_bn_shift(beta[c], s.mean, sc);
+}
+
+extern "C" __global__ void bn_forward_apply(const float* x, float* y, long long n, int C,
+                                            const float* scale, const float* shift, int relu)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vec = C % 4 == 0 && (((size_t)x | (size_t)y) & 15) == 0;
+    const long long nvec = vec ? n / 4 : 0;
+    for (long long v = first; v < nvec; v += stride) {
+        const float4 a = reinterpret_cast<const float4*>(x)[v];
+        const int c = (int)((v * 4) % C);
+        reinterpret_cast<float4*>(y)[v] = make_float4(
+            rm_bn_apply(a.x, scale[c], shift[c], relu), rm_bn_apply(a.y, scale[c + 1], shift[c + 1], relu),
+            rm_bn_apply(a.z, scale[c + 2], shift[c + 2], relu), rm_bn_apply(a.w, scale[c + 3], shift[c + 3], relu));
+    }
+    for (long long i = nvec * 4 + first; i < n; i += stride) {
+        const int c = (int)(i % C);
+        y[i] = rm_bn_apply(x[i], scale[c], shift[c], relu);
+    }
+}

@@ -1,0 +1,160 @@
+"""The CUDA kernels, checked without a GPU: NVRTC compile, ptxas spills, load widths, launchers."""
+import re
+import subprocess
+import sys
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from engine import cuda_ops, kernel_check as kc
+
+FILES = kc.kernel_files()
+ALL_SIGNATURES = {name: params for f in FILES for name, params in kc.kernel_signatures(f.read_text()).items()}
+FILE_OF = {name: f.name for f in FILES for name in kc.kernel_signatures(f.read_text())}
+# Kernels that stream a whole tensor: each must use 128-bit global loads.
+STREAMING = ("hybrid_update_f32", "hybrid_update_f16", "sgd_update_f32", "sgd_update_f16",
+             "bn_forward_apply", "bn_backward_dx", "bn_infer", "pack_fp16")
+
+
+@lru_cache(maxsize=None)
+def compiled(name: str, arch: str) -> kc.Compiled:
+    return kc.compile_kernel_file(kc.KERNELS_DIR / name, arch, (kc.PTXAS_VERBOSE,))
+
+
+def test_the_check_uses_the_loaders_options():
+    assert kc.NVRTC_OPTIONS is cuda_ops.NVRTC_OPTIONS
+    assert FILES and {f.name for f in FILES} >= {"optimizer_update.cu", "bn_forward.cu", "bn_backward.cu",
+                                                 "bn_infer.cu", "fp16_pack.cu"}
+
+
+@pytest.mark.parametrize("arch", kc.ARCHS)
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_compiles_under_nvrtc_without_spills(path, arch):
+    out = compiled(path.name, arch)
+    kernels = set(kc.kernel_signatures(path.read_text()))
+    entries = set(re.findall(r"\.entry (\w+)\(", out.ptx))
+    assert kernels and entries == kernels
+    assert out.cubin[:4] == b"\x7fELF"
+    report = kc.ptxas_report(out.log)
+    assert set(report) == kernels, out.log
+    for name, info in report.items():
+        assert info.spill_stores == 0 and info.spill_loads == 0, (name, arch, info)
+        assert info.stack_frame == 0, (name, arch, info)
+        assert 0 < info.registers <= 64, (name, arch, info)  # 4 blocks of 256 threads fit per SM
+
+
+def test_a_kernel_error_is_reported_with_the_log(tmp_path):
+    bad = tmp_path / "bad.cu"
+    bad.write_text('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')
+    with pytest.raises(kc.NvrtcError, match=r"(?s)bad.cu for sm_80.*undefined_name"):
+        kc.compile_kernel_file(bad, "sm_80")
+
+
+def test_ptxas_report_parses_spills():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_80'\n"
+           "ptxas info    : Function properties for k\n"
+           "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 0 barriers, 360 bytes cmem[0]\n")
+    assert kc.ptxas_report(log) == {"k": kc.PtxasInfo(255, 8, 4, 16)}
+
+
+@pytest.mark.parametrize("kernel", STREAMING)
+def test_streaming_kernels_load_128_bits(kernel):
+    for arch in kc.ARCHS:
+        assert kc.global_load_widths(compiled(FILE_OF[kernel], arch).ptx)[kernel].get(128, 0) > 0, arch
+    assert kc.nvdisasm_path(), "nvdisasm missing: install the test extra (nvidia-cuda-nvdisasm)"
+    for arch in kc.SASS_ARCHS:
+        assert kc.sass_global_load_widths(compiled(FILE_OF[kernel], arch).cubin)[kernel].get(128, 0) > 0, arch
+
+
+def test_unpack_reads_four_halves_at_once():
+    widths = kc.sass_global_load_widths(compiled("fp16_pack.cu", "sm_90").cubin)
+    assert widths["unpack_fp16"].get(64, 0) > 0
+
+
+def test_bn_block_shape_matches_the_header():
+    header = (kc.KERNELS_DIR / "recipe_math.cuh").read_text()
+    tx = int(re.search(r"#define RM_BN_TX (\d+)", header).group(1))
+    ty = int(re.search(r"#define RM_BN_TY (\d+)", header).group(1))
+    assert cuda_ops.BN_BLOCK == (tx, ty)
+
+
+# ---- launcher arguments against the C signatures --------------------------------------
+
+def test_signature_parser():
+    sig = kc.kernel_signatures('extern "C" __global__ void k(const float* __restrict__ x, '
+                               'unsigned short* h,\n long long n, float s, int relu) {}')
+    assert sig == {"k": [kc.Param("float", True, "x"), kc.Param("unsigned short", True, "h"),
+                         kc.Param("long long", False, "n"), kc.Param("float", False, "s"),
+                         kc.Param("int", False, "relu")]}
+
+
+def test_checker_catches_the_classic_mistakes():
+    params = kc.kernel_signatures('extern "C" __global__ void k(float* x, long long n, float s) {}')["k"]
+    x = np.zeros(4, np.float32)
+    assert kc.check_launch_args(params, (x, np.int64(4), np.float32(0.5))) == []
+    assert "expects numpy float32 for C float, got float" in kc.check_launch_args(params, (x, np.int64(4), 0.5))[0]
+    assert "got float64" in kc.check_launch_args(params, (x, np.int64(4), np.float64(0.5)))[0]
+    assert "got int" in kc.check_launch_args(params, (x, 4, np.float32(0.5)))[0]
+    assert "got int32" in kc.check_launch_args(params, (x, np.int32(4), np.float32(0.5)))[0]
+    assert "expects float32 elements, got float16" in kc.check_launch_args(
+        params, (x.astype(np.float16), np.int64(4), np.float32(0.5)))[0]
+    assert "2 arguments for 3" in kc.check_launch_args(params, (x, np.int64(4)))[0]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Run the launchers on NumPy stand-ins, recording each launch instead of running it."""
+    calls = []
+    monkeypatch.setattr(cuda_ops, "_launch", lambda f, k, grid, block, args: calls.append((f, k, grid, block, args)))
+    return calls
+
+
+def run_every_launcher(rng):
+    n, rows, C = 1000, 96, 20
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    w, d, m, g = f32(n), f32(n), f32(n), f32(n)
+    mask = (rng.random(n) < 0.5).astype(np.uint8)
+    # Python floats and ints on purpose: the launchers must cast them.
+    cuda_ops.hybrid_update(w, d, m, g, mask, 0.1, 0.5, 0.2, 0.9, 0.99, 1e-8, 1e-4, 0.25)
+    cuda_ops.hybrid_update(w, d, m, g.astype(np.float16), None, 0.1, 0.5, 0.2, 0.9, 0.99, 1e-8, 1e-4, 1)
+    cuda_ops.sgd_update(w, d, g, mask, 0.1, 0.9, 1e-4, 0.25)
+    cuda_ops.sgd_update(w, d, g.astype(np.float16), mask, 0.1, 0.9, 0, 1)
+    x, dy = f32(rows, C), f32(rows, C)
+    gamma, beta, mean, var = f32(C), f32(C), f32(C), np.abs(f32(C))
+    y, mu, v, inv = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True)
+    cuda_ops.bn_backward(dy, x, y, gamma, mu, inv, True, out=dy)
+    cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
+    h = cuda_ops.pack_fp16(w, 1024.0)
+    cuda_ops.unpack_fp16(h, 1 / 1024)
+
+
+def test_every_launch_matches_its_kernel_signature(recorded):
+    run_every_launcher(np.random.default_rng())
+    launched = set()
+    for filename, kernel, grid, block, args in recorded:
+        assert kernel in kc.kernel_signatures((kc.KERNELS_DIR / filename).read_text()), (filename, kernel)
+        assert kc.check_launch_args(ALL_SIGNATURES[kernel], args) == [], kernel
+        assert all(isinstance(v, int) and v > 0 for v in (*grid, *block)), (kernel, grid, block)
+        assert int(np.prod(block)) <= 1024
+        launched.add(kernel)
+    assert launched == set(ALL_SIGNATURES), set(ALL_SIGNATURES) - launched
+
+
+def test_launchers_refuse_wrong_arrays_by_name(recorded):
+    w = np.zeros(8, np.float32)
+    with pytest.raises(TypeError, match="cuda_ops: d must be float32, got float64"):
+        cuda_ops.sgd_update(w, np.zeros(8), w.copy(), None, 0.1, 0.9, 0.0, 1.0)
+    with pytest.raises(ValueError, match="cuda_ops: mask has 4 elements, expected 8"):
+        cuda_ops.sgd_update(w, w.copy(), w.copy(), np.zeros(4, np.uint8), 0.1, 0.9, 0.0, 1.0)
+    with pytest.raises(ValueError, match="cuda_ops: x2d must be 2-D"):
+        cuda_ops.bn_infer_forward(w, w, w, w, w, 1e-5, False)
+    assert recorded == []
+
+
+def test_loader_imports_without_cupy():
+    code = ("import sys; sys.modules['cupy'] = None; import engine.cuda_ops as c; "
+            "print(c.NVRTC_OPTIONS[0])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "--std=c++17", res.stderr
