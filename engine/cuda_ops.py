@@ -195,7 +195,7 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
 def pack_fp16(x, scale, out=None):
     """half(x * scale), one launch; `out` a float16 array of x's size."""
     _check(x, np.float32, "x")
-    h = _xp(x).empty(x.size, np.float16) if out is None else out
+    h = _xp(x).empty(x.shape, np.float16) if out is None else out
     _check(h, np.float16, "out", x.size)
     if x.size:
         _launch("fp16_pack.cu", "pack_fp16", _grid_1d(-(-x.size // 4)), (THREADS,),
@@ -206,7 +206,7 @@ def pack_fp16(x, scale, out=None):
 def unpack_fp16(h, scale, out=None):
     """float(h) * scale, one launch; `out` a float32 array of h's size."""
     _check(h, np.float16, "h")
-    x = _xp(h).empty(h.size, np.float32) if out is None else out
+    x = _xp(h).empty(h.shape, np.float32) if out is None else out
     _check(x, np.float32, "out", h.size)
     if h.size:
         _launch("fp16_pack.cu", "unpack_fp16", _grid_1d(-(-h.size // 4)), (THREADS,),
