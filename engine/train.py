@@ -1,0 +1,355 @@
+"""The training job: `mpirun -np N python -m engine.train [options]` (see --help).
+
+One process per rank. Every rank builds the same model from the same seed (rank 0's
+parameters are broadcast anyway), reads its own shard of each global batch, and per step:
+
+    forward -> loss -> backward, whose grad_ready callback hands finished gradient
+    buckets to the reducer -> the reducer's all-reduces overlap the rest of backward ->
+    wait for them -> optimizer update over the flat buffers (1/N folded into grad_scale)
+
+Then the progress line and the metrics file (rank 0), checkpoints (rank 0 writes, every
+--checkpoint-every steps and at the end), evaluation every --eval-every epochs and at the
+end. With the defaults this trains ResNet-50 on the built-in digits.
+
+Options are parsed and checked before MPI starts, so --help and a bad option answer at
+once, naming the option.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from engine.data import DATASETS
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.train",
+        description="Data-parallel ResNet training with the large-minibatch recipe of Akiba et al. "
+                    "(RMSprop warm-up, slow-start learning rate, batch norm without moving averages). "
+                    "Run it under MPI: mpirun -np N python -m engine.train [options].",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits: scikit-learn's 1,797 8x8 digits, upscaled, fixed 80/20 split (no download); "
+                        "imagefolder: --data DIR in ImageNet layout; synthetic: generated learnable images")
+    g.add_argument("--data", metavar="DIR",
+                   help="root of an ImageNet-layout data set: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG "
+                        "(implies --dataset imagefolder)")
+    g.add_argument("--image-size", type=int, default=32,
+                   help="side of the square training and validation crops (ImageNet: 224)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader processes per rank decoding and augmenting images "
+                        "(default: 0 for in-memory data sets, 2 for imagefolder)")
+    g = p.add_argument_group("model and recipe")
+    g.add_argument("--arch", default="resnet50", choices=ARCHS, help="network")
+    g.add_argument("--batch-per-rank", type=int, default=32, help="images per rank per step")
+    g.add_argument("--epochs", type=float, default=4,
+                   help="length of the run; every schedule boundary is scaled from the paper's 90 epochs")
+    g.add_argument("--schedule", default="paper", choices=("paper", "goyal"),
+                   help="paper: slow-start learning rate (+ RMSprop warm-up with the hybrid optimizer); "
+                        "goyal: linear warm-up then steps at 1/3, 2/3, 8/9 of the run")
+    g.add_argument("--optimizer", default="hybrid", choices=("hybrid", "sgd"),
+                   help="hybrid: RMSprop blended into momentum SGD (a_sgd from the schedule); sgd: momentum SGD")
+    g.add_argument("--lr", type=float, default=0.1,
+                   help="learning rate for a 256-image global batch; scaled linearly to the real global batch")
+    g.add_argument("--eta-rms", type=float, default=3e-4,
+                   help="rate of the RMSprop term during the warm-up (this reimplementation's choice)")
+    g.add_argument("--a-sgd-form", default="smooth", choices=("smooth", "published"),
+                   help="middle branch of a_sgd(e): 0.5+(e-c)/p (smooth) or 0.5+2(e-c)/p (as transcribed)")
+    g.add_argument("--momentum", type=float, default=0.9, help="mu1 of the update")
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="L2 on conv and fc weights (not on batch-norm and bias parameters)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    g.add_argument("--zero-init-residual", action="store_true",
+                   help="start every residual block's last batch-norm scale at 0")
+    g = p.add_argument_group("communication and device")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                   help="auto: a GPU per rank if CuPy sees one, else NumPy on the CPU")
+    g.add_argument("--bucket-mb", type=float, default=4.0,
+                   help="gradient all-reduce bucket size in MB (buckets overlap backward)")
+    g.add_argument("--fp16-allreduce", action="store_true",
+                   help="all-reduce gradients in FP16 (compute stays FP32), as the paper did")
+    g.add_argument("--trace", metavar="FILE",
+                   help="write a Chrome trace (chrome://tracing, Perfetto) of compute and communication")
+    g = p.add_argument_group("run control")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the initialization, the per-epoch shuffles and every augmentation")
+    g.add_argument("--eval-every", type=float, default=1.0,
+                   help="evaluate every this many epochs (0: only at the end)")
+    g.add_argument("--checkpoint-dir", default="runs/train/checkpoints",
+                   help="where checkpoints go (written by rank 0, atomically)")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save a checkpoint every this many steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
+    g.add_argument("--resume", metavar="PATH",
+                   help="continue from a checkpoint file, or from the newest one in a directory")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many global steps (the schedule still spans --epochs)")
+    g.add_argument("--log-dir", default="runs/train", help="where metrics.jsonl goes")
+    g.add_argument("--print-every", type=int, default=5,
+                   help="print a progress line every this many steps (when not on a terminal)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parsed options; a bad value exits with usage and a message naming the option."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.data and args.dataset == "digits":
+        args.dataset = "imagefolder"
+    if args.dataset == "imagefolder" and not args.data:
+        p.error("--dataset imagefolder needs --data DIR")
+    if args.data and args.dataset != "imagefolder":
+        p.error(f"--data is only used with --dataset imagefolder, not {args.dataset}")
+    positive = {"--image-size": args.image_size, "--batch-per-rank": args.batch_per_rank,
+                "--epochs": args.epochs, "--lr": args.lr, "--bucket-mb": args.bucket_mb,
+                "--keep-checkpoints": args.keep_checkpoints, "--print-every": args.print_every}
+    for name, value in positive.items():
+        if not value > 0:
+            p.error(f"{name} must be positive, got {value}")
+    nonneg = {"--eta-rms": args.eta_rms, "--weight-decay": args.weight_decay, "--eval-every": args.eval_every,
+              "--checkpoint-every": args.checkpoint_every, "--workers": args.workers or 0,
+              "--max-steps": args.max_steps or 0}
+    for name, value in nonneg.items():
+        if value < 0:
+            p.error(f"{name} must be >= 0, got {value}")
+    if args.image_size < 32:
+        p.error(f"--image-size must be at least 32 (ResNet downsamples 32x), got {args.image_size}")
+    if not 0 <= args.momentum < 1:
+        p.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.label_smoothing < 1:
+        p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.resume and not os.path.exists(args.resume):
+        p.error(f"--resume {args.resume}: no such file or directory")
+    if args.workers is None:
+        args.workers = 2 if args.dataset == "imagefolder" else 0
+    return args
+
+
+class Trainer:
+    """One rank of the job: set up from the options, then `run()`."""
+
+    def __init__(self, args):
+        from engine.backend import get_backend
+        from engine.comm import create_communicator
+        from engine.data import build_datasets
+        from engine.loader import Loader, ShardSampler
+        from engine.metrics import Progress
+        from engine.model import build_model
+        from engine.optimizer import make_optimizer
+        from engine.reducer import Reducer
+        from engine.trace import Timeline
+        from engine.transforms import TrainTransform, ValTransform
+
+        self.args = a = args
+        self.backend = be = get_backend(a.device)
+        self.comm = comm = create_communicator(be)
+        self.rank, self.world = comm.rank, comm.size
+        self.train_set, self.val_set = build_datasets(a.dataset, data_dir=a.data, image_size=a.image_size,
+                                                      seed=a.seed)
+        ts = self.train_set
+        self.sampler = ShardSampler(len(ts), self.rank, self.world, a.batch_per_rank, a.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = max(1, round(a.epochs * self.steps_per_epoch))
+        self.stop_step = min(self.total_steps, a.max_steps) if a.max_steps else self.total_steps
+        self.loader = Loader(ts, TrainTransform(a.image_size, ts.crop_scale, ts.flip), ValTransform(a.image_size),
+                             seed=a.seed, workers=a.workers, warn=self._warn)
+        self.val_loader = Loader(self.val_set, None, ValTransform(a.image_size), seed=a.seed,
+                                 workers=a.workers, warn=self._warn)
+
+        self.model = build_model(a.arch, ts.num_classes, be, zero_init_residual=a.zero_init_residual, seed=a.seed)
+        self.optimizer = make_optimizer(a.optimizer, self.model.params, self.model.layout, be,
+                                        mu1=a.momentum, weight_decay=a.weight_decay)
+        self.coefficients = self._schedule()
+        self.timeline = Timeline(self._trace_path(), rank=self.rank)
+        self.reducer = Reducer(self.model.layout, self.model.grads, comm, bucket_mb=a.bucket_mb,
+                               fp16=a.fp16_allreduce, timeline=self.timeline)
+        # Same layout and options on every rank, then rank 0's initial parameters everywhere.
+        self.reducer.startup(self.model.params, {k: v for k, v in vars(a).items()})
+        self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
+                                 resume=bool(a.resume))
+        self.global_step = 0
+
+    # ---- set-up helpers --------------------------------------------------------------------
+
+    def _warn(self, message: str) -> None:
+        print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)
+
+    def _trace_path(self):
+        if not self.args.trace:
+            return None
+        root, ext = os.path.splitext(self.args.trace)
+        return f"{root}.rank{self.rank}{ext or '.json'}" if self.world > 1 else self.args.trace
+
+    def _schedule(self):
+        """epoch -> Coefficients; with --optimizer sgd, RMSprop never enters (a_sgd = 1)."""
+        from engine.schedule import Coefficients, make_schedule
+        a = self.args
+        name = "hybrid" if a.schedule == "paper" else "goyal"
+        sched = make_schedule(name, self.sampler.global_batch, a.epochs, base_lr=a.lr,
+                              a_sgd_form=a.a_sgd_form, eta_rms=a.eta_rms)
+        if a.optimizer == "sgd":
+            return lambda epoch: Coefficients(sched(epoch).eta)
+        return sched
+
+    def describe(self) -> str:
+        a, ts = self.args, self.train_set
+        return (f"engine.train: {a.arch} on {a.dataset} ({len(ts)} train / {len(self.val_set)} val images, "
+                f"{ts.num_classes} classes, {a.image_size} px), {self.world} ranks x {a.batch_per_rank} = "
+                f"{self.sampler.global_batch} images per step, {self.steps_per_epoch} steps per epoch, "
+                f"{self.total_steps} steps ({a.epochs:g} epochs), {a.optimizer} optimizer with the {a.schedule} "
+                f"schedule, device {self.backend.name}, data workers {a.workers} per rank")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _run_identity(self) -> dict:
+        """What must match for a checkpoint to continue this run's trajectory."""
+        a = self.args
+        return dict(arch=a.arch, layout=self.model.layout.signature(), dataset=a.dataset,
+                    image_size=a.image_size, num_classes=self.train_set.num_classes, world_size=self.world,
+                    batch_per_rank=a.batch_per_rank, seed=a.seed, epochs=a.epochs, schedule=a.schedule,
+                    optimizer=a.optimizer, lr=a.lr)
+
+    def save_checkpoint(self) -> None:
+        from engine import checkpoint
+        a = self.args
+        if a.no_checkpoint or self.rank != 0:
+            return
+        asnp = self.backend.asnumpy
+        opt = self.optimizer.state_dict()
+        arrays = {"params": asnp(self.model.params)}
+        arrays.update({f"optimizer.{k}": v for k, v in opt.items() if hasattr(v, "dtype")})
+        for bn in self.model.batchnorms:
+            arrays[f"bn.{bn.name}.eval_mean"] = asnp(bn.eval_mean)
+            arrays[f"bn.{bn.name}.eval_var"] = asnp(bn.eval_var)
+        meta = dict(self._run_identity(), global_step=self.global_step,
+                    epoch=self.global_step // self.steps_per_epoch, step=self.global_step % self.steps_per_epoch,
+                    random_state={"seed": a.seed, "position": self.global_step},
+                    optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
+        path = checkpoint.path_for(a.checkpoint_dir, self.global_step)
+        checkpoint.save(path, arrays, meta)
+        checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints)
+        self.progress.message(f"checkpoint {path} (step {self.global_step})")
+
+    def load_checkpoint(self, resume: str) -> None:
+        from engine import checkpoint
+        path, arrays, meta = checkpoint.load_for_resume(resume)
+        checkpoint.check_compatible(path, meta, self._run_identity())
+        xp = self.backend.xp
+        self.model.params[...] = xp.asarray(arrays["params"])
+        opt = dict(meta["optimizer_state"])
+        opt.update({k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")})
+        self.optimizer.load_state_dict(opt)
+        for bn in self.model.batchnorms:
+            bn.eval_mean[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_mean"])
+            bn.eval_var[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_var"])
+        self.global_step = int(meta["global_step"])
+        self.progress.message(f"resumed from {path} at step {self.global_step} "
+                              f"(epoch {self.global_step / self.steps_per_epoch:.2f})")
+
+    # ---- training ------------------------------------------------------------------------------
+
+    def train_step(self, batch, coef) -> tuple[float, float]:
+        """One step on this rank's shard; returns the global batch's (mean loss, top-1)."""
+        from engine.loss import softmax_cross_entropy
+        from engine.transforms import normalize
+        be, tl, model = self.backend, self.timeline, self.model
+        labels = be.asarray(batch.labels)
+        with tl.span("forward", "forward"):
+            x = normalize(batch.images, self.train_set.mean, self.train_set.std, be.xp)
+            logits = model.forward(x, train=True)
+            loss, dlogits = softmax_cross_entropy(logits, labels, self.args.label_smoothing)
+            hits = float((logits.argmax(axis=1) == labels).sum())
+        with tl.span("backward", "backward"):
+            model.backward(dlogits, grad_ready=self.reducer.grad_ready)
+        # Each bucket's update runs as soon as its all-reduce lands; 1/N folded into grad_scale.
+        reduced, opt, scale = self.reducer.reduced, self.optimizer, 1.0 / self.world
+        self.reducer.finish(update=lambda a, b: opt.update(reduced, a, b, coef=coef, grad_scale=scale))
+        # Loss and accuracy of the global batch: every rank sees the same numbers, so a
+        # non-finite loss stops all ranks at the same step.
+        n = len(batch.labels)
+        stats = be.asarray(be.xp.asarray([loss * n, hits, n], dtype=be.xp.float32))
+        stats = be.asnumpy(self.comm.allreduce(stats, op="sum"))
+        return float(stats[0] / stats[2]), float(stats[1] / stats[2])
+
+    def evaluate(self) -> dict:
+        from engine.evaluate import evaluate
+        r = evaluate(self.model, self.comm, self.val_loader, self.val_set, self.args.batch_per_rank, self.backend)
+        r.update(step=self.global_step, epoch=self.global_step / self.steps_per_epoch)
+        self.progress.eval(r)
+        return r
+
+    def run(self) -> dict:
+        from engine.metrics import check_finite
+        a = self.args
+        self.progress.message(self.describe())
+        if a.resume:
+            self.load_checkpoint(a.resume)
+        eval_interval = max(1, round(a.eval_every * self.steps_per_epoch)) if a.eval_every > 0 else None
+        ckpt_interval = a.checkpoint_every or None
+        window, result, t_start = [], None, time.perf_counter()
+        while self.global_step < self.stop_step:
+            epoch, first = divmod(self.global_step, self.steps_per_epoch)
+            t_prev = time.perf_counter()
+            for step, batch in self.loader.train_batches(self.sampler, epoch, first):
+                wait0 = self.loader.wait_s
+                epoch_f = self.global_step / self.steps_per_epoch
+                coef = self.coefficients(epoch_f)
+                self.timeline.begin_step(self.global_step)
+                loss, top1 = self.train_step(batch, coef)
+                figures = self.timeline.end_step()
+                check_finite(loss, self.global_step, epoch_f)
+                self.global_step += 1
+                now = time.perf_counter()
+                window = (window + [now - t_prev])[-a.print_every:]
+                t_prev = now
+                self.progress.train(dict(
+                    epoch=self.global_step / self.steps_per_epoch, step=self.global_step,
+                    total_steps=self.total_steps, loss=loss, top1=top1, lr=coef.eta, a_sgd=coef.a_sgd,
+                    a_rms=coef.a_rms, images_per_s=self.sampler.global_batch * len(window) / sum(window),
+                    step_s=window[-1], data_wait_s=self.loader.wait_s - wait0,
+                    exposed_comm_s=figures["exposed_s"], comm_s=figures["comm_s"]))
+                if ckpt_interval and self.global_step % ckpt_interval == 0:
+                    self.save_checkpoint()
+                if eval_interval and self.global_step % eval_interval == 0:
+                    result = self.evaluate()
+                    t_prev = time.perf_counter()
+                if self.global_step >= self.stop_step:
+                    break
+        if result is None or result["step"] != self.global_step:
+            result = self.evaluate()
+        if not (ckpt_interval and self.global_step % ckpt_interval == 0):
+            self.save_checkpoint()
+        self.progress.message(f"done: {self.global_step} steps in {time.perf_counter() - t_start:.1f} s, "
+                              f"validation top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%")
+        return result
+
+    def close(self) -> None:
+        self.loader.close()
+        self.val_loader.close()
+        self.progress.close()
+        self.timeline.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.guard import run_guarded
+
+    def job():
+        trainer = Trainer(args)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+    run_guarded(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
