@@ -1,0 +1,94 @@
+"""engine.guard under a real `mpiexec -n 2`, run as a subprocess with a bounded timeout:
+an exception on one rank ends the job, a stuck collective is reported with the late rank,
+differing configurations are refused, and a healthy run is left alone."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+PRELUDE = """
+import sys, time
+import numpy as np
+from engine import guard
+from engine.backend import get_backend
+from engine.comm import create_communicator
+guard.install()
+comm = create_communicator(get_backend("cpu"))
+x = np.random.default_rng().standard_normal(1000).astype(np.float32)
+"""
+
+
+def run_job(tmp_path, body, timeout=90):
+    script = tmp_path / "job.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCALRANKID", "HYDRA"))}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stdout + res.stderr
+
+
+@pytest.fixture(autouse=True)
+def _need_mpiexec():
+    assert MPIEXEC.exists(), f"{MPIEXEC} is missing: install the mpich wheel (make venv)"
+
+
+def test_exception_on_one_rank_ends_the_whole_job(tmp_path):
+    code, out = run_job(tmp_path, """
+        comm.barrier()
+        if comm.rank == 1:
+            raise ValueError("boom on purpose")
+        comm.allreduce(x)              # rank 0 would wait here forever
+        print("rank", comm.rank, "got past the collective")
+    """)
+    assert code != 0, out
+    assert "[rank 1/2" in out and "ValueError: boom on purpose" in out, out
+    assert "got past the collective" not in out
+
+
+def test_stuck_collective_is_reported_with_the_late_rank(tmp_path):
+    code, out = run_job(tmp_path, """
+        dog = guard.Watchdog(comm, timeout=1.0, interval=0.1).start()
+        comm.allreduce(x)
+        if comm.rank == 1:
+            time.sleep(120)            # rank 1 never reaches collective #1 in time
+        comm.allreduce(x)
+        print("finished")
+    """)
+    assert code != 0, out
+    assert "collective #1 has waited" in out and "on rank(s) [0]" in out, out
+    assert "late rank(s): [1]" in out and "rank 1: has started only 1 collectives" in out, out
+    assert "finished" not in out
+
+
+def test_differing_configuration_is_refused_naming_the_rank(tmp_path):
+    code, out = run_job(tmp_path, """
+        from engine.reducer import check_same_config
+        check_same_config(comm, {"arch": "resnet18", "batch": 32 if comm.rank == 0 else 64})
+        print("started")
+    """)
+    assert code != 0, out
+    assert "StartupError" in out and "rank 1: batch=64 (rank 0: 32)" in out, out
+    assert "started" not in out
+
+
+def test_healthy_job_with_long_compute_between_collectives_is_left_alone(tmp_path):
+    code, out = run_job(tmp_path, """
+        dog = guard.Watchdog(comm, timeout=0.5, interval=0.05).start()
+        for step in range(3):
+            comm.allreduce(x)
+            time.sleep(0.8)            # longer than the timeout, but no collective is waiting
+        total = comm.allreduce(np.full(4, comm.rank + 1.0, np.float32))
+        dog.stop()
+        comm.close()
+        print("rank", comm.rank, "sum", total[0])
+    """)
+    assert code == 0, out
+    assert "rank 0 sum 3.0" in out and "rank 1 sum 3.0" in out, out
+    assert "aborting" not in out
