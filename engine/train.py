@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient all-reduce bucket size in MB (buckets overlap backward)")
     g.add_argument("--fp16-allreduce", action="store_true",
                    help="all-reduce gradients in FP16 (compute stays FP32), as the paper did")
+    g.add_argument("--watchdog", type=float, default=300.0, metavar="SECONDS",
+                   help="end the job, naming the late ranks, when a collective waits longer than this (0: off)")
     g.add_argument("--trace", metavar="FILE",
                    help="write a Chrome trace (chrome://tracing, Perfetto) of compute and communication")
     g = p.add_argument_group("run control")
@@ -115,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{name} must be positive, got {value}")
     nonneg = {"--eta-rms": args.eta_rms, "--weight-decay": args.weight_decay, "--eval-every": args.eval_every,
               "--checkpoint-every": args.checkpoint_every, "--workers": args.workers or 0,
-              "--max-steps": args.max_steps or 0}
+              "--max-steps": args.max_steps or 0, "--watchdog": args.watchdog}
     for name, value in nonneg.items():
         if value < 0:
             p.error(f"{name} must be >= 0, got {value}")
@@ -139,6 +141,7 @@ class Trainer:
         from engine.backend import get_backend
         from engine.comm import create_communicator
         from engine.data import build_datasets
+        from engine.guard import Watchdog
         from engine.loader import Loader, ShardSampler
         from engine.metrics import Progress
         from engine.model import build_model
@@ -175,6 +178,7 @@ class Trainer:
         self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
                                  resume=bool(a.resume))
         self.global_step = 0
+        self.watchdog = Watchdog(comm, a.watchdog).start() if a.watchdog > 0 else None
 
     # ---- set-up helpers --------------------------------------------------------------------
 
@@ -297,8 +301,8 @@ class Trainer:
         while self.global_step < self.stop_step:
             epoch, first = divmod(self.global_step, self.steps_per_epoch)
             t_prev = time.perf_counter()
+            waited = self.loader.wait_s
             for step, batch in self.loader.train_batches(self.sampler, epoch, first):
-                wait0 = self.loader.wait_s
                 epoch_f = self.global_step / self.steps_per_epoch
                 coef = self.coefficients(epoch_f)
                 self.timeline.begin_step(self.global_step)
@@ -308,12 +312,12 @@ class Trainer:
                 self.global_step += 1
                 now = time.perf_counter()
                 window = (window + [now - t_prev])[-a.print_every:]
-                t_prev = now
+                t_prev, waited = now, self.loader.wait_s
                 self.progress.train(dict(
                     epoch=self.global_step / self.steps_per_epoch, step=self.global_step,
                     total_steps=self.total_steps, loss=loss, top1=top1, lr=coef.eta, a_sgd=coef.a_sgd,
                     a_rms=coef.a_rms, images_per_s=self.sampler.global_batch * len(window) / sum(window),
-                    step_s=window[-1], data_wait_s=self.loader.wait_s - wait0,
+                    step_s=window[-1], data_wait_s=self.loader.wait_s - waited,
                     exposed_comm_s=figures["exposed_s"], comm_s=figures["comm_s"]))
                 if ckpt_interval and self.global_step % ckpt_interval == 0:
                     self.save_checkpoint()
@@ -331,6 +335,9 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        """Collective: every rank calls it (the watchdog's shutdown is a barrier)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.loader.close()
         self.val_loader.close()
         self.progress.close()
@@ -339,15 +346,22 @@ class Trainer:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.guard import run_guarded
-
-    def job():
+    from engine import guard
+    from engine.backend import DeviceError
+    from engine.checkpoint import CheckpointError
+    from engine.data import DataError
+    from engine.metrics import NonFiniteLoss
+    from engine.reducer import StartupError
+    guard.install()   # an exception on any rank, in any thread, ends the whole job
+    trainer = None
+    try:
         trainer = Trainer(args)
-        try:
-            trainer.run()
-        finally:
-            trainer.close()
-    run_guarded(job)
+        trainer.run()
+    except (DataError, CheckpointError, NonFiniteLoss, DeviceError, StartupError) as e:
+        # Errors about the user's input or run: the message says it all, no traceback.
+        guard.abort_job(f"engine.train: {e}")
+    if trainer is not None:
+        trainer.close()
     return 0
 
 
