@@ -1,0 +1,94 @@
+"""Batch normalization over the rows of an NHWC activation seen as a 2-D (N*H*W, C) array.
+
+Three functions, the contract between the model and the fused CUDA kernels
+(engine/cuda_ops.py has versions with the same signatures):
+
+    bn_train_forward(x2d, gamma, beta, eps, relu) -> (y2d, mean, var, inv_std)
+    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu) -> (dx2d, dgamma, dbeta)
+    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu) -> y2d
+
+`var` is the biased variance over the N*H*W rows (what normalizes the batch), `relu` fuses
+a ReLU after the affine transform (its backward masks with y2d > 0, so y2d is only read
+when relu is true). The code is generic in the array module (NumPy or CuPy).
+
+Each function also takes an optional keyword `out`: a preallocated (N*H*W, C) array that
+receives the result, so the model reuses one buffer per layer instead of allocating one
+per step. `out` may be `dy2d` itself in bn_backward (dy is consumed). Callers always use
+the returned array, so an implementation is free to ignore `out`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _xp(a):
+    """The array module of `a` (NumPy unless it is a CuPy array)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
+def _colsum(xp, a):
+    """Sum over rows as a GEMV: multithreaded and blocked (float32 error stays small)."""
+    ones = xp.ones(a.shape[0], dtype=a.dtype)
+    return ones @ a
+
+
+def _rowdot(xp, a, b):
+    """Per-column dot product of two (M, C) arrays without materializing a * b."""
+    return xp.einsum("ij,ij->j", a, b)
+
+
+def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
+    """Normalize with this batch's statistics; returns (y2d, mean, var, inv_std), all (C,)."""
+    xp = _xp(x2d)
+    m = x2d.shape[0]
+    y = xp.empty_like(x2d) if out is None else out
+    mean = _colsum(xp, x2d) / m
+    # Two passes (center, then square) keep the variance exact when |mean| >> std.
+    xp.subtract(x2d, mean, out=y)
+    var = _rowdot(xp, y, y) / m
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    y *= gamma * inv_std
+    y += beta
+    if relu:
+        xp.maximum(y, 0, out=y)
+    return y, mean, var, inv_std
+
+
+def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
+    """Normalize with given statistics (evaluation mode)."""
+    xp = _xp(x2d)
+    scale = gamma / xp.sqrt(var + eps)
+    y = xp.multiply(x2d, scale, out=out)
+    y += beta - mean * scale
+    if relu:
+        xp.maximum(y, 0, out=y)
+    return y
+
+
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
+    """Gradients of bn_train_forward: returns (dx2d, dgamma, dbeta).
+
+    With g the gradient after the ReLU mask and xc = x - mean:
+      dbeta = sum g,  dgamma = inv_std * sum(g * xc),
+      dx = gamma*inv_std * (g - dbeta/M - xc * inv_std^2 * sum(g * xc)/M).
+    """
+    xp = _xp(dy2d)
+    m = dy2d.shape[0]
+    g = xp.empty_like(dy2d) if out is None else out
+    if relu:
+        xp.multiply(dy2d, y2d > 0, out=g)
+    elif g is not dy2d:
+        g[...] = dy2d
+    dbeta = _colsum(xp, g)
+    xc = x2d - mean
+    gxc = _rowdot(xp, g, xc)
+    dgamma = gxc * inv_std
+    a = gamma * inv_std
+    xc *= -a * inv_std * inv_std * (gxc / m)
+    g *= a
+    g += xc
+    g -= a * (dbeta / m)
+    return g, dgamma, dbeta

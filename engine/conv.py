@@ -1,0 +1,76 @@
+"""im2col and col2im on NHWC activations, generic in the array module (NumPy or CuPy).
+
+A KxK convolution with stride s and padding p becomes one GEMM:
+    col (N*Ho*Wo, K*K*Cin) @ W (K*K*Cin, Cout)
+with the weight in HWIO layout (K, K, Cin, Cout), so W.reshape(-1, Cout) is a view and
+col's row (oh, ow) lists the input patch in (kh, kw, cin) order.
+
+The gather is ONE strided copy: in a zero-padded NHWC input, the KW*Cin values under a
+kernel row are contiguous, so col viewed as (N, Ho, Wo, KH, KW*Cin) is a strided view of
+the padded input (strides N, s*H, s*W, H, C). The backward scatter (col2im) cannot be one
+copy, because neighbouring patches overlap when s < K: it accumulates the KH*KW shifted
+slices one by one, each clipped to the input instead of going through a padded buffer.
+"""
+from __future__ import annotations
+
+
+def out_size(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+def _as_strided(xp, a, shape, strides):
+    return xp.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
+
+
+def padded(ws, x, p, pad_value=0.0):
+    """x with a border of p `pad_value`s, in a shared scratch buffer (x itself if p == 0).
+    The border is written once, when the buffer is created; only the interior is copied."""
+    if p == 0:
+        return x
+    n, h, w, c = x.shape
+    xpad = ws.scratch(("pad", pad_value), (n, h + 2 * p, w + 2 * p, c), x.dtype, fill=pad_value)
+    xpad[:, p:p + h, p:p + w, :] = x
+    return xpad
+
+
+def im2col(ws, x, k, s, p, pad_value=0.0, key="col"):
+    """The (N, Ho, Wo, K, K, C) patch array of x in a scratch buffer named `key`."""
+    xp = ws.xp
+    n, h, w, c = x.shape
+    ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
+    xpad = padded(ws, x, p, pad_value)
+    if not xpad.flags.c_contiguous:
+        raise ValueError("im2col: the input must be C-contiguous NHWC")
+    sn, sh, sw, sc = xpad.strides
+    patches = _as_strided(xp, xpad, (n, ho, wo, k, k * c), (sn, s * sh, s * sw, sh, sc))
+    col = ws.scratch(key, (n, ho, wo, k, k, c), x.dtype)
+    xp.copyto(col.reshape(n, ho, wo, k, k * c), patches)
+    return col
+
+
+def _clipped(k_off, s, p, in_size, out_count):
+    """Output index range [o0, o0+cnt) whose input index o*s - p + k_off lies in the input,
+    and the first such input index."""
+    shift = k_off - p
+    o0 = max(0, (s - 1 - shift) // s)      # smallest o with o*s + shift >= 0
+    last = min(out_count - 1, (in_size - 1 - shift) // s)
+    return o0, max(0, last - o0 + 1), o0 * s + shift
+
+
+def col2im(dcol, dx, s, p):
+    """dx (N, H, W, C) = the sum of every patch gradient of dcol (N, Ho, Wo, K, K, C) at
+    the input position it was gathered from; padding positions are dropped."""
+    _, ho, wo, kh_count, kw_count, _ = dcol.shape
+    _, h, w, _ = dx.shape
+    dx.fill(0)
+    for kh in range(kh_count):
+        oh0, nh, ih0 = _clipped(kh, s, p, h, ho)
+        if nh == 0:
+            continue
+        for kw in range(kw_count):
+            ow0, nw, iw0 = _clipped(kw, s, p, w, wo)
+            if nw == 0:
+                continue
+            dx[:, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
+                dcol[:, oh0:oh0 + nh, ow0:ow0 + nw, kh, kw, :]
+    return dx

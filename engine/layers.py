@@ -1,0 +1,276 @@
+"""Layers with an explicit forward and backward, on NHWC activations, generic in xp.
+
+Layouts (ours; engine/torchvision_io.py converts to and from torchvision's):
+  * activations: NHWC, C-contiguous; the dtype follows the parameters (float32 for
+    training, float64 for the finite-difference tests);
+  * conv weight: HWIO (KH, KW, Cin, Cout), so W.reshape(-1, Cout) is the GEMM operand;
+  * fc weight: (in, out), so logits = x @ W + b.
+
+Parameters and gradients are views into the model's two flat buffers (`bind`). Every
+backward OVERWRITES its weight gradients, then calls `ready(self)` so the model can tell
+the reducer which flat range is final.
+
+Memory discipline. Each layer writes its forward output into a buffer it owns and reuses
+every step; backward needs only tensors that forward produced anyway (a conv keeps a
+reference to its input, which is the previous layer's output), so each activation is
+stored once. Gradient buffers come from the workspace's free list: `backward(dy)` consumes
+dy (gives it back, or overwrites it in place) and returns dx, which the caller now owns.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine import batchnorm
+from engine.conv import col2im, im2col, out_size
+
+
+class Layer:
+    """Common parts: parameter specs, views into the flat buffers, the owned output."""
+
+    # (suffix, decay) of each parameter, in torchvision's order; shapes from param_shapes()
+    param_names: tuple = ()
+
+    def __init__(self, name: str, ws):
+        self.name = name
+        self.ws = ws
+        self.xp = ws.xp
+        self.ready = None
+
+    def param_shapes(self) -> dict:
+        return {}
+
+    def specs(self):
+        shapes = self.param_shapes()
+        return [(f"{self.name}.{p}", shapes[p], decay) for p, decay in self.param_names]
+
+    def bind(self, layout, params, grads, ready):
+        """Point the parameters (self.<p>) and gradients (self.d<p>) at their flat slots."""
+        for p, _ in self.param_names:
+            setattr(self, p, layout.view(params, f"{self.name}.{p}"))
+            setattr(self, "d" + p, layout.view(grads, f"{self.name}.{p}"))
+        self.ready = ready
+
+    def _output(self, shape, dtype):
+        """This layer's own output buffer, reallocated only when the shape changes."""
+        out = getattr(self, "_out", None)
+        if out is None or out.shape != tuple(shape) or out.dtype != dtype:
+            out = self._out = self.xp.empty(shape, dtype=dtype)
+        return out
+
+
+class Conv2d(Layer):
+    """KxK convolution, any stride and padding, no bias (every conv feeds a batch norm)."""
+
+    param_names = (("weight", True),)
+
+    def __init__(self, name, ws, cin, cout, k, stride=1, pad=0):
+        super().__init__(name, ws)
+        self.cin, self.cout, self.k, self.stride, self.pad = cin, cout, k, stride, pad
+        self.is_pointwise = k == 1 and stride == 1 and pad == 0
+        self._x = None
+
+    def param_shapes(self):
+        return {"weight": (self.k, self.k, self.cin, self.cout)}
+
+    def _cols(self, x):
+        """x as the (N*Ho*Wo, K*K*Cin) GEMM operand: a view for a 1x1/1 conv, else im2col."""
+        if self.is_pointwise:
+            return x.reshape(-1, self.cin), None
+        col = im2col(self.ws, x, self.k, self.stride, self.pad)
+        return col.reshape(-1, self.k * self.k * self.cin), col
+
+    def forward(self, x, train):
+        n, h, w, c = x.shape
+        if c != self.cin:
+            raise ValueError(f"{self.name}: expected {self.cin} input channels, got {c}")
+        ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
+        y = self._output((n, ho, wo, self.cout), x.dtype)
+        cols, _ = self._cols(x)
+        self.xp.matmul(cols, self.weight.reshape(-1, self.cout), out=y.reshape(-1, self.cout))
+        self._x = x if train else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        """dW = cols^T dy; dx = col2im(dy W^T). The gather is redone here rather than kept
+        from forward: storing it would cost K*K times the input's memory."""
+        xp, x = self.xp, self._x
+        if x is None:
+            raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
+        dy2d = dy.reshape(-1, self.cout)
+        w2d = self.weight.reshape(-1, self.cout)
+        cols, col = self._cols(x)
+        xp.matmul(cols.T, dy2d, out=self.dweight.reshape(-1, self.cout))
+        self.ready(self)
+        dx = None
+        if need_dx:
+            dx = self.ws.take(x.shape, x.dtype)
+            if self.is_pointwise:
+                xp.matmul(dy2d, w2d.T, out=dx.reshape(-1, self.cin))
+            else:
+                xp.matmul(dy2d, w2d.T, out=cols)        # the patch gradients reuse the gather buffer
+                col2im(col, dx, self.stride, self.pad)
+        self.ws.give(dy)
+        self._x = None
+        return dx
+
+
+class BatchNorm(Layer):
+    """Batch norm over N*H*W per channel, optionally fused with the ReLU that follows.
+
+    Keeps no moving averages (the recipe's choice): training records the last batch's
+    statistics in batch_mean/batch_var/batch_count and copies them to eval_mean/eval_var,
+    which forward(train=False) uses and engine.bn_sync may overwrite with the statistics
+    of all ranks' batches.
+    """
+
+    param_names = (("weight", False), ("bias", False))
+
+    def __init__(self, name, ws, channels, relu, eps=1e-5):
+        super().__init__(name, ws)
+        self.channels, self.relu, self.eps = channels, relu, eps
+        self.batch_count = 0
+        self._saved = None
+
+    def param_shapes(self):
+        return {"weight": (self.channels,), "bias": (self.channels,)}
+
+    def bind(self, layout, params, grads, ready):
+        super().bind(layout, params, grads, ready)
+        xp, dt = self.xp, params.dtype
+        self.batch_mean = xp.zeros(self.channels, dt)
+        self.batch_var = xp.ones(self.channels, dt)
+        self.eval_mean = xp.zeros(self.channels, dt)
+        self.eval_var = xp.ones(self.channels, dt)
+
+    def forward(self, x, train):
+        x2d = x.reshape(-1, self.channels)
+        out = self._output(x2d.shape, x.dtype)
+        if not train:
+            y = batchnorm.bn_infer_forward(x2d, self.weight, self.bias, self.eval_mean, self.eval_var,
+                                           self.eps, self.relu, out=out)
+            self._saved = None
+            return y.reshape(x.shape)
+        y, mean, var, inv_std = batchnorm.bn_train_forward(x2d, self.weight, self.bias, self.eps,
+                                                           self.relu, out=out)
+        self.batch_mean[...] = mean
+        self.batch_var[...] = var
+        self.batch_count = x2d.shape[0]
+        self.eval_mean[...] = mean
+        self.eval_var[...] = var
+        self._saved = (x2d, y, mean, inv_std)
+        return y.reshape(x.shape)
+
+    def backward(self, dy, consume=True):
+        """dx, in place over dy when `consume`, else in a new buffer (dy left intact)."""
+        if self._saved is None:
+            raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
+        x2d, y2d, mean, inv_std = self._saved
+        dy2d = dy.reshape(-1, self.channels)
+        out = dy2d if consume else self.ws.take(dy2d.shape, dy.dtype)
+        dx, dgamma, dbeta = batchnorm.bn_backward(dy2d, x2d, y2d, self.weight, mean, inv_std,
+                                                  self.relu, out=out)
+        self.dweight[...] = dgamma
+        self.dbias[...] = dbeta
+        self.ready(self)
+        if dx is not out:                       # an implementation that ignored `out`
+            self.ws.give(out)
+        if consume and dx is not dy2d:
+            self.ws.give(dy)
+        self._saved = None
+        return dx.reshape(dy.shape)
+
+
+class MaxPool(Layer):
+    """Max pool with padding that never wins (torchvision's 3x3, stride 2, padding 1).
+    Ties go to the first position in (kh, kw) order, as in PyTorch."""
+
+    def __init__(self, name, ws, k=3, stride=2, pad=1):
+        super().__init__(name, ws)
+        self.k, self.stride, self.pad = k, stride, pad
+        self._x = None
+
+    def _patches(self, x):
+        n, h, w, c = x.shape
+        col = im2col(self.ws, x, self.k, self.stride, self.pad, pad_value=-np.inf, key="pool")
+        return col, col.reshape(col.shape[:3] + (self.k * self.k, c))
+
+    def forward(self, x, train):
+        col, win = self._patches(x)
+        y = self._output(win.shape[:3] + win.shape[4:], x.dtype)
+        self.xp.max(win, axis=3, out=y)
+        self._x = x if train else None
+        return y
+
+    def backward(self, dy):
+        """Routes each output gradient to the argmax of its window; the argmax is
+        recomputed from the kept input instead of being stored."""
+        xp, x = self.xp, self._x
+        col, win = self._patches(x)
+        first = xp.argmax(win, axis=3)[:, :, :, None, :]
+        which = xp.arange(self.k * self.k).reshape(1, 1, 1, -1, 1)
+        xp.multiply(first == which, dy[:, :, :, None, :], out=win)
+        dx = self.ws.take(x.shape, x.dtype)
+        col2im(col, dx, self.stride, self.pad)
+        self.ws.give(dy)
+        self._x = None
+        return dx
+
+
+class GlobalAvgPool(Layer):
+    def forward(self, x, train):
+        self._shape = x.shape
+        return x.mean(axis=(1, 2))
+
+    def backward(self, dy):
+        n, h, w, c = self._shape
+        dx = self.ws.take(self._shape, dy.dtype)
+        dx[...] = (dy / (h * w))[:, None, None, :]
+        self.ws.give(dy)
+        return dx
+
+
+class Linear(Layer):
+    param_names = (("weight", True), ("bias", False))
+
+    def __init__(self, name, ws, fin, fout):
+        super().__init__(name, ws)
+        self.fin, self.fout = fin, fout
+        self._x = None
+
+    def param_shapes(self):
+        return {"weight": (self.fin, self.fout), "bias": (self.fout,)}
+
+    def forward(self, x, train):
+        y = x @ self.weight
+        y += self.bias
+        self._x = x if train else None
+        return y
+
+    def backward(self, dy):
+        xp, x = self.xp, self._x
+        if x is None:
+            raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
+        xp.matmul(x.T, dy, out=self.dweight)
+        self.dbias[...] = dy.sum(axis=0)
+        self.ready(self)
+        dx = self.ws.take(x.shape, x.dtype)
+        xp.matmul(dy, self.weight.T, out=dx)
+        self._x = None
+        return dx
+
+
+def add_relu_(y, shortcut):
+    """The end of a residual block, in place over the main branch's output y:
+    y = relu(y + shortcut). The result is all that backward needs (its sign is the mask)."""
+    y += shortcut
+    xp = batchnorm._xp(y)
+    xp.maximum(y, 0, out=y)
+    return y
+
+
+def add_relu_backward_(dy, y):
+    """Gradient of add_relu_ with respect to both of its inputs (they receive the same),
+    in place over dy."""
+    xp = batchnorm._xp(dy)
+    xp.multiply(dy, y > 0, out=dy)
+    return dy

@@ -1,0 +1,230 @@
+"""ResNet-18/34/50/101/152 (v1.5: the stride sits on the 3x3 conv, as in torchvision),
+with a hand-written backward and its parameters and gradients in two flat buffers.
+
+    model = build_model("resnet50", 1000, get_backend("cpu"))
+    logits = model.forward(x_nhwc, train=True)
+    loss, dlogits = softmax_cross_entropy(logits, labels)
+    model.backward(dlogits, grad_ready=reducer.grad_ready)
+
+Flat layout = the order in which backward finishes gradients: fc first, then the blocks
+from last to first (in each block: the downsample branch, then bn3, conv3, ..., conv1),
+then the stem. After each layer's backward, `grad_ready(start, stop)` reports the flat
+range that just became final; the ranges tile [0, layout.total) front to back, padding
+included, so a reducer can launch each bucket as soon as its last range arrives.
+
+Names are torchvision's ("layer3.2.conv2.weight"); shapes are ours (conv HWIO, fc
+(in, out)); engine.torchvision_io converts for state_dict()/load_state_dict().
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.flat import FlatLayout
+from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
+                           add_relu_backward_)
+from engine.workspace import Workspace
+
+# arch -> (block kind, blocks per stage)
+ARCHS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+MIN_SIZE = 32          # five stride-2 stages: 32 px leaves a 1x1 map before the pool
+
+
+class ResidualBlock:
+    """Basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4) block.
+
+    Forward: y = relu(main(x) + shortcut(x)), summed in place in the last BN's output.
+    Backward: the downsample branch first, then the main branch from its last layer;
+    the input gradient is the sum of both.
+    """
+
+    def __init__(self, name, ws, kind, cin, planes, stride):
+        if kind == "basic":
+            cout = planes
+            convs = [(cin, planes, 3, stride, 1), (planes, planes, 3, 1, 1)]
+        else:
+            cout = planes * 4
+            convs = [(cin, planes, 1, 1, 0), (planes, planes, 3, stride, 1), (planes, cout, 1, 1, 0)]
+        self.main = []
+        for i, (ci, co, k, s, p) in enumerate(convs, start=1):
+            self.main.append(Conv2d(f"{name}.conv{i}", ws, ci, co, k, s, p))
+            self.main.append(BatchNorm(f"{name}.bn{i}", ws, co, relu=i < len(convs)))
+        self.downsample = []
+        if stride != 1 or cin != cout:
+            self.downsample = [Conv2d(f"{name}.downsample.0", ws, cin, cout, 1, stride, 0),
+                               BatchNorm(f"{name}.downsample.1", ws, cout, relu=False)]
+        self.last_bn = self.main[-1]
+        self.cout = cout
+        self._y = None
+
+    def forward(self, x, train):
+        h = x
+        for layer in self.main:
+            h = layer.forward(h, train)
+        shortcut = x
+        for layer in self.downsample:
+            shortcut = layer.forward(shortcut, train)
+        self._y = add_relu_(h, shortcut)
+        return self._y
+
+    def param_layers(self):
+        """Layers with parameters, in the order backward finishes them."""
+        return self.downsample[::-1] + self.main[::-1]
+
+    def backward(self, dy):
+        dz = add_relu_backward_(dy, self._y)
+        if self.downsample:
+            conv, bn = self.downsample
+            d_short = conv.backward(bn.backward(dz, consume=False))
+        else:
+            d_short = dz
+        g = dz
+        for layer in reversed(self.main):
+            if layer is self.last_bn:
+                g = layer.backward(g, consume=d_short is not dz)
+            else:
+                g = layer.backward(g)
+        g += d_short
+        self.last_bn.ws.give(d_short)
+        self._y = None
+        return g
+
+
+class ResNet:
+    def __init__(self, arch, num_classes, backend, dtype=np.float32):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        kind, counts = ARCHS[arch]
+        self.arch, self.num_classes, self.backend = arch, num_classes, backend
+        self.xp, self.dtype = backend.xp, np.dtype(dtype)
+        self.ws = ws = Workspace(self.xp)
+        self.conv1 = Conv2d("conv1", ws, 3, 64, 7, 2, 3)
+        self.bn1 = BatchNorm("bn1", ws, 64, relu=True)
+        self.maxpool = MaxPool("maxpool", ws)
+        self.blocks, cin = [], 64
+        for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), counts), start=1):
+            for i in range(count):
+                stride = 2 if stage > 1 and i == 0 else 1
+                block = ResidualBlock(f"layer{stage}.{i}", ws, kind, cin, planes, stride)
+                self.blocks.append(block)
+                cin = block.cout
+        self.avgpool = GlobalAvgPool("avgpool", ws)
+        self.fc = Linear("fc", ws, cin, num_classes)
+
+        order = [self.fc] + [l for b in reversed(self.blocks) for l in b.param_layers()] + [self.bn1, self.conv1]
+        self.layout = FlatLayout(spec for layer in order for spec in layer.specs())
+        self.params = self.layout.alloc(self.xp, self.dtype)
+        self.grads = self.layout.alloc(self.xp, self.dtype)
+        starts = [self.layout.by_name[layer.specs()[0][0]].offset for layer in order]
+        for layer, start, stop in zip(order, starts, starts[1:] + [self.layout.total]):
+            layer.bind(self.layout, self.params, self.grads, self._layer_done)
+            layer.grad_range = (start, stop)
+        self.batchnorms = [l for l in reversed(order) if isinstance(l, BatchNorm)]
+        self._grad_ready = None
+        self._done = None
+        self._trained = False
+
+    # ---- forward / backward ------------------------------------------------------------
+
+    def forward(self, x, train: bool):
+        """Logits (N, classes) of a normalized float NHWC batch `x` (N, H, W, 3).
+        With train=True, BN uses (and records) this batch's statistics and the layers keep
+        what backward needs; `x` must then stay unchanged until backward."""
+        self._check_input(x)
+        h = self.maxpool.forward(self.bn1.forward(self.conv1.forward(x, train), train), train)
+        for block in self.blocks:
+            h = block.forward(h, train)
+        logits = self.fc.forward(self.avgpool.forward(h, train), train)
+        self._trained = train
+        return logits
+
+    def backward(self, dlogits, grad_ready=None):
+        """Overwrite model.grads with the gradient of the loss whose gradient with respect
+        to the logits of the last forward(train=True) is `dlogits`. Calls
+        grad_ready(start, stop) as each layer's flat range becomes final."""
+        if not self._trained:
+            raise RuntimeError("backward needs a preceding forward(x, train=True)")
+        n = self.fc._x.shape[0] if self.fc._x is not None else -1
+        if tuple(dlogits.shape) != (n, self.num_classes):
+            raise ValueError(f"dlogits must have shape {(n, self.num_classes)}, got {tuple(dlogits.shape)}")
+        self._grad_ready, self._done = grad_ready, 0
+        g = self.ws.take(dlogits.shape, self.dtype)
+        g[...] = dlogits
+        g = self.avgpool.backward(self.fc.backward(g))
+        for block in reversed(self.blocks):
+            g = block.backward(g)
+        self.conv1.backward(self.bn1.backward(self.maxpool.backward(g)), need_dx=False)
+        if self._done != self.layout.total:
+            raise RuntimeError(f"backward finished {self._done} of {self.layout.total} gradient elements")
+        self._trained = False
+        self._grad_ready = None
+
+    def _layer_done(self, layer):
+        start, stop = layer.grad_range
+        if start != self._done:
+            raise RuntimeError(f"{layer.name}: gradients finished out of layout order")
+        self._done = stop
+        if self._grad_ready is not None:
+            self._grad_ready(start, stop)
+
+    def _check_input(self, x):
+        xp = self.xp
+        if not isinstance(x, xp.ndarray):
+            raise TypeError(f"input must be a {xp.__name__} array on this backend, got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[3] != 3:
+            raise ValueError(f"input must be NHWC with 3 channels, got shape {tuple(x.shape)}")
+        if min(x.shape[1], x.shape[2]) < MIN_SIZE:
+            raise ValueError(f"input images must be at least {MIN_SIZE} px, got {x.shape[1]}x{x.shape[2]}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the parameters' {self.dtype}")
+
+    # ---- parameters ----------------------------------------------------------------------
+
+    def named_parameters(self) -> dict:
+        return self.layout.views(self.params)
+
+    def named_gradients(self) -> dict:
+        return self.layout.views(self.grads)
+
+    def state_dict(self) -> dict:
+        from engine.torchvision_io import to_torchvision
+        return to_torchvision(self)
+
+    def load_state_dict(self, state, strict=True):
+        from engine.torchvision_io import from_torchvision
+        from_torchvision(self, state, strict=strict)
+
+    def _init_params(self, seed, zero_init_residual):
+        """torchvision's initialization: conv kaiming-normal (fan_out, ReLU gain), BN (1, 0),
+        fc uniform(+-1/sqrt(in)); drawn on the host, so every backend gets the same values."""
+        rng = np.random.default_rng(seed)
+        host = np.zeros(self.layout.total, dtype=self.dtype)
+        last_bns = {b.last_bn.name for b in self.blocks} if zero_init_residual else set()
+        for s in self.layout.slots:
+            view = host[s.offset:s.stop].reshape(s.shape)
+            layer, _, what = s.name.rpartition(".")
+            if s.name == "fc.weight" or s.name == "fc.bias":
+                bound = 1.0 / np.sqrt(self.fc.fin)
+                view[...] = rng.uniform(-bound, bound, s.shape)
+            elif len(s.shape) == 4:
+                kh, kw, _, cout = s.shape
+                view[...] = rng.standard_normal(s.shape) * np.sqrt(2.0 / (kh * kw * cout))
+            elif what == "weight":
+                view[...] = 0.0 if layer in last_bns else 1.0
+        self.params[...] = self.xp.asarray(host)
+
+
+def build_model(arch, num_classes, backend, *, zero_init_residual=False, seed=0, dtype=np.float32):
+    """A ResNet by name (resnet18/34/50/101/152) with `num_classes` outputs on `backend`.
+    `zero_init_residual` starts the last BN scale of each block at 0 (each block begins as
+    the identity). `dtype` float64 exists for the finite-difference tests."""
+    model = ResNet(arch, num_classes, backend, dtype=dtype)
+    model._init_params(seed, zero_init_residual)
+    return model
