@@ -4,7 +4,8 @@
     .venv/bin/python bench/overlap.py --np 4 --arch resnet50 --px 64 --buckets 0,1,4,25
 
 Every rank runs the real training step (ResNet forward, loss, backward, optimizer update)
-on its own random batch, in these modes, each for --steps timed steps after a warm-up:
+on its own random batch, in these modes, each timed for --steps steps after a warm-up step (one step of every mode per round, so
+load drift on a shared machine hits all modes alike):
 
     compute    backward with no communication at all (the floor)
     serial     all buckets all-reduced after backward, then the update
@@ -47,7 +48,7 @@ def parse(argv=None):
     p.add_argument("--buckets", default="0,1,4,16,64", help="bucket sizes in MB, 0 = per layer")
     p.add_argument("--first-bucket-mb", type=float, default=0.25)
     p.add_argument("--fp16", action="store_true", help="FP16 all-reduce")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (round-robin)")
     p.add_argument("--out", default="runs/overlap", help="OUT.json and OUT.png are written")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -107,8 +108,10 @@ def worker(a) -> None:
                                                               grad_scale=scale))
         return tl.end_step()
 
-    results = []
+    # Configurations are timed round-robin, one step each per round, so that drift in the
+    # machine's load (other processes, caches) spreads over all of them alike.
     configs = [("compute", None)] + [(m, b) for b in a.bucket_list for m in MODES[1:]]
+    runs = []
     for mode, bucket_mb in configs:
         tl = Timeline(None, rank=comm.rank)
         reducer = Reducer(model.layout, model.grads, comm, bucket_mb=bucket_mb or 0.0,
@@ -117,13 +120,15 @@ def worker(a) -> None:
         if bucket_mb == 0 and mode == "serial":
             one_step("wait-all", reducer, tl)        # per-layer buckets are learnt from one step
         one_step(mode, reducer, tl)                  # warm-up
-        times, figures = [], []
-        for _ in range(a.steps):
+        runs.append((mode, bucket_mb, reducer, tl, [], []))
+    for _ in range(a.steps):
+        for mode, _, reducer, tl, times, figures in runs:
             world.Barrier()
             t0 = time.perf_counter()
-            f = one_step(mode, reducer, tl)
+            figures.append(one_step(mode, reducer, tl))
             times.append(time.perf_counter() - t0)
-            figures.append(f)
+    results = []
+    for mode, bucket_mb, reducer, tl, times, figures in runs:
         slowest = world.allreduce(float(np.median(times)), op=MPI.MAX)
         comm_s = world.allreduce(float(np.median([f["comm_s"] for f in figures])), op=MPI.MAX)
         exposed = world.allreduce(float(np.median([f["exposed_s"] for f in figures])), op=MPI.MAX)
@@ -198,10 +203,10 @@ def plot(rows, a, path) -> None:
     for mode in MODES[2:]:
         ys = [next(r.get("hidden_steps", np.nan) for r in rows if r["mode"] == mode and r["bucket_mb"] == b)
               for b in a.bucket_list]
-        ax2.plot(xs, ys, marker="o", label=f"{mode} (steps)")
+        line, = ax2.plot(xs, ys, marker="o", label=f"{mode} (steps)")
         ys = [next(r.get("hidden_trace", np.nan) for r in rows if r["mode"] == mode and r["bucket_mb"] == b)
               for b in a.bucket_list]
-        ax2.plot(xs, ys, marker="x", linestyle=":", label=f"{mode} (trace)")
+        ax2.plot(xs, ys, marker="x", linestyle=":", color=line.get_color(), label=f"{mode} (trace)")
     ax2.set(xticks=xs, xticklabels=labels, xlabel="bucket size (MB)", ylabel="hidden fraction",
             title="communication hidden behind compute", ylim=(-0.2, 1.05))
     ax2.axhline(0, color="gray", linewidth=0.5)
