@@ -29,6 +29,14 @@ def _xp(a):
     return cupy
 
 
+def _fused(a):
+    """engine.cuda_ops (the fused CUDA kernels, same signatures) for float32 CuPy arrays, else None."""
+    if isinstance(a, np.ndarray) or a.dtype != np.float32:
+        return None
+    from engine import cuda_ops
+    return cuda_ops
+
+
 def _colsum(xp, a):
     """Sum over rows as a GEMV: multithreaded and blocked (float32 error stays small)."""
     ones = xp.ones(a.shape[0], dtype=a.dtype)
@@ -42,6 +50,8 @@ def _rowdot(xp, a, b):
 
 def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
     """Normalize with this batch's statistics; returns (y2d, mean, var, inv_std), all (C,)."""
+    if (fused := _fused(x2d)) is not None:
+        return fused.bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
     xp = _xp(x2d)
     m = x2d.shape[0]
     y = xp.empty_like(x2d) if out is None else out
@@ -59,6 +69,8 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
 
 def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
     """Normalize with given statistics (evaluation mode)."""
+    if (fused := _fused(x2d)) is not None:
+        return fused.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out)
     xp = _xp(x2d)
     scale = gamma / xp.sqrt(var + eps)
     y = xp.multiply(x2d, scale, out=out)
@@ -75,6 +87,8 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
       dbeta = sum g,  dgamma = inv_std * sum(g * xc),
       dx = gamma*inv_std * (g - dbeta/M - xc * inv_std^2 * sum(g * xc)/M).
     """
+    if (fused := _fused(dy2d)) is not None:
+        return fused.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out)
     xp = _xp(dy2d)
     m = dy2d.shape[0]
     g = xp.empty_like(dy2d) if out is None else out

@@ -159,8 +159,10 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
 def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
     """Training-mode BN backward through the fused ReLU (3 launches); out may be dy2d."""
     rows, C = _bn_shape(x2d)
+    if relu and y2d is None:
+        raise ValueError("cuda_ops: bn_backward with relu needs y2d (the forward output)")
     for a, name in ((dy2d, "dy2d"), (y2d, "y2d")):
-        if _bn_shape(a, name) != (rows, C):
+        if a is not None and _bn_shape(a, name) != (rows, C):
             raise ValueError(f"cuda_ops: {name} has shape {a.shape}, expected {(rows, C)}")
     _channel_vectors(C, gamma=gamma, mean=mean, inv_std=inv_std)
     xp = _xp(x2d)

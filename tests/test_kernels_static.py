@@ -158,3 +158,27 @@ def test_loader_imports_without_cupy():
             "print(c.NVRTC_OPTIONS[0])")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "--std=c++17", res.stderr
+
+
+def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
+    """engine.batchnorm sends float32 non-NumPy (CuPy) arrays to cuda_ops, same arguments."""
+    from engine import batchnorm
+
+    class DeviceArray:
+        dtype = np.dtype(np.float32)
+
+    seen = {}
+    for name in ("bn_train_forward", "bn_backward", "bn_infer_forward"):
+        monkeypatch.setattr(cuda_ops, name, lambda *a, _n=name, **k: seen.setdefault(_n, (a, k)))
+    x = DeviceArray()
+    batchnorm.bn_train_forward(x, "g", "b", 1e-5, True, out="o")
+    batchnorm.bn_backward(x, "x", "y", "g", "m", "s", False, out=x)
+    batchnorm.bn_infer_forward(x, "g", "b", "m", "v", 1e-5, True)
+    assert seen["bn_train_forward"] == ((x, "g", "b", 1e-5, True), {"out": "o"})
+    assert seen["bn_backward"] == ((x, "x", "y", "g", "m", "s", False), {"out": x})
+    assert seen["bn_infer_forward"] == ((x, "g", "b", "m", "v", 1e-5, True), {"out": None})
+    # NumPy arrays stay on the generic path.
+    seen.clear()
+    x2d = np.random.default_rng().standard_normal((10, 4)).astype(np.float32)
+    batchnorm.bn_train_forward(x2d, np.ones(4, np.float32), np.zeros(4, np.float32), 1e-5, False)
+    assert seen == {}
