@@ -1,6 +1,7 @@
 """Per-rank timeline of a training step, as Chrome trace JSON, and its overlap figures.
 
     tl = Timeline("runs/trace.rank0.json", rank=0)
+    instrument(model, tl)       # optional: a forward and a backward span per layer
     tl.begin_step(step)
     with tl.span("forward", "forward"): ...
     tl.record("allreduce b3", "comm", work.started_at, work.finished_at, {"bucket": 3})
@@ -185,6 +186,45 @@ class Timeline:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _timed(fn, timeline, name, cat):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timeline.record(name, cat, start, time.perf_counter())
+    return timed
+
+
+def _model_layers(obj, seen):
+    """Every engine.layers.Layer reachable from the model's attributes, lists included."""
+    from engine.layers import Layer
+    for value in vars(obj).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Layer):
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    yield item
+            elif type(item).__module__ == "engine.model" and id(item) not in seen:
+                seen.add(id(item))
+                yield from _model_layers(item, seen)
+
+
+def instrument(model, timeline) -> int:
+    """Record a "forward NAME" / "backward NAME" span for every layer of `model` (wrapping
+    each layer's methods on the instance; the model's code is unchanged). Returns the
+    number of layers instrumented; calling it again does nothing."""
+    count = 0
+    for layer in _model_layers(model, set()):
+        if getattr(layer, "_timeline", None) is not None:
+            continue
+        layer._timeline = timeline
+        layer.forward = _timed(layer.forward, timeline, f"forward {layer.name}", "forward")
+        layer.backward = _timed(layer.backward, timeline, f"backward {layer.name}", "backward")
+        count += 1
+    return count
 
 
 def format_figures(f: dict) -> str:

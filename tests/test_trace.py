@@ -117,3 +117,28 @@ def test_merge_aligns_ranks_on_clock_sync_and_the_cli_runs(tmp_path):
     assert res.returncode == 0 and "merged 2 traces" in res.stdout
     res = subprocess.run([sys.executable, "-m", "engine.trace", "bogus"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_instrumented_model_records_each_layer_once_per_phase(tmp_path):
+    from engine.backend import get_backend
+    from engine.loss import softmax_cross_entropy
+    from engine.model import build_model
+    from engine.trace import instrument
+
+    model = build_model("resnet18", 3, get_backend("cpu"))
+    path = tmp_path / "layers.json"
+    tl = Timeline(str(path))
+    n = instrument(model, tl)
+    assert instrument(model, tl) == 0                       # no double wrapping
+    x = np.random.default_rng().standard_normal((2, 32, 32, 3)).astype(np.float32)
+    tl.begin_step(0)
+    _, dlogits = softmax_cross_entropy(model.forward(x, train=True), np.array([0, 2]))
+    model.backward(dlogits)
+    tl.end_step()
+    events = [e for e in json.loads(path.read_text()) if e.get("ph") == "X"]
+    fwd = [e["name"][len("forward "):] for e in events if e["cat"] == "forward"]
+    bwd = [e["name"][len("backward "):] for e in events if e["cat"] == "backward"]
+    param_layers = {name.rsplit(".", 1)[0] for name in model.layout.by_name}
+    assert len(fwd) == len(set(fwd)) == n and sorted(fwd) == sorted(bwd)
+    assert param_layers <= set(fwd) and {"maxpool", "avgpool"} <= set(fwd)
+    assert fwd[0] == "conv1" and fwd[-1] == "fc" and bwd[0] == "fc" and bwd[-1] == "conv1"
