@@ -169,3 +169,25 @@ def test_one_rank_broadcast_in_place_and_destroy_twice(gpu_comm):
     assert not comm.alive
     with pytest.raises(ValueError, match="destroyed"):
         comm.all_reduce(buf, buf)
+
+
+@pytest.mark.gpu
+def test_engine_nccl_communicator_of_one_rank_orders_streams_without_host_sync():
+    import cupy as cp
+    from mpi4py import MPI
+    from engine.backend import get_backend
+    from engine.comm import NcclCommunicator, create_communicator
+    be = get_backend("gpu")
+    comm = create_communicator(be, MPI.COMM_SELF)
+    assert isinstance(comm, NcclCommunicator) and (comm.rank, comm.size) == (0, 1)
+    host = np.random.default_rng().standard_normal(4096).astype(np.float32)
+    for dtype in (np.float32, np.float16):
+        buf = cp.asarray(host.astype(dtype))
+        work = comm.allreduce_async(buf, "avg")
+        work.wait()                        # the compute stream now waits for the collective
+        out = cp.asnumpy(buf * 1)          # runs on the compute stream, after the all-reduce
+        np.testing.assert_array_equal(out, host.astype(dtype))
+        assert work.done() or (work.synchronize() is None and work.done())
+    started, finished, _ = comm.progress()
+    assert started == finished == 2
+    comm.close()
