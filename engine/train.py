@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient all-reduce bucket size in MB (buckets overlap backward)")
     g.add_argument("--fp16-allreduce", action="store_true",
                    help="all-reduce gradients in FP16 (compute stays FP32), as the paper did")
+    g.add_argument("--threads", type=int, default=None,
+                   help="BLAS threads per rank (default: this node's cores divided by its ranks; "
+                        "more threads than cores makes OpenBLAS spin and slows every rank down)")
     g.add_argument("--watchdog", type=float, default=300.0, metavar="SECONDS",
                    help="end the job, naming the late ranks, when a collective waits longer than this (0: off)")
     g.add_argument("--trace", metavar="FILE",
@@ -121,6 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in nonneg.items():
         if value < 0:
             p.error(f"{name} must be >= 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     if args.image_size < 32:
         p.error(f"--image-size must be at least 32 (ResNet downsamples 32x), got {args.image_size}")
     if not 0 <= args.momentum < 1:
@@ -132,6 +137,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.workers is None:
         args.workers = 2 if args.dataset == "imagefolder" else 0
     return args
+
+
+def limit_blas_threads(threads: int | None) -> int:
+    """Cap this rank's BLAS threads (default: cores of the node / ranks on the node)."""
+    from mpi4py import MPI
+    from threadpoolctl import threadpool_limits
+    if threads is None:
+        node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+        threads = max(1, len(os.sched_getaffinity(0)) // node.size)
+        node.Free()
+    threadpool_limits(limits=threads, user_api="blas")
+    return threads
 
 
 class Trainer:
@@ -154,6 +171,7 @@ class Trainer:
         self.backend = be = get_backend(a.device)
         self.comm = comm = create_communicator(be)
         self.rank, self.world = comm.rank, comm.size
+        self.threads = limit_blas_threads(a.threads)
         self.train_set, self.val_set = build_datasets(a.dataset, data_dir=a.data, image_size=a.image_size,
                                                       seed=a.seed)
         ts = self.train_set
@@ -208,7 +226,8 @@ class Trainer:
                 f"{ts.num_classes} classes, {a.image_size} px), {self.world} ranks x {a.batch_per_rank} = "
                 f"{self.sampler.global_batch} images per step, {self.steps_per_epoch} steps per epoch, "
                 f"{self.total_steps} steps ({a.epochs:g} epochs), {a.optimizer} optimizer with the {a.schedule} "
-                f"schedule, device {self.backend.name}, data workers {a.workers} per rank")
+                f"schedule, device {self.backend.name}, {self.threads} BLAS thread(s) and {a.workers} data "
+                f"worker(s) per rank")
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -342,6 +361,7 @@ class Trainer:
         self.val_loader.close()
         self.progress.close()
         self.timeline.close()
+        self.comm.close()
 
 
 def main(argv=None) -> int:

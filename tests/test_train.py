@@ -1,0 +1,131 @@
+"""The training job: options, learning for real, exact resume, NaN stop.
+
+The mpi tests run the real Trainer on both ranks of `mpiexec -n 2` with ResNet-18 at 32 px
+on the digits (small enough for about a minute on two CPU cores).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from engine.train import build_parser, parse_args
+
+REQUIRED_OPTIONS = ("--data", "--dataset", "--arch", "--batch-per-rank", "--epochs", "--schedule",
+                    "--optimizer", "--bucket-mb", "--fp16-allreduce", "--device", "--checkpoint-dir",
+                    "--resume", "--trace", "--seed", "--eval-every", "--image-size", "--workers", "--lr",
+                    "--label-smoothing", "--checkpoint-every", "--log-dir")
+
+
+def test_help_explains_every_option():
+    text = build_parser().format_help()
+    for opt in REQUIRED_OPTIONS:
+        assert opt in text, opt
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_defaults_train_resnet50_on_digits_with_the_paper_recipe(tmp_path):
+    a = parse_args([])
+    assert (a.arch, a.dataset, a.schedule, a.optimizer) == ("resnet50", "digits", "paper", "hybrid")
+    assert a.image_size >= 32 and a.workers == 0     # in-memory digits need no decoding workers
+    folder = parse_args(["--data", str(tmp_path)])
+    assert folder.dataset == "imagefolder" and folder.workers > 0
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--batch-per-rank", "0"], "--batch-per-rank"),
+    (["--dataset", "mnist"], "--dataset"),
+    (["--image-size", "16"], "--image-size"),
+    (["--dataset", "imagefolder"], "--data"),
+    (["--resume", "/no/such/checkpoint"], "--resume"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--momentum", "1"], "--momentum"),
+    (["--workers", "-2"], "--workers"),
+    (["--lr", "fast"], "--lr"),
+    (["--no-such-option"], "--no-such-option"),
+])
+def test_bad_options_are_errors_naming_the_option(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+# ---- real runs under MPI ------------------------------------------------------------------
+
+def _shared_dir(comm, tmp_path):
+    """One directory for all ranks (rank 0's pytest tmp_path)."""
+    return comm.bcast(str(tmp_path), root=0)
+
+
+def _train(argv):
+    from engine.train import Trainer
+    trainer = Trainer(parse_args(argv))
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def _losses(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-per-rank", "16", "--watchdog", "0",
+         "--print-every", "1000"]
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_training_learns_the_digits(comm, tmp_path):
+    assert comm.size == 2
+    root = _shared_dir(comm, tmp_path)
+    result = _train(SMALL + ["--epochs", "2", "--lr", "0.2", "--eval-every", "0",
+                             "--log-dir", f"{root}/log", "--checkpoint-dir", f"{root}/ck"])
+    # Ten classes: chance is 10%. Every validation image is counted once, on all ranks alike.
+    assert result["count"] == 359
+    assert result["top1"] > 0.7, result
+    assert comm.allgather(result["top1"]) == [result["top1"]] * 2
+    if comm.rank == 0:
+        losses = _losses(f"{root}/log")
+        first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in sorted(losses)[-5:]])
+        assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_trajectory(comm, tmp_path):
+    from engine import checkpoint
+    root = _shared_dir(comm, tmp_path)
+    common = SMALL + ["--epochs", "1", "--eval-every", "0", "--checkpoint-every", "3"]
+    _train(common + ["--max-steps", "6", "--log-dir", f"{root}/a", "--checkpoint-dir", f"{root}/a/ck"])
+    _train(common + ["--max-steps", "3", "--log-dir", f"{root}/b", "--checkpoint-dir", f"{root}/b/ck"])
+    _train(common + ["--max-steps", "6", "--log-dir", f"{root}/b", "--checkpoint-dir", f"{root}/b/ck",
+                     "--resume", f"{root}/b/ck"])
+    if comm.rank == 0:
+        a, b = _losses(f"{root}/a"), _losses(f"{root}/b")
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+        assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]   # bit for bit
+        pa, _ = checkpoint.load(checkpoint.path_for(f"{root}/a/ck", 6))
+        pb, _ = checkpoint.load(checkpoint.path_for(f"{root}/b/ck", 6))
+        for k in pa:
+            assert np.array_equal(pa[k], pb[k]), k
+    comm.Barrier()
+    # A checkpoint of another run is refused, naming the field that differs.
+    from engine.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"lr=0\.1.*lr=0\.3"):
+        _train(common + ["--lr", "0.3", "--max-steps", "6", "--log-dir", f"{root}/c",
+                         "--checkpoint-dir", f"{root}/c/ck", "--resume", f"{root}/b/ck"])
+
+
+@pytest.mark.mpi
+def test_non_finite_loss_stops_every_rank_naming_the_step(comm, tmp_path):
+    from engine.metrics import NonFiniteLoss
+    root = _shared_dir(comm, tmp_path)
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+        _train(SMALL + ["--optimizer", "sgd", "--schedule", "goyal", "--lr", "1e30", "--max-steps", "5",
+                        "--no-checkpoint", "--log-dir", f"{root}/log"])
