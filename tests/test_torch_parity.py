@@ -155,7 +155,7 @@ def test_checkpoint_from_torch_file_loads_and_round_trips(tmp_path):
     for name, tensor in net.state_dict().items():
         np.testing.assert_array_equal(exported[name], tensor.numpy(), err_msg=name)
 
-    x = np.random.default_rng().standard_normal((2, 32, 32, 3)).astype(np.float32)
+    x = np.random.default_rng().standard_normal((2, 35, 41, 3)).astype(np.float32)  # odd sizes
     with torch.no_grad():
         ref = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     assert rel_err(model.forward(x, train=False), ref) < TOL

@@ -1,0 +1,232 @@
+"""Every layer's backward against float64 central finite differences on random inputs.
+
+Each check uses the scalar L = sum(forward(x) * R) for a random R, so dL/dy = R, and
+compares the analytic gradients with (L(v + h) - L(v - h)) / 2h, norm-wise relative
+error below 1e-6, over all coordinates of small tensors or a random sample of larger ones.
+"""
+import numpy as np
+import pytest
+
+from engine import batchnorm
+from engine.conv import col2im, im2col
+from engine.flat import FlatLayout
+from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
+                           add_relu_backward_)
+from engine.loss import softmax_cross_entropy
+from engine.workspace import Workspace
+
+H = 1e-6
+TOL = 1e-6
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    return np.random.default_rng(seed)
+
+
+def rel_err(a, b):
+    return np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b))
+
+
+def bound(layer, rng):
+    """Give a parameterized layer its own flat buffers, filled at random."""
+    layout = FlatLayout(layer.specs())
+    params, grads = layout.alloc(np, np.float64), layout.alloc(np, np.float64)
+    params[...] = rng.standard_normal(layout.total)
+    done = []
+    layer.bind(layout, params, grads, done.append)
+    return done
+
+
+def numeric_grad(loss, v, rng, samples=60):
+    """Central differences of loss() with respect to a random sample of v's entries
+    (v is perturbed in place and restored)."""
+    flat = v.reshape(-1)
+    idx = rng.choice(flat.size, size=min(samples, flat.size), replace=False)
+    out = np.empty(idx.size)
+    for j, i in enumerate(idx):
+        old = flat[i]
+        flat[i] = old + H
+        up = loss()
+        flat[i] = old - H
+        down = loss()
+        flat[i] = old
+        out[j] = (up - down) / (2 * H)
+    return idx, out
+
+
+def check(analytic, loss, v, rng):
+    idx, num = numeric_grad(loss, v, rng)
+    err = rel_err(np.ravel(analytic)[idx], num)
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("k,s,p,hw", [(1, 1, 0, (5, 6)), (1, 2, 0, (6, 7)), (3, 1, 1, (5, 5)),
+                                       (3, 2, 1, (7, 6)), (7, 2, 3, (9, 8)), (2, 1, 0, (5, 4)),
+                                       (3, 1, 0, (6, 5)), (3, 3, 2, (8, 7))])
+def test_conv2d(rng, k, s, p, hw):
+    ws = Workspace(np)
+    conv = Conv2d("c", ws, 3, 4, k, s, p)
+    done = bound(conv, rng)
+    x = rng.standard_normal((2, *hw, 3))
+    y = conv.forward(x, train=True)
+    r = rng.standard_normal(y.shape)
+    # Reference forward: a direct sum over the kernel on a padded input.
+    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ref = np.zeros_like(y)
+    for kh in range(k):
+        for kw in range(k):
+            patch = xpad[:, kh:kh + s * y.shape[1]:s, kw:kw + s * y.shape[2]:s, :][:, :y.shape[1], :y.shape[2]]
+            ref += patch @ conv.weight[kh, kw]
+    assert rel_err(y, ref) < 1e-12
+    dx = conv.backward(r.copy())
+    assert done == [conv]
+    dw = conv.dweight.copy()
+    loss = lambda: float(np.sum(conv.forward(x, train=True) * r))
+    check(dx, loss, x, rng)
+    check(dw, loss, conv.weight, rng)
+
+
+def test_im2col_col2im_are_adjoint(rng):
+    """<im2col(x), c> == <x, col2im(c)>: the scatter is exactly the gather's transpose."""
+    ws = Workspace(np)
+    x = rng.standard_normal((2, 9, 7, 3))
+    col = im2col(ws, x, 3, 2, 1).copy()
+    c = rng.standard_normal(col.shape)
+    dx = col2im(c, np.empty_like(x), 2, 1)
+    assert abs(np.sum(col * c) - np.sum(x * dx)) < 1e-10 * np.sum(np.abs(col * c))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_batchnorm_train(rng, relu):
+    ws = Workspace(np)
+    bn = BatchNorm("bn", ws, 5, relu=relu)
+    done = bound(bn, rng)
+    x = rng.standard_normal((3, 4, 2, 5)) * 2 + 1
+    y = bn.forward(x, train=True)
+    x2d = x.reshape(-1, 5)
+    mean, var = x2d.mean(0), x2d.var(0)
+    ref = (x2d - mean) / np.sqrt(var + bn.eps) * bn.weight + bn.bias
+    assert rel_err(y.reshape(-1, 5), np.maximum(ref, 0) if relu else ref) < 1e-12
+    assert rel_err(bn.batch_mean, mean) < 1e-12 and rel_err(bn.batch_var, var) < 1e-12
+    assert bn.batch_count == 24
+    np.testing.assert_array_equal(bn.eval_mean, bn.batch_mean)
+    r = rng.standard_normal(y.shape)
+    dx = bn.backward(r.copy())
+    assert done == [bn]
+    dgamma, dbeta = bn.dweight.copy(), bn.dbias.copy()
+    loss = lambda: float(np.sum(bn.forward(x, train=True) * r))
+    check(dx, loss, x, rng)
+    check(dgamma, loss, bn.weight, rng)
+    check(dbeta, loss, bn.bias, rng)
+
+
+def test_batchnorm_backward_keeps_dy_unless_consumed(rng):
+    ws = Workspace(np)
+    bn = BatchNorm("bn", ws, 3, relu=True)
+    bound(bn, rng)
+    x = rng.standard_normal((2, 3, 3, 3))
+    bn.forward(x, train=True)
+    dy = rng.standard_normal(x.shape)
+    kept = dy.copy()
+    dx = bn.backward(dy, consume=False)
+    np.testing.assert_array_equal(dy, kept)
+    assert dx is not dy
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_batchnorm_inference_uses_given_statistics(rng, relu):
+    x = rng.standard_normal((10, 4))
+    gamma, beta = rng.standard_normal(4), rng.standard_normal(4)
+    mean, var = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
+    y = batchnorm.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)
+    ref = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
+    assert rel_err(y, np.maximum(ref, 0) if relu else ref) < 1e-12
+
+
+def test_maxpool(rng):
+    ws = Workspace(np)
+    pool = MaxPool("maxpool", ws)
+    x = rng.standard_normal((2, 7, 6, 3))
+    y = pool.forward(x, train=True)
+    assert y.shape == (2, 4, 3, 3)
+    xpad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    ref = np.full(y.shape, -np.inf)
+    for kh in range(3):
+        for kw in range(3):
+            ref = np.maximum(ref, xpad[:, kh:kh + 8:2, kw:kw + 6:2, :])
+    np.testing.assert_array_equal(y, ref)
+    r = rng.standard_normal(y.shape)
+    dx = pool.backward(r.copy())
+    check(dx, lambda: float(np.sum(pool.forward(x, train=True) * r)), x, rng)
+
+
+def test_maxpool_ties_go_to_the_first_position():
+    ws = Workspace(np)
+    pool = MaxPool("maxpool", ws)
+    x = np.zeros((1, 2, 2, 1))
+    pool.forward(x, train=True)
+    dx = pool.backward(np.ones((1, 1, 1, 1)))
+    np.testing.assert_array_equal(dx.ravel(), [1, 0, 0, 0])
+
+
+def test_global_avg_pool_and_linear(rng):
+    ws = Workspace(np)
+    pool, fc = GlobalAvgPool("avgpool", ws), Linear("fc", ws, 6, 4)
+    done = bound(fc, rng)
+    x = rng.standard_normal((3, 2, 5, 6))
+    forward = lambda: fc.forward(pool.forward(x, train=True), train=True)
+    y = forward()
+    assert rel_err(y, x.mean(axis=(1, 2)) @ fc.weight + fc.bias) < 1e-12
+    r = rng.standard_normal(y.shape)
+    dx = pool.backward(fc.backward(r.copy()))
+    assert done == [fc]
+    dw, db = fc.dweight.copy(), fc.dbias.copy()
+    loss = lambda: float(np.sum(forward() * r))
+    check(dx, loss, x, rng)
+    check(dw, loss, fc.weight, rng)
+    check(db, loss, fc.bias, rng)
+
+
+def test_residual_add_relu(rng):
+    a, b = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((2, 3, 3, 4))
+    r = rng.standard_normal(a.shape)
+    y = add_relu_(a.copy(), b)
+    np.testing.assert_array_equal(y, np.maximum(a + b, 0))
+    d = add_relu_backward_(r.copy(), y)
+    loss = lambda: float(np.sum(add_relu_(a.copy(), b) * r))
+    check(d, loss, a, rng)
+    check(d, loss, b, rng)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy(rng, smoothing):
+    logits = rng.standard_normal((5, 7)) * 3
+    labels = rng.integers(0, 7, 5)
+    loss, d = softmax_cross_entropy(logits, labels, smoothing)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    q = np.full((5, 7), smoothing / 7)
+    q[np.arange(5), labels] += 1 - smoothing
+    assert abs(loss - float(-(q * log_p).sum(1).mean())) < 1e-12
+    check(d, lambda: softmax_cross_entropy(logits, labels, smoothing)[0], logits, rng)
+
+
+def test_softmax_cross_entropy_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels"):
+        softmax_cross_entropy(np.zeros((3, 4)), np.zeros(2, int))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        softmax_cross_entropy(np.zeros((3, 4)), np.zeros(3, int), 1.5)
+
+
+def test_workspace_reuses_and_refuses_double_give():
+    ws = Workspace(np)
+    a = ws.take((4, 3), np.float32)
+    ws.give(a.reshape(12))
+    assert ws.take((4, 3), np.float32) is a
+    ws.give(a)
+    with pytest.raises(RuntimeError, match="twice"):
+        ws.give(a)
+    ws.give(np.empty((4, 3), np.float32))       # not from take: ignored
+    assert ws.take((4, 3), np.float32) is a

@@ -1,0 +1,190 @@
+"""The whole network: ResNet-18 end to end against finite differences (float64), the flat
+layout and grad_ready contract, batch-norm statistics, state_dict, input checks."""
+import numpy as np
+import pytest
+
+from engine.backend import get_backend
+from engine.loss import softmax_cross_entropy
+from engine.model import build_model
+from engine.torchvision_io import load_checkpoint, save_npz
+
+CPU = get_backend("cpu")
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    return np.random.default_rng(seed)
+
+
+def _step(model, x, labels, grad_ready=None):
+    logits = model.forward(x, train=True)
+    loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing=0.1)
+    model.backward(dlogits, grad_ready=grad_ready)
+    return loss
+
+
+@pytest.mark.slow
+def test_resnet18_gradient_matches_finite_differences(rng):
+    """Central differences in float64 of the whole network (ResNet-18, 32 px, batch 2):
+    along one random direction inside each parameter tensor (every coordinate of every
+    tensor takes part) and along single random coordinates; the analytic directional
+    derivatives must match norm-wise to 1e-6."""
+    model = build_model("resnet18", 5, CPU, seed=int(rng.integers(1 << 30)), dtype=np.float64)
+    # Random BN scales and shifts, so no gradient is trivially 0 or 1.
+    for name, view in model.named_parameters().items():
+        if view.ndim == 1 and not name.startswith("fc"):
+            view[...] = rng.uniform(0.5, 1.5, view.shape) if name.endswith("weight") else rng.uniform(-0.3, 0.3, view.shape)
+    x = rng.standard_normal((2, 32, 32, 3))
+    labels = rng.integers(0, 5, 2)
+    _step(model, x, labels)
+    grads = model.grads.copy()
+
+    directions = []
+    for s in model.layout.slots:
+        v = np.zeros(model.layout.total)
+        v[s.offset:s.stop] = rng.standard_normal(s.size)
+        directions.append(v / np.linalg.norm(v))
+    for i in rng.integers(0, model.layout.total, 10):
+        v = np.zeros(model.layout.total)
+        v[i] = 1.0
+        directions.append(v)
+    base, h = model.params.copy(), 1e-7     # small: fewer ReLU kinks and max-pool ties crossed
+    loss = lambda p: (model.params.__setitem__(Ellipsis, p),
+                      softmax_cross_entropy(model.forward(x, train=True), labels, 0.1)[0])[1]
+    num = np.array([(loss(base + h * v) - loss(base - h * v)) / (2 * h) for v in directions])
+    ana = np.array([grads @ v for v in directions])
+    err = np.linalg.norm(ana - num) / np.linalg.norm(num)
+    print("relative error", err)
+    assert err < 1e-6, err
+
+
+def test_grad_ready_tiles_the_flat_buffer_in_order(rng):
+    model = build_model("resnet18", 3, CPU)
+    calls = []
+    _step(model, rng.standard_normal((2, 40, 36, 3)).astype(np.float32), [0, 2], lambda a, b: calls.append((a, b)))
+    assert calls[0][0] == 0 and calls[-1][1] == model.layout.total
+    assert all(prev[1] == cur[0] for prev, cur in zip(calls, calls[1:]))
+    assert all(a < b for a, b in calls)
+    # one call per layer with parameters: 21 BN, 20 conv, fc
+    assert len(calls) == 20 + 20 + 1
+
+
+def test_grad_ready_reports_only_final_gradients(rng):
+    """When grad_ready(start, stop) fires, grads[start:stop] already hold their final
+    values: nothing later in backward writes there again."""
+    model = build_model("resnet18", 4, CPU)
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    snapshots = []
+    _step(model, x, [1, 3], lambda a, b: snapshots.append((a, b, model.grads[a:b].copy())))
+    for a, b, snap in snapshots:
+        np.testing.assert_array_equal(model.grads[a:b], snap)
+
+
+def test_layout_order_decay_and_views():
+    model = build_model("resnet50", 1000, CPU)
+    names = [s.name for s in model.layout.slots]
+    assert names[:2] == ["fc.weight", "fc.bias"]
+    assert names[2:6] == ["layer4.2.bn3.weight", "layer4.2.bn3.bias", "layer4.2.conv3.weight", "layer4.2.bn2.weight"]
+    assert names.index("layer1.0.downsample.1.weight") < names.index("layer1.0.bn3.weight")
+    assert names[-3:] == ["bn1.weight", "bn1.bias", "conv1.weight"]
+    for s in model.layout.slots:
+        assert s.decay == (s.name.endswith("weight") and len(s.shape) in (2, 4)), s.name
+    params, grads = model.named_parameters(), model.named_gradients()
+    assert params["layer2.0.conv2.weight"].shape == (3, 3, 128, 128)
+    assert np.shares_memory(params["fc.weight"], model.params)
+    assert np.shares_memory(grads["conv1.weight"], model.grads)
+    assert model.params.dtype == np.float32 and model.params.size == model.layout.total
+
+
+@pytest.mark.parametrize("arch,count", [("resnet18", 11_689_512), ("resnet34", 21_797_672),
+                                        ("resnet50", 25_557_032), ("resnet101", 44_549_160)])
+def test_parameter_counts_match_torchvision(arch, count):
+    model = build_model(arch, 1000, CPU)
+    assert sum(s.size for s in model.layout.slots) == count
+
+
+def test_backward_overwrites_gradients(rng):
+    model = build_model("resnet18", 3, CPU)
+    x = rng.standard_normal((2, 64, 64, 3)).astype(np.float32)   # layer4 maps 2x2: every tap used
+    _step(model, x, [0, 1])
+    first = model.grads.copy()
+    _step(model, x, [0, 1])
+    np.testing.assert_array_equal(model.grads, first)
+    assert np.count_nonzero(first) > 0.8 * sum(s.size for s in model.layout.slots)
+
+
+def test_batchnorm_statistics_and_eval_mode(rng):
+    model = build_model("resnet18", 3, CPU, dtype=np.float64)
+    x = rng.standard_normal((3, 32, 32, 3))
+    model.forward(x, train=True)
+    stem = model.batchnorms[0]
+    assert stem.name == "bn1" and stem.batch_count == 3 * 16 * 16
+    conv_out = stem._saved[0]
+    assert np.allclose(stem.batch_mean, conv_out.mean(0), rtol=1e-12, atol=1e-12)
+    assert np.allclose(stem.batch_var, conv_out.var(0), rtol=1e-12, atol=1e-12)
+    for bn in model.batchnorms:
+        np.testing.assert_array_equal(bn.eval_mean, bn.batch_mean)
+        np.testing.assert_array_equal(bn.eval_var, bn.batch_var)
+    # eval with the batch's own statistics reproduces train-mode logits
+    train_logits = model.forward(x, train=True).copy()
+    eval_logits = model.forward(x, train=False)
+    assert np.allclose(eval_logits, train_logits, rtol=1e-9, atol=1e-9)
+    # changing the eval statistics changes eval, not training
+    for bn in model.batchnorms:
+        bn.eval_var *= 4
+    assert not np.allclose(model.forward(x, train=False), train_logits, rtol=1e-2, atol=1e-2)
+    assert np.allclose(model.forward(x, train=True), train_logits, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_init_residual_makes_every_block_start_as_identity(rng):
+    model = build_model("resnet50", 4, CPU, zero_init_residual=True)
+    params = model.named_parameters()
+    for block in model.blocks:
+        assert not np.any(params[f"{block.last_bn.name}.weight"])
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    model.forward(x, train=True)
+    for block in model.blocks:
+        if not block.downsample:
+            # relu(0 + x) with x the previous block's output (already >= 0) is x itself
+            assert np.all(block._y >= 0)
+    assert np.any(params["layer1.0.bn2.weight"] != 0)
+
+
+def test_state_dict_round_trip_through_npz(tmp_path, rng):
+    src = build_model("resnet18", 6, CPU, seed=1)
+    x = rng.standard_normal((2, 33, 45, 3)).astype(np.float32)
+    src.forward(x, train=True)                # sets eval statistics
+    expected = src.forward(x, train=False).copy()
+    state = src.state_dict()
+    assert state["conv1.weight"].shape == (64, 3, 7, 7)
+    assert state["fc.weight"].shape == (6, 512)
+    assert state["layer2.0.downsample.1.running_var"].shape == (128,)
+    path = tmp_path / "r18.npz"
+    save_npz(src, path)
+    dst = build_model("resnet18", 6, CPU, seed=2)
+    dst.load_state_dict(load_checkpoint(path))
+    np.testing.assert_array_equal(dst.params, src.params)
+    np.testing.assert_array_equal(dst.forward(x, train=False), expected)
+
+
+def test_bad_state_dict_and_inputs_are_refused(rng):
+    model = build_model("resnet18", 6, CPU)
+    state = model.state_dict()
+    with pytest.raises(KeyError, match="missing"):
+        model.load_state_dict({k: v for k, v in state.items() if k != "fc.bias"})
+    with pytest.raises(ValueError, match="fc.weight"):
+        build_model("resnet18", 7, CPU).load_state_dict(state)
+    with pytest.raises(ValueError, match="at least 32 px"):
+        model.forward(np.zeros((1, 31, 40, 3), np.float32), train=True)
+    with pytest.raises(ValueError, match="3 channels"):
+        model.forward(np.zeros((1, 32, 32, 1), np.float32), train=True)
+    with pytest.raises(TypeError, match="float64"):
+        model.forward(np.zeros((1, 32, 32, 3)), train=True)
+    with pytest.raises(RuntimeError, match="forward"):
+        build_model("resnet18", 2, CPU).backward(np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_model("resnet42", 2, CPU)
+    with pytest.raises(FileNotFoundError, match="nowhere.npz"):
+        load_checkpoint("nowhere.npz")
