@@ -245,29 +245,32 @@ class MpiCommunicator(Communicator):
 
 class NcclWork(Work):
     """Completion is a CUDA event on the communication stream; nothing here blocks the host
-    except `synchronize()`."""
+    except `synchronize()`. Two timing events around the NCCL call give, once it is done,
+    `started_at`/`finished_at` on the host clock (GPU time since the communicator's
+    reference event, added to the host time of that event)."""
 
-    def __init__(self, seq, name, count, backend, done_event):
+    def __init__(self, seq, name, count, comm, start_event, done_event):
         super().__init__(seq, name, count)
-        self._backend, self._done = backend, done_event
+        self._comm, self._start, self._done = comm, start_event, done_event
 
     def wait(self) -> None:
         """Order the current (compute) stream after the collective, without a host sync."""
-        self._done.wait_on(self._backend.current_stream())
+        self._comm._backend.current_stream().wait_event(self._done)
 
     def synchronize(self) -> None:
         self._done.synchronize()
-        self._mark_finished()
+        self._resolve()
 
     def done(self) -> bool:
-        if self._done.done():
-            self._mark_finished()
+        if self._done.done:
+            self._resolve()
             return True
         return False
 
-    def _mark_finished(self):
+    def _resolve(self):
         if self.finished_at is None:
-            self.finished_at = time.perf_counter()      # when the host first saw it done
+            self.started_at = self._comm._host_time(self._start)
+            self.finished_at = self._comm._host_time(self._done)
 
 
 class NcclCommunicator(Communicator):
@@ -287,16 +290,27 @@ class NcclCommunicator(Communicator):
         self._seq = itertools.count()
         self._started = 0
         self._pending: list[NcclWork] = []
+        # The clock reference: an event the host has seen complete, and when it saw it.
+        self._ref = self._timing_event()
+        self._ref.synchronize()
+        self._ref_host = time.perf_counter()
+
+    def _timing_event(self):
+        event = self._backend.xp.cuda.Event()
+        event.record(self._stream)
+        return event
+
+    def _host_time(self, event) -> float:
+        return self._ref_host + self._backend.xp.cuda.get_elapsed_time(self._ref, event) / 1e3
 
     def _enqueue(self, name, buf, call) -> NcclWork:
         ready = self._backend.event()
         ready.record(self._backend.current_stream())   # the data is final on the compute stream
         ready.wait_on(self._stream)
+        start = self._timing_event()
         call(self._stream)
-        done = self._backend.event()
-        done.record(self._stream)
-        work = NcclWork(next(self._seq), name, buf.size, self._backend, done)
-        work.started_at = work.launched_at
+        done = self._timing_event()
+        work = NcclWork(next(self._seq), name, buf.size, self, start, done)
         self._started += 1
         self._pending.append(work)
         return work

@@ -30,7 +30,8 @@ along its ring. Tolerance, stated and tested: relative to the float32 sum, an el
 off by at most about (1 cast + 1 rounding) x 2^-11 on MPI ((N-1) roundings on NCCL), plus
 underflow below 6e-8 (no loss scaling is applied here).
 
-`finish()` waits for every bucket, in order. With `update=callback`, each bucket's
+`finish()` waits for every bucket, in order (on a GPU it only orders the streams; with a
+timeline it also synchronizes each bucket to record its all-reduce times). With `update=callback`, each bucket's
 callback(start, stop) runs as soon as that bucket is reduced, while later buckets are still
 in flight; with `early_update=True` the callbacks may even run inside backward (from
 grad_ready), which is safe because a bucket's layers are finished with their weights by
@@ -206,6 +207,8 @@ class Reducer:
         work.wait()
         if self.timeline is None:
             return
+        if work.finished_at is None and hasattr(work, "synchronize"):
+            work.synchronize()      # GPU, tracing only: one host sync to learn the times
         t1 = time.perf_counter()
         if t1 - t0 > 1e-5:
             self.timeline.record(f"wait b{i}", "wait", t0, t1, {"bucket": i})
