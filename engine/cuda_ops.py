@@ -20,6 +20,7 @@ and have the signatures of their CPU twins:
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -48,12 +49,20 @@ def _xp(a):
     return np
 
 
+def kernel_source(filename: str) -> str:
+    """The code handed to NVRTC for kernels/<filename> (engine.kernel_check compiles this too).
+
+    CuPy's kernel cache keys on the code and the options, not on included files: the digest
+    of the shared header, appended as a comment, makes an edited header a new cache entry."""
+    digest = hashlib.sha256((KERNELS_DIR / "recipe_math.cuh").read_bytes()).hexdigest()
+    return (KERNELS_DIR / filename).read_text() + f"\n// recipe_math.cuh sha256 {digest}\n"
+
+
 def _module(filename: str):
     mod = _modules.get(filename)
     if mod is None:
         import cupy
-        mod = cupy.RawModule(code=(KERNELS_DIR / filename).read_text(), options=NVRTC_OPTIONS,
-                             backend="nvrtc")
+        mod = cupy.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS, backend="nvrtc")
         _modules[filename] = mod
     return mod
 

@@ -3,7 +3,8 @@
 The kernels are compiled here exactly as engine.cuda_ops compiles them at run time (its
 NVRTC_OPTIONS, imported, never copied), plus the target architecture:
 
-    compile_kernel_file(path, "sm_80") -> Compiled(ptx, cubin, log)   # NVRTC through ctypes
+    compile_kernel_file(path, "sm_80") -> Compiled(ptx, cubin, log)   # NVRTC through ctypes, the
+                                                                      # loader's source and options
     ptxas_report(compiled.log) -> {kernel: PtxasInfo(registers, spill_stores, spill_loads, ...)}
     global_load_widths(compiled.ptx) -> {kernel: {bits: count}}       # from PTX ld.global*
     sass_global_load_widths(cubin) -> {kernel: {bits: count}}         # nvdisasm (sm_80, sm_90)
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cuda_ops import KERNELS_DIR, NVRTC_OPTIONS
+from .cuda_ops import KERNELS_DIR, NVRTC_OPTIONS, kernel_source
 
 ARCHS = ("sm_70", "sm_80", "sm_90")
 PTXAS_VERBOSE = "--ptxas-options=-v"
@@ -98,20 +99,25 @@ class Compiled:
 
 
 def compile_kernel_file(path, arch: str, extra=()) -> Compiled:
-    """Compile one kernels/*.cu file with the runtime options, for `arch` (e.g. "sm_80")."""
+    """Compile one kernels/*.cu file as the loader does (its source text, its options) for `arch`."""
+    name = Path(path).name
+    return compile_source(kernel_source(name), name, arch, extra)
+
+
+def compile_source(source: str, name: str, arch: str, extra=()) -> Compiled:
+    """Compile CUDA source with the runtime options plus `--gpu-architecture=arch` and `extra`."""
     lib = nvrtc()
-    path = Path(path)
     prog = ctypes.c_void_p()
-    status = lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), path.name.encode(), 0, None, None)
+    status = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None)
     if status:
-        raise NvrtcError(f"{path.name}: nvrtcCreateProgram: {lib.nvrtcGetErrorString(status).decode()}")
+        raise NvrtcError(f"{name}: nvrtcCreateProgram: {lib.nvrtcGetErrorString(status).decode()}")
     try:
         options = [*NVRTC_OPTIONS, f"--gpu-architecture={arch}", *extra]
         argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
         status = lib.nvrtcCompileProgram(prog, len(options), argv)
         log = _read(lib, prog, "Log").rstrip(b"\0").decode(errors="replace")
         if status:
-            raise NvrtcError(f"{path.name} for {arch}: {lib.nvrtcGetErrorString(status).decode()}\n{log}")
+            raise NvrtcError(f"{name} for {arch}: {lib.nvrtcGetErrorString(status).decode()}\n{log}")
         ptx = _read(lib, prog, "PTX").rstrip(b"\0").decode()
         cubin = _read(lib, prog, "CUBIN")
         return Compiled(arch, ptx, cubin, log)

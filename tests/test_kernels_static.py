@@ -44,11 +44,20 @@ def test_compiles_under_nvrtc_without_spills(path, arch):
         assert 0 < info.registers <= 64, (name, arch, info)  # 4 blocks of 256 threads fit per SM
 
 
-def test_a_kernel_error_is_reported_with_the_log(tmp_path):
-    bad = tmp_path / "bad.cu"
-    bad.write_text('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')
+def test_a_kernel_error_is_reported_with_the_log():
+    bad = 'extern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n'
     with pytest.raises(kc.NvrtcError, match=r"(?s)bad.cu for sm_80.*undefined_name"):
-        kc.compile_kernel_file(bad, "sm_80")
+        kc.compile_source(bad, "bad.cu", "sm_80")
+
+
+def test_an_edited_header_changes_the_loaded_source(monkeypatch, tmp_path):
+    """CuPy caches by source text: a header edit must reach the text the loader compiles."""
+    for f in ("recipe_math.cuh", "fp16_pack.cu"):
+        (tmp_path / f).write_text((kc.KERNELS_DIR / f).read_text())
+    monkeypatch.setattr(cuda_ops, "KERNELS_DIR", tmp_path)
+    before = cuda_ops.kernel_source("fp16_pack.cu")
+    (tmp_path / "recipe_math.cuh").write_text((tmp_path / "recipe_math.cuh").read_text() + "\n/* edit */\n")
+    assert cuda_ops.kernel_source("fp16_pack.cu") != before
 
 
 def test_ptxas_report_parses_spills():
