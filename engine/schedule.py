@@ -17,7 +17,8 @@ three coefficients the optimizer needs for one iteration::
     until ``c + p/2``, then 1, with c = 10 and p = 5 epochs (of 90). The middle branch is
     ``0.5 + (e-c)/p`` (form "smooth": continuous, with a continuous slope, ends at 1).
     Transcriptions of the paper print ``0.5 + 2(e-c)/p`` (form "published"), which reaches
-    1.5 at ``c + p/2`` and drops back to 1; it is kept, as printed, for comparison;
+    1.5 at ``c + p/2`` and drops back to 1 (a_rms below is then negative in that window);
+    it is kept, as printed, for comparison;
   * ``a_rms = (1 - a_sgd) * eta_rms / eta``: the RMSprop term then moves the weights at the
     rate ``(1 - a_sgd) * eta_rms`` whatever eta is. This is this reimplementation's choice
     (eta_rms = 3e-4 default), not a formula confirmed in the paper.
