@@ -53,6 +53,10 @@ def _find_nvrtc() -> str:
 
 
 _NVRTC = None
+# What a compiled program yields: (size call, copy call) of NVRTC.
+_OUTPUTS = {"log": ("nvrtcGetProgramLogSize", "nvrtcGetProgramLog"),
+            "ptx": ("nvrtcGetPTXSize", "nvrtcGetPTX"),
+            "cubin": ("nvrtcGetCUBINSize", "nvrtcGetCUBIN")}
 
 
 def nvrtc():
@@ -64,11 +68,9 @@ def nvrtc():
         lib.nvrtcCreateProgram.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_char_p,
                                            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.nvrtcCompileProgram.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        for getter in ("Log", "PTX", "CUBIN"):
-            getattr(lib, f"nvrtcGet{getter}Size" if getter != "Log" else "nvrtcGetProgramLogSize").argtypes = \
-                [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
-            getattr(lib, f"nvrtcGet{getter}" if getter != "Log" else "nvrtcGetProgramLog").argtypes = \
-                [ctypes.c_void_p, ctypes.c_char_p]
+        for size_fn, get_fn in _OUTPUTS.values():
+            getattr(lib, size_fn).argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
+            getattr(lib, get_fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nvrtcDestroyProgram.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
         _NVRTC = lib
     return _NVRTC
@@ -80,9 +82,8 @@ def nvrtc_version() -> tuple:
     return major.value, minor.value
 
 
-def _read(lib, prog, getter) -> bytes:
-    size_fn = "nvrtcGetProgramLogSize" if getter == "Log" else f"nvrtcGet{getter}Size"
-    get_fn = "nvrtcGetProgramLog" if getter == "Log" else f"nvrtcGet{getter}"
+def _read(lib, prog, what) -> bytes:
+    size_fn, get_fn = _OUTPUTS[what]
     size = ctypes.c_size_t()
     getattr(lib, size_fn)(prog, ctypes.byref(size))
     buf = ctypes.create_string_buffer(size.value)
@@ -115,11 +116,11 @@ def compile_source(source: str, name: str, arch: str, extra=()) -> Compiled:
         options = [*NVRTC_OPTIONS, f"--gpu-architecture={arch}", *extra]
         argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
         status = lib.nvrtcCompileProgram(prog, len(options), argv)
-        log = _read(lib, prog, "Log").rstrip(b"\0").decode(errors="replace")
+        log = _read(lib, prog, "log").rstrip(b"\0").decode(errors="replace")
         if status:
             raise NvrtcError(f"{name} for {arch}: {lib.nvrtcGetErrorString(status).decode()}\n{log}")
-        ptx = _read(lib, prog, "PTX").rstrip(b"\0").decode()
-        cubin = _read(lib, prog, "CUBIN")
+        ptx = _read(lib, prog, "ptx").rstrip(b"\0").decode()
+        cubin = _read(lib, prog, "cubin")
         return Compiled(arch, ptx, cubin, log)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
