@@ -2,7 +2,8 @@
 
 Errors are norm-wise per tensor: |ours - ref| / |ref| (Frobenius norms). In float64 every
 logit and gradient matches torch's to 1e-9; in float32 the logits match to 1e-4 and each
-gradient is as accurate as torch's own float32 one (see the test). The reference network is plain torch.nn, written here (torchvision is not a dependency).
+gradient is as accurate as torch's own float32 one (see the test). The reference network is plain torch.nn (engine/torch_reference.py; torchvision is not a
+dependency).
 """
 import numpy as np
 import pytest
@@ -14,46 +15,9 @@ from engine.torchvision_io import _to_torchvision, load_checkpoint
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
+from engine.torch_reference import TorchResNet, torch_twin  # noqa: E402  (needs torch)
 
 TOL = 1e-4
-
-
-class TorchBottleneck(nn.Module):
-    def __init__(self, cin, planes, stride):
-        super().__init__()
-        cout = planes * 4
-        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        r = F.relu(self.bn1(self.conv1(x)))
-        r = F.relu(self.bn2(self.conv2(r)))
-        r = self.bn3(self.conv3(r))
-        return F.relu(r + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet50(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
-        cin = 64
-        for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
-            blocks = []
-            for i in range(count):
-                blocks.append(TorchBottleneck(cin, planes, 2 if stage > 1 and i == 0 else 1))
-                cin = planes * 4
-            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        for stage in range(1, 5):
-            x = getattr(self, f"layer{stage}")(x)
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 def rel_err(ours, ref):
@@ -70,12 +34,6 @@ def _randomized_resnet50(seed, classes, dtype=np.float32):
             view[...] = (rng.uniform(0.5, 1.5, view.shape) if name.endswith("weight")
                          else rng.uniform(-0.2, 0.2, view.shape))
     return model
-
-
-def _torch_net(model, classes, dtype=torch.float32):
-    net = TorchResNet50(classes).to(dtype)
-    net.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()}, strict=True)
-    return net
 
 
 def _ours(model, x, labels):
@@ -113,7 +71,7 @@ def test_resnet50_logits_and_every_gradient_match_torch():
     seed, classes, x64, labels = _problem()
     model64 = _randomized_resnet50(seed, classes, np.float64)
     logits, loss, grads = _ours(model64, x64, labels)
-    t_logits, t_loss, truth = _torch(_torch_net(model64, classes, torch.float64), x64, labels)
+    t_logits, t_loss, truth = _torch(torch_twin(model64, torch.float64), x64, labels)
     assert rel_err(logits, t_logits) < 1e-10
     assert abs(loss - t_loss) < 1e-10 * abs(t_loss)
     assert set(grads) == set(truth)
@@ -122,7 +80,7 @@ def test_resnet50_logits_and_every_gradient_match_torch():
     assert errors[worst] < 1e-9, (worst, errors[worst])
     # Evaluation mode: torch normalizes with running stats, which our export fills with
     # the statistics the last training batch left in eval_mean/eval_var.
-    net = _torch_net(model64, classes, torch.float64).eval()
+    net = torch_twin(model64, torch.float64).eval()
     with torch.no_grad():
         t_eval = net(torch.from_numpy(x64).permute(0, 3, 1, 2)).numpy()
     assert rel_err(model64.forward(x64, train=False), t_eval) < 1e-10
@@ -130,7 +88,7 @@ def test_resnet50_logits_and_every_gradient_match_torch():
     model = _randomized_resnet50(seed, classes)
     x = x64.astype(np.float32)
     logits, loss, grads = _ours(model, x, labels)
-    t_logits, t_loss, t_grads = _torch(_torch_net(model, classes), x, labels)
+    t_logits, t_loss, t_grads = _torch(torch_twin(model), x, labels)
     assert rel_err(logits, t_logits) < TOL
     assert abs(loss - t_loss) < TOL * abs(t_loss)
     flat = lambda g: np.concatenate([np.ravel(g[k]) for k in sorted(truth)])
@@ -142,7 +100,7 @@ def test_resnet50_logits_and_every_gradient_match_torch():
 
 def test_checkpoint_from_torch_file_loads_and_round_trips(tmp_path):
     classes = 7
-    net = TorchResNet50(classes)
+    net = TorchResNet("resnet50", classes)
     for m in net.modules():            # non-trivial BN statistics, as in a trained checkpoint
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
