@@ -164,7 +164,7 @@ class Trainer:
         from engine.model import build_model
         from engine.optimizer import make_optimizer
         from engine.reducer import Reducer
-        from engine.trace import Timeline
+        from engine.trace import Timeline, instrument
         from engine.transforms import TrainTransform, ValTransform
 
         self.args = a = args
@@ -189,6 +189,8 @@ class Trainer:
                                         mu1=a.momentum, weight_decay=a.weight_decay)
         self.coefficients = self._schedule()
         self.timeline = Timeline(self._trace_path(), rank=self.rank)
+        if a.trace:     # per-layer forward/backward spans; none of their cost without --trace
+            instrument(self.model, self.timeline)
         self.reducer = Reducer(self.model.layout, self.model.grads, comm, bucket_mb=a.bucket_mb,
                                fp16=a.fp16_allreduce, timeline=self.timeline)
         # Same layout and options on every rank, then rank 0's initial parameters everywhere.
