@@ -9,6 +9,8 @@ Two kinds:
 """
 from __future__ import annotations
 
+import numpy as np
+
 
 class Workspace:
     def __init__(self, xp):
@@ -20,7 +22,7 @@ class Workspace:
     def scratch(self, key, shape, dtype, fill=None):
         """The buffer named `key`; `fill` is written once, when it is first allocated
         (a zero border that no caller ever overwrites stays zero)."""
-        full_key = (key, tuple(shape), self.xp.dtype(dtype).str)
+        full_key = (key, tuple(shape), np.dtype(dtype).str)
         buf = self._scratch.get(full_key)
         if buf is None:
             buf = self.xp.empty(shape, dtype=dtype)
@@ -31,7 +33,7 @@ class Workspace:
 
     def take(self, shape, dtype):
         """A gradient buffer of this shape (content undefined), owned by the caller."""
-        free = self._free.get((tuple(shape), self.xp.dtype(dtype).str))
+        free = self._free.get((tuple(shape), np.dtype(dtype).str))
         if free:
             return free.pop()
         buf = self.xp.empty(shape, dtype=dtype)

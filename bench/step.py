@@ -1,0 +1,130 @@
+"""Images/s of a full ResNet-50 training step on the CPU: ours (NumPy) against PyTorch's
+CPU build, same model, batch, resolution and thread count, measured side by side.
+
+A step is forward, softmax cross-entropy, backward and the parameter update: ours with
+engine.optimizer.HybridOptimizer over the flat buffers, torch with torch.optim.SGD
+(momentum, weight decay; torch has no hybrid rule, and either update is a few
+elementwise passes over 25.6M parameters). Torch runs in NCHW and in channels_last; the
+faster of the two is the peer. The three steps are timed in turns, and each figure is the
+median over its timed steps, so a change in the machine's load hits all three alike.
+
+    python bench/step.py                      # 64 px batch 16, 224 px batch 8, 2 threads
+    python bench/step.py --threads 2 --runs 64:16 224:16 --steps 5
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    p.add_argument("--runs", nargs="+", default=["64:16", "224:8"],
+                   help="SIZE:BATCH pairs to measure (default 64:16 224:8)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps of each (after 1 warm-up), taken in turns")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--profile", action="store_true", help="cProfile our step at the first size")
+    args = p.parse_args()
+    runs = []
+    for r in args.runs:
+        try:
+            size, batch = (int(v) for v in r.split(":"))
+        except ValueError:
+            p.error(f"--runs: expected SIZE:BATCH, got {r!r}")
+        runs.append((size, batch))
+    return args, runs
+
+
+ARGS, RUNS = parse()
+# Thread counts must be fixed before NumPy's OpenBLAS starts.
+for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from engine.backend import get_backend  # noqa: E402
+from engine.loss import softmax_cross_entropy  # noqa: E402
+from engine.model import build_model  # noqa: E402
+from engine.optimizer import HybridOptimizer  # noqa: E402
+from engine.schedule import Coefficients  # noqa: E402
+
+CLASSES = 1000
+COEF = Coefficients(eta=0.1, a_sgd=0.5, a_rms=0.5 * 3e-4 / 0.1)   # mid-warm-up: both terms live
+
+
+def our_step(size, batch):
+    model = build_model(ARGS.arch, CLASSES, get_backend("cpu"))
+    opt = HybridOptimizer(model.params, model.layout, np)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, batch)
+
+    def step():
+        _, dlogits = softmax_cross_entropy(model.forward(x, train=True), labels, 0.1)
+        model.backward(dlogits)
+        opt.step(model.grads, coef=COEF)
+    return step
+
+
+def torch_step(size, batch, channels_last):
+    import torch
+    from engine.torch_reference import TorchResNet
+    torch.set_num_threads(ARGS.threads)
+    torch.manual_seed(0)
+    net = TorchResNet(ARGS.arch, CLASSES).train()
+    x = torch.randn(batch, 3, size, size)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, CLASSES, (batch,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(net(x), labels, label_smoothing=0.1).backward()
+        opt.step()
+    return step
+
+
+def interleaved_medians(steps, rounds):
+    """Median time of each step function, timed in turns (one of each per round), so a
+    change in the machine's load hits all of them alike."""
+    for step in steps:
+        step()                                  # warm-up: buffers, workspaces, caches
+    times = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, t in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            t.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def profile(step):
+    import cProfile
+    import pstats
+    step()
+    cProfile.runctx("step()", globals(), {"step": step}, "/tmp/step.prof")
+    pstats.Stats("/tmp/step.prof").sort_stats("tottime").print_stats(25)
+
+
+def main():
+    print(f"{ARGS.arch} training step, {ARGS.threads} threads, median of {ARGS.steps} steps")
+    print(f"{'size':>5} {'batch':>5} {'ours img/s':>11} {'torch NCHW':>11} {'torch NHWC':>11} {'ratio':>7}")
+    for i, (size, batch) in enumerate(RUNS):
+        steps = [our_step(size, batch), torch_step(size, batch, False), torch_step(size, batch, True)]
+        if ARGS.profile and i == 0:
+            profile(steps[0])
+        t_ours, t_nchw, t_nhwc = interleaved_medians(steps, ARGS.steps)
+        del steps
+        best = min(t_nchw, t_nhwc)
+        print(f"{size:>5} {batch:>5} {batch / t_ours:>11.1f} {batch / t_nchw:>11.1f} "
+              f"{batch / t_nhwc:>11.1f} {best / t_ours:>7.2f}", flush=True)
+    print("ratio = our images/s over the faster torch layout's (above 1: we are faster)")
+
+
+if __name__ == "__main__":
+    main()
