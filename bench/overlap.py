@@ -48,6 +48,8 @@ def parse(argv=None):
     p.add_argument("--buckets", default="0,1,4,16,64", help="bucket sizes in MB, 0 = per layer")
     p.add_argument("--first-bucket-mb", type=float, default=0.25)
     p.add_argument("--fp16", action="store_true", help="FP16 all-reduce")
+    p.add_argument("--poll-us", type=float, default=200.0,
+                   help="MPI communication thread: test interval in us, 0 = blocking waits (default 200)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (round-robin)")
     p.add_argument("--out", default="runs/overlap", help="OUT.json and OUT.png are written")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -75,7 +77,7 @@ def worker(a) -> None:
     guard.install()
     world = MPI.COMM_WORLD
     be = get_backend("cpu")
-    comm = create_communicator(be, world)
+    comm = create_communicator(be, world, poll_s=a.poll_us * 1e-6)
     model = build_model(a.arch, a.classes, be, seed=0)
     opt = make_optimizer("sgd", model.params, model.layout, be)
     coef = Coefficients(eta=1e-3)
@@ -171,7 +173,8 @@ def summarize(results) -> list:
 
 
 def table(rows, a) -> str:
-    head = (f"{a.arch} {a.px}px, {a.batch} images/rank, {a.np} ranks, fp16 all-reduce: {a.fp16}\n"
+    head = (f"{a.arch} {a.px}px, {a.batch} images/rank, {a.np} ranks, fp16 all-reduce: {a.fp16}, "
+            f"MPI poll {a.poll_us:g} us\n"
             f"{'bucket MB':>9} {'buckets':>7} {'mode':>10} {'step ms':>8} {'x compute':>9} "
             f"{'comm ms':>8} {'exposed ms':>10} {'hidden(steps)':>13} {'hidden(trace)':>13}")
     lines = [head]

@@ -10,7 +10,11 @@ the same sequence of calls on all ranks never crosses collectives.
 
 - `MpiCommunicator` issues every collective from ONE dedicated thread, on its own duplicate
   of the MPI communicator, so a bucket's all-reduce progresses while the main thread
-  computes the next layer's gradients (NumPy releases the GIL in its kernels). MPI has no
+  computes the next layer's gradients (NumPy releases the GIL in its kernels). The thread
+  starts a non-blocking collective and tests it every `poll_s` seconds (default 200 us),
+  sleeping in between: a blocking MPICH call busy-polls and takes the core the main
+  thread computes on (measured on 2 cores, 2 ranks: overlapped steps 4-18% faster with
+  100-500 us polling than with blocking waits; poll_s=0 restores blocking waits). MPI has no
   half-precision sum, so FP16 buffers are reduced as reduce-scatter (Alltoallv of 2-byte
   words), a float32 sum of the N contributions rounded once to float16, and Allgatherv.
 - `NcclCommunicator` enqueues NCCL calls on a communication stream that first waits on an
@@ -115,7 +119,17 @@ def _chunks(n: int, parts: int):
     return counts, np.concatenate(([0], np.cumsum(counts)[:-1]))
 
 
-def fp16_allreduce_sum(comm, buf) -> None:
+def complete(req, poll_s: float) -> None:
+    """Wait for an MPI request: blocking (MPICH busy-polls a core) when poll_s == 0, else
+    test it every poll_s seconds, sleeping (GIL and core free) in between."""
+    if poll_s <= 0:
+        req.Wait()
+        return
+    while not req.Test():
+        time.sleep(poll_s)
+
+
+def fp16_allreduce_sum(comm, buf, poll_s: float = 0.0) -> None:
     """In-place sum over `comm` of a float16 NumPy array, with float16 on the wire.
 
     Rank r gathers chunk r from every rank (Alltoallv), sums the N contributions in float32
@@ -128,11 +142,12 @@ def fp16_allreduce_sum(comm, buf) -> None:
     counts, displs = _chunks(n, size)
     words = buf.view(np.uint16)
     mine = np.empty((size, counts[rank]), np.uint16)
-    comm.Alltoallv([words, (counts, displs), MPI.UINT16_T],
-                   [mine, (np.full(size, counts[rank]), np.arange(size) * counts[rank]), MPI.UINT16_T])
+    complete(comm.Ialltoallv([words, (counts, displs), MPI.UINT16_T],
+                             [mine, (np.full(size, counts[rank]), np.arange(size) * counts[rank]),
+                              MPI.UINT16_T]), poll_s)
     total = mine.view(np.float16).sum(axis=0, dtype=np.float32)
     buf[displs[rank]:displs[rank] + counts[rank]] = total
-    comm.Allgatherv(MPI.IN_PLACE, [words, (counts, displs), MPI.UINT16_T])
+    complete(comm.Iallgatherv(MPI.IN_PLACE, [words, (counts, displs), MPI.UINT16_T]), poll_s)
 
 
 class MpiWork(Work):
@@ -153,7 +168,7 @@ class MpiWork(Work):
 class MpiCommunicator(Communicator):
     """Collectives on NumPy arrays, issued in order from one communication thread."""
 
-    def __init__(self, mpi_comm=None):
+    def __init__(self, mpi_comm=None, poll_s: float = 2e-4):
         from mpi4py import MPI
         self._MPI = MPI
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -161,6 +176,7 @@ class MpiCommunicator(Communicator):
                             "thread needs it (do not set mpi4py.rc.thread_level)")
         world = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.world = world
+        self.poll_s = float(poll_s)
         self._comm = world.Dup()           # our collectives never mix with the caller's
         self.rank, self.size = self._comm.rank, self._comm.size
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -206,9 +222,9 @@ class MpiCommunicator(Communicator):
 
         def run():
             if buf.dtype == np.float16:
-                fp16_allreduce_sum(comm, buf)
+                fp16_allreduce_sum(comm, buf, self.poll_s)
             else:
-                comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                complete(comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), self.poll_s)
             if op == "avg":
                 np.multiply(buf, buf.dtype.type(1.0 / size), out=buf)
         return self._submit("allreduce", buf.size, run)
@@ -218,11 +234,11 @@ class MpiCommunicator(Communicator):
             raise CommError(f"bcast root {root} is not a rank (size {self.size})")
         if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
             raise CommError("bcast needs a contiguous NumPy array")
-        self._submit("bcast", buf.size, lambda: self._comm.Bcast(buf, root=root)).wait()
+        self._submit("bcast", buf.size, lambda: complete(self._comm.Ibcast(buf, root=root), self.poll_s)).wait()
         return buf
 
     def barrier(self) -> None:
-        self._submit("barrier", 0, self._comm.Barrier).wait()
+        self._submit("barrier", 0, lambda: complete(self._comm.Ibarrier(), self.poll_s)).wait()
 
     def abort(self, code: int = 1) -> None:
         self.world.Abort(code)
@@ -349,8 +365,9 @@ class NcclCommunicator(Communicator):
         self._nccl.destroy()
 
 
-def create_communicator(backend, mpi_comm=None) -> Communicator:
-    """NCCL on a GPU backend, MPI on the CPU; the backend must already hold its device."""
+def create_communicator(backend, mpi_comm=None, *, poll_s: float | None = None) -> Communicator:
+    """NCCL on a GPU backend, MPI on the CPU; the backend must already hold its device.
+    `poll_s` (MPI only): see MpiCommunicator; None keeps its default."""
     if backend.is_gpu:
         return NcclCommunicator(backend, mpi_comm)
-    return MpiCommunicator(mpi_comm)
+    return MpiCommunicator(mpi_comm) if poll_s is None else MpiCommunicator(mpi_comm, poll_s)

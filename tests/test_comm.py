@@ -9,9 +9,9 @@ from engine.comm import CommError, MpiCommunicator, create_communicator
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture
-def mpi_comm(comm):
-    c = create_communicator(get_backend("cpu"), comm)
+@pytest.fixture(params=[None, 0.0], ids=["polling", "blocking"])
+def mpi_comm(comm, request):
+    c = create_communicator(get_backend("cpu"), comm, poll_s=request.param)
     yield c
     c.close()
 
