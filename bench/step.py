@@ -10,6 +10,7 @@ median over its timed steps, so a change in the machine's load hits all three al
 
     python bench/step.py                      # 64 px batch 16, 224 px batch 8, 2 threads
     python bench/step.py --threads 2 --runs 64:16 224:16 --steps 5
+    python bench/step.py --runs 224:1 --memory 4 8   # peak memory per image at 224 px
 """
 import argparse
 import os
@@ -26,6 +27,10 @@ def parse():
     p.add_argument("--steps", type=int, default=4, help="timed steps of each (after 1 warm-up), taken in turns")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--profile", action="store_true", help="cProfile our step at the first size")
+    p.add_argument("--memory", nargs=2, type=int, metavar=("B1", "B2"),
+                   help="instead of timing: peak memory per image at the first size, from the "
+                        "peak RSS of one step at batch B1 and at B2 (each in a fresh process)")
+    p.add_argument("--probe", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
     runs = []
     for r in args.runs:
@@ -111,7 +116,40 @@ def profile(step):
     pstats.Stats("/tmp/step.prof").sort_stats("tottime").print_stats(25)
 
 
+def peak_rss_of_steps(who, size, batch):
+    """Peak resident memory (bytes) of this process after two training steps."""
+    import resource
+    step = our_step(size, batch) if who == "ours" else torch_step(size, batch, channels_last=False)
+    step()
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_per_image(size, b1, b2):
+    """(peak(b2) - peak(b1)) / (b2 - b1): what one more image costs, model and workspace
+    fixed costs cancelled."""
+    import subprocess
+    print(f"{ARGS.arch} training step at {size} px: peak memory per image from batch {b1} to {b2}")
+    for who in ("ours", "torch"):
+        peaks = []
+        for b in (b1, b2):
+            out = subprocess.run([sys.executable, __file__, "--threads", str(ARGS.threads), "--arch", ARGS.arch,
+                                  "--runs", f"{size}:{b}", "--probe", who],
+                                 check=True, capture_output=True, text=True).stdout
+            peaks.append(int(out.split()[-1]))
+        per_image = (peaks[1] - peaks[0]) / (b2 - b1)
+        print(f"{who:>6}: peak {peaks[0] / 2**20:.0f} MiB at batch {b1}, {peaks[1] / 2**20:.0f} MiB at batch {b2}, "
+              f"{per_image / 2**20:.1f} MiB per image")
+
+
 def main():
+    if ARGS.probe:
+        size, batch = RUNS[0]
+        print(peak_rss_of_steps(ARGS.probe, size, batch))
+        return
+    if ARGS.memory:
+        memory_per_image(RUNS[0][0], *ARGS.memory)
+        return
     print(f"{ARGS.arch} training step, {ARGS.threads} threads, median of {ARGS.steps} steps")
     print(f"{'size':>5} {'batch':>5} {'ours img/s':>11} {'torch NCHW':>11} {'torch NHWC':>11} {'ratio':>7}")
     for i, (size, batch) in enumerate(RUNS):

@@ -33,8 +33,9 @@ def padded(ws, x, p, pad_value=0.0):
     return xpad
 
 
-def im2col(ws, x, k, s, p, pad_value=0.0, key="col"):
-    """The (N, Ho, Wo, K, K, C) patch array of x in a scratch buffer named `key`."""
+def im2col(ws, x, k, s, p, pad_value=0.0):
+    """The (N, Ho, Wo, K, K, C) patch array of x, in the workspace's arena (valid until
+    the next im2col)."""
     xp = ws.xp
     n, h, w, c = x.shape
     ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
@@ -43,7 +44,7 @@ def im2col(ws, x, k, s, p, pad_value=0.0, key="col"):
         raise ValueError("im2col: the input must be C-contiguous NHWC")
     sn, sh, sw, sc = xpad.strides
     patches = _as_strided(xp, xpad, (n, ho, wo, k, k * c), (sn, s * sh, s * sw, sh, sc))
-    col = ws.scratch(key, (n, ho, wo, k, k, c), x.dtype)
+    col = ws.arena((n, ho, wo, k, k, c), x.dtype)
     xp.copyto(col.reshape(n, ho, wo, k, k * c), patches)
     return col
 

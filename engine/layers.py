@@ -191,7 +191,7 @@ class MaxPool(Layer):
 
     def _patches(self, x):
         n, h, w, c = x.shape
-        col = im2col(self.ws, x, self.k, self.stride, self.pad, pad_value=-np.inf, key="pool")
+        col = im2col(self.ws, x, self.k, self.stride, self.pad, pad_value=-np.inf)
         return col, col.reshape(col.shape[:3] + (self.k * self.k, c))
 
     def forward(self, x, train):

@@ -223,10 +223,14 @@ def test_softmax_cross_entropy_rejects_bad_labels():
 def test_workspace_reuses_and_refuses_double_give():
     ws = Workspace(np)
     a = ws.take((4, 3), np.float32)
+    a[...] = 7
     ws.give(a.reshape(12))
-    assert ws.take((4, 3), np.float32) is a
-    ws.give(a)
+    b = ws.take((2, 5), np.float32)              # smaller, other shape: same memory
+    assert np.shares_memory(a, b) and b.shape == (2, 5)
+    c = ws.take((2, 5), np.float32)              # while b is out, a new buffer
+    assert not np.shares_memory(b, c)
+    ws.give(b)
     with pytest.raises(RuntimeError, match="twice"):
-        ws.give(a)
+        ws.give(b)
     ws.give(np.empty((4, 3), np.float32))       # not from take: ignored
-    assert ws.take((4, 3), np.float32) is a
+    assert np.shares_memory(ws.take((4, 3), np.float32), a)
