@@ -110,7 +110,7 @@ def digits(size: int) -> tuple[ArrayDataset, ArrayDataset]:
     mean = tuple(float(m) for m in train_images.mean(axis=(0, 1, 2)))
     std = tuple(float(s) for s in train_images.std(axis=(0, 1, 2)))
     # A mirrored 2 or 5 is another glyph, so no flips; crops stay large enough to keep the digit.
-    common = dict(num_classes=10, mean=mean, std=std, flip=False, crop_scale=(0.5, 1.0))
+    common = dict(num_classes=10, mean=mean, std=std, flip=False, crop_scale=(0.8, 1.0))
     return (ArrayDataset(train_images, labels[~val], name="digits/train", **common),
             ArrayDataset(images[val], labels[val], name="digits/val", **common))
 
