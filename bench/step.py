@@ -95,17 +95,19 @@ def torch_step(size, batch, channels_last):
 
 
 def interleaved_medians(steps, rounds):
-    """Median time of each step function, timed in turns (one of each per round), so a
-    change in the machine's load hits all of them alike."""
+    """Median wall time and median CPU time (all threads of this process) of each step
+    function, timed in turns (one of each per round), so a change in the machine's load
+    hits all of them alike."""
     for step in steps:
         step()                                  # warm-up: buffers, workspaces, caches
-    times = [[] for _ in steps]
+    wall, cpu = [[] for _ in steps], [[] for _ in steps]
     for _ in range(rounds):
-        for step, t in zip(steps, times):
-            start = time.perf_counter()
+        for step, w, c in zip(steps, wall, cpu):
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
-            t.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+            w.append(time.perf_counter() - start)
+            c.append(time.process_time() - start_cpu)
+    return [float(np.median(t)) for t in wall], [float(np.median(t)) for t in cpu]
 
 
 def profile(step):
@@ -151,17 +153,20 @@ def main():
         memory_per_image(RUNS[0][0], *ARGS.memory)
         return
     print(f"{ARGS.arch} training step, {ARGS.threads} threads, median of {ARGS.steps} steps")
-    print(f"{'size':>5} {'batch':>5} {'ours img/s':>11} {'torch NCHW':>11} {'torch NHWC':>11} {'ratio':>7}")
+    print(f"{'size':>5} {'batch':>5} {'ours img/s':>11} {'torch NCHW':>11} {'torch NHWC':>11} {'ratio':>7}"
+          f" {'cpu-time ratio':>15}")
     for i, (size, batch) in enumerate(RUNS):
         steps = [our_step(size, batch), torch_step(size, batch, False), torch_step(size, batch, True)]
         if ARGS.profile and i == 0:
             profile(steps[0])
-        t_ours, t_nchw, t_nhwc = interleaved_medians(steps, ARGS.steps)
+        (t_ours, t_nchw, t_nhwc), (c_ours, c_nchw, c_nhwc) = interleaved_medians(steps, ARGS.steps)
         del steps
         best = min(t_nchw, t_nhwc)
         print(f"{size:>5} {batch:>5} {batch / t_ours:>11.1f} {batch / t_nchw:>11.1f} "
-              f"{batch / t_nhwc:>11.1f} {best / t_ours:>7.2f}", flush=True)
-    print("ratio = our images/s over the faster torch layout's (above 1: we are faster)")
+              f"{batch / t_nhwc:>11.1f} {best / t_ours:>7.2f} {min(c_nchw, c_nhwc) / c_ours:>15.2f}", flush=True)
+    print("ratio = our images/s over the faster torch layout's, from wall time (above 1: we are faster);")
+    print("cpu-time ratio = the same from the CPU time the process used: steadier on a loaded")
+    print("machine, but it counts threads spinning at barriers (compare at --threads 1)")
 
 
 if __name__ == "__main__":
