@@ -202,13 +202,18 @@ class MaxPool(Layer):
         return y
 
     def backward(self, dy):
-        """Routes each output gradient to the argmax of its window; the argmax is
-        recomputed from the kept input instead of being stored."""
+        """Routes each output gradient to the first position of its window that holds the
+        maximum, found again from the kept input (nothing stored in forward): one pass per
+        window position, each claiming the windows not claimed yet."""
         xp, x = self.xp, self._x
         col, win = self._patches(x)
-        first = xp.argmax(win, axis=3)[:, :, :, None, :]
-        which = xp.arange(self.k * self.k).reshape(1, 1, 1, -1, 1)
-        xp.multiply(first == which, dy[:, :, :, None, :], out=win)
+        y = self._out
+        unclaimed = xp.ones(y.shape, dtype=bool)
+        for k in range(self.k * self.k):
+            hit = win[:, :, :, k, :] == y
+            hit &= unclaimed
+            unclaimed &= ~hit
+            xp.multiply(dy, hit, out=win[:, :, :, k, :])     # the patch gradients reuse the gather
         dx = self.ws.take(x.shape, x.dtype)
         col2im(col, dx, self.stride, self.pad)
         self.ws.give(dy)
