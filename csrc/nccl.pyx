@@ -468,25 +468,24 @@ cdef class NcclCommunicator:
 
     def abort(self):
         """Free the communicator without waiting for pending operations (unblocks a stuck rank)."""
-        cdef ncclComm_t comm = self._comm
-        self._comm = NULL
-        if comm == NULL:
-            return
-        cdef ncclResult_t status
-        with nogil:
-            status = _api.comm_abort(comm)
-        _check(status)
+        self._free(True)
 
     def destroy(self):
         """Free the communicator after its pending operations; a second call does nothing."""
+        self._free(False)
+
+    cdef int _free(self, bint abort) except -1:
+        """Abort or destroy the communicator once: the handle is dropped before the call, so a
+        failing call is never repeated and a second abort/destroy does nothing."""
         cdef ncclComm_t comm = self._comm
         self._comm = NULL
         if comm == NULL:
-            return
+            return 0
         cdef ncclResult_t status
         with nogil:
-            status = _api.comm_destroy(comm)
+            status = _api.comm_abort(comm) if abort else _api.comm_destroy(comm)
         _check(status)
+        return 0
 
     @property
     def alive(self):
