@@ -203,23 +203,23 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
 
 # ---- FP16 communication ---------------------------------------------------------------
 
+def _fp16_convert(kernel, a, name, src, dst, scale, out):
+    """One launch of fp16_pack.cu's `kernel`: `a` (named `name`, dtype `src`) into `out`, a
+    `dst` array of a's size (allocated when None), four elements per thread."""
+    _check(a, src, name)
+    b = _xp(a).empty(a.shape, dst) if out is None else out
+    _check(b, dst, "out", a.size)
+    if a.size:
+        _launch("fp16_pack.cu", kernel, _grid_1d(-(-a.size // 4)), (THREADS,),
+                (a, b, np.int64(a.size), np.float32(scale)))
+    return b
+
+
 def pack_fp16(x, scale, out=None):
     """half(x * scale), one launch; `out` a float16 array of x's size."""
-    _check(x, np.float32, "x")
-    h = _xp(x).empty(x.shape, np.float16) if out is None else out
-    _check(h, np.float16, "out", x.size)
-    if x.size:
-        _launch("fp16_pack.cu", "pack_fp16", _grid_1d(-(-x.size // 4)), (THREADS,),
-                (x, h, np.int64(x.size), np.float32(scale)))
-    return h
+    return _fp16_convert("pack_fp16", x, "x", np.float32, np.float16, scale, out)
 
 
 def unpack_fp16(h, scale, out=None):
     """float(h) * scale, one launch; `out` a float32 array of h's size."""
-    _check(h, np.float16, "h")
-    x = _xp(h).empty(h.shape, np.float32) if out is None else out
-    _check(x, np.float32, "out", h.size)
-    if h.size:
-        _launch("fp16_pack.cu", "unpack_fp16", _grid_1d(-(-h.size // 4)), (THREADS,),
-                (h, x, np.int64(h.size), np.float32(scale)))
-    return x
+    return _fp16_convert("unpack_fp16", h, "h", np.float16, np.float32, scale, out)
