@@ -71,19 +71,5 @@ extern "C" __global__ void bn_stats_finalize(const float* part_n, const float* p
 extern "C" __global__ void bn_forward_apply(const float* x, float* y, long long n, int C,
                                             const float* scale, const float* shift, int relu)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool vec = C % 4 == 0 && (((size_t)x | (size_t)y) & 15) == 0;
-    const long long nvec = vec ? n / 4 : 0;
-    for (long long v = first; v < nvec; v += stride) {
-        const float4 a = reinterpret_cast<const float4*>(x)[v];
-        const int c = (int)((v * 4) % C);
-        reinterpret_cast<float4*>(y)[v] = make_float4(
-            rm_bn_apply(a.x, scale[c], shift[c], relu), rm_bn_apply(a.y, scale[c + 1], shift[c + 1], relu),
-            rm_bn_apply(a.z, scale[c + 2], shift[c + 2], relu), rm_bn_apply(a.w, scale[c + 3], shift[c + 3], relu));
-    }
-    for (long long i = nvec * 4 + first; i < n; i += stride) {
-        const int c = (int)(i % C);
-        y[i] = rm_bn_apply(x[i], scale[c], shift[c], relu);
-    }
+    rm_channel_map(x, y, n, C, [=](float v, int c) { return rm_bn_apply(v, scale[c], shift[c], relu); });
 }

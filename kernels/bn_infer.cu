@@ -15,17 +15,5 @@ extern "C" __global__ void bn_infer(const float* x, float* y, long long n, int C
                                     const float* beta, const float* mean, const float* var, float eps,
                                     int relu)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool vec = C % 4 == 0 && (((size_t)x | (size_t)y) & 15) == 0;
-    const long long nvec = vec ? n / 4 : 0;
-    for (long long v = first; v < nvec; v += stride) {
-        const float4 a = reinterpret_cast<const float4*>(x)[v];
-        const int c = (int)((v * 4) % C);
-        reinterpret_cast<float4*>(y)[v] = make_float4(
-            infer1(a.x, c, gamma, beta, mean, var, eps, relu), infer1(a.y, c + 1, gamma, beta, mean, var, eps, relu),
-            infer1(a.z, c + 2, gamma, beta, mean, var, eps, relu), infer1(a.w, c + 3, gamma, beta, mean, var, eps, relu));
-    }
-    for (long long i = nvec * 4 + first; i < n; i += stride)
-        y[i] = infer1(x[i], (int)(i % C), gamma, beta, mean, var, eps, relu);
+    rm_channel_map(x, y, n, C, [=](float v, int c) { return infer1(v, c, gamma, beta, mean, var, eps, relu); });
 }

@@ -148,6 +148,29 @@ RM_FN float rm_bn_apply(float x, float scale, float shift, int relu)
     return (relu && y < 0.0f) ? 0.0f : y;
 }
 
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+/* Device only (templates are C++): y[i] = f(x[i], c) over x seen as (n / C, C) with c the
+ * channel of element i, in a grid-stride loop. When C % 4 == 0 and x, y are 16-byte aligned,
+ * four elements of one row (channels c..c+3) move per 128-bit load and store; a scalar loop
+ * takes the rest. The elementwise BN kernels (bn_forward_apply, bn_infer) are this loop
+ * with their own f. */
+template <typename F>
+__device__ __forceinline__ void rm_channel_map(const float* x, float* y, long long n, int C, F f)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vec = C % 4 == 0 && (((size_t)x | (size_t)y) & 15) == 0;
+    const long long nvec = vec ? n / 4 : 0;
+    for (long long v = first; v < nvec; v += stride) {
+        const float4 a = reinterpret_cast<const float4*>(x)[v];
+        const int c = (int)((v * 4) % C);
+        reinterpret_cast<float4*>(y)[v] = make_float4(f(a.x, c), f(a.y, c + 1), f(a.z, c + 2), f(a.w, c + 3));
+    }
+    for (long long i = nvec * 4 + first; i < n; i += stride)
+        y[i] = f(x[i], (int)(i % C));
+}
+#endif
+
 /* Gradient through the fused ReLU: y is the BN(+ReLU) output of the forward pass. */
 RM_FN float rm_relu_grad(float dy, float y, int relu)
 {
