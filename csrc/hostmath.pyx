@@ -51,27 +51,43 @@ def _check(a, dtype, name, n=None, writable=False):
         raise ValueError(f"hostmath: {name} has {a.size} elements, expected {n}")
 
 
-cdef uint8_t *_mask_ptr(mask, int64_t n) except? NULL:
-    if mask is None:
-        return NULL
-    _check(mask, np.uint8, "mask", n)
-    return <uint8_t *> <size_t> mask.ctypes.data
-
-
-cdef void _grad_ptrs(g, int64_t n, const float **g32, const uint16_t **g16) except *:
-    if isinstance(g, np.ndarray) and g.dtype == np.float16:
-        _check(g, np.float16, "g", n)
-        g16[0] = <const uint16_t *> <size_t> g.ctypes.data
-        g32[0] = NULL
-    else:
-        _check(g, np.float32, "g", n)
-        g32[0] = <const float *> <size_t> g.ctypes.data
-        g16[0] = NULL
-
-
 cdef float *_f32(a, name, n=None, writable=False) except NULL:
     _check(a, np.float32, name, n, writable)
     return <float *> <size_t> a.ctypes.data
+
+
+# The arrays of one optimizer update over n = w.size elements, checked, as C pointers.
+cdef struct _UpdateArgs:
+    float *w
+    float *d
+    float *m                    # NULL for SGD, which keeps no squared-gradient average
+    const float *g32            # exactly one of g32 / g16 is set, by g's dtype
+    const uint16_t *g16
+    const uint8_t *mask         # NULL without a mask: weight decay on every element
+
+
+cdef _UpdateArgs _update_args(w, d, m, g, mask, bint with_m) except *:
+    """Check w, d, m (with_m: the hybrid step's; m is not looked at otherwise), g and mask,
+    in this order, naming the bad one."""
+    cdef int64_t n = w.size
+    cdef _UpdateArgs a
+    a.w = _f32(w, "w", n, True)
+    a.d = _f32(d, "d", n, True)
+    a.m = _f32(m, "m", n, True) if with_m else NULL
+    if isinstance(g, np.ndarray) and g.dtype == np.float16:
+        _check(g, np.float16, "g", n)
+        a.g16 = <const uint16_t *> <size_t> g.ctypes.data
+        a.g32 = NULL
+    else:
+        _check(g, np.float32, "g", n)
+        a.g32 = <const float *> <size_t> g.ctypes.data
+        a.g16 = NULL
+    if mask is None:
+        a.mask = NULL
+    else:
+        _check(mask, np.uint8, "mask", n)
+        a.mask = <uint8_t *> <size_t> mask.ctypes.data
+    return a
 
 
 def hybrid_update(w, d, m, g, mask, float eta, float a_sgd, float a_rms, float mu1, float mu2,
@@ -80,15 +96,9 @@ def hybrid_update(w, d, m, g, mask, float eta, float a_sgd, float a_rms, float m
     cdef int64_t n = w.size
     cdef rm_coef c
     c.eta, c.a_sgd, c.a_rms, c.mu1, c.mu2, c.eps, c.wd, c.gscale = eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale
-    cdef float *pw = _f32(w, "w", n, True)
-    cdef float *pd = _f32(d, "d", n, True)
-    cdef float *pm = _f32(m, "m", n, True)
-    cdef const float *g32
-    cdef const uint16_t *g16
-    _grad_ptrs(g, n, &g32, &g16)
-    cdef const uint8_t *pmask = _mask_ptr(mask, n)
+    cdef _UpdateArgs a = _update_args(w, d, m, g, mask, True)
     with nogil:
-        hm_hybrid_update(pw, pd, pm, g32, g16, pmask, n, c)
+        hm_hybrid_update(a.w, a.d, a.m, a.g32, a.g16, a.mask, n, c)
 
 
 def sgd_update(w, d, g, mask, float eta, float mu1, float wd, float gscale):
@@ -96,14 +106,9 @@ def sgd_update(w, d, g, mask, float eta, float mu1, float wd, float gscale):
     cdef int64_t n = w.size
     cdef rm_coef c
     c.eta, c.a_sgd, c.a_rms, c.mu1, c.mu2, c.eps, c.wd, c.gscale = eta, 1.0, 0.0, mu1, 0.0, 0.0, wd, gscale
-    cdef float *pw = _f32(w, "w", n, True)
-    cdef float *pd = _f32(d, "d", n, True)
-    cdef const float *g32
-    cdef const uint16_t *g16
-    _grad_ptrs(g, n, &g32, &g16)
-    cdef const uint8_t *pmask = _mask_ptr(mask, n)
+    cdef _UpdateArgs a = _update_args(w, d, None, g, mask, False)
     with nogil:
-        hm_sgd_update(pw, pd, g32, g16, pmask, n, c)
+        hm_sgd_update(a.w, a.d, a.g32, a.g16, a.mask, n, c)
 
 
 def _rows_channels(x2d, name):
