@@ -28,28 +28,35 @@ def _out(out, like, dtype, name):
     return out
 
 
-def pack_fp16(x, scale: float = 1.0, out=None):
-    """float16(x * scale) for a float32 array x; `out` a float16 array of x's shape."""
-    if x.dtype != np.float32:
-        raise TypeError(f"precision: pack_fp16 takes float32, got {x.dtype}")
-    if not _is_numpy(x):
+def _convert(name, a, scale, out, src, dst, host_op):
+    """`name` of engine.cuda_ops on a CuPy array; on a NumPy one, host_op(a, float32 scale,
+    out) into `out` (a `dst` array of a's shape, allocated when None). `a` must be `src`."""
+    if a.dtype != src:
+        raise TypeError(f"precision: {name} takes {np.dtype(src).name}, got {a.dtype}")
+    if not _is_numpy(a):
         from . import cuda_ops
-        return cuda_ops.pack_fp16(x, scale, out)
-    h = _out(out, x, np.float16, "pack_fp16")
+        return getattr(cuda_ops, name)(a, scale, out)
+    out = _out(out, a, dst, name)
+    host_op(a, np.float32(scale), out)
+    return out
+
+
+def _pack_host(x, scale, h):
     # The ufunc multiplies in float32, then casts the result to float16 once; overflow to
     # infinity is the defined result (a loss-scale controller looks for it), not an error.
     with np.errstate(over="ignore"):
-        np.multiply(x, np.float32(scale), out=h, dtype=np.float32, casting="unsafe")
-    return h
+        np.multiply(x, scale, out=h, dtype=np.float32, casting="unsafe")
+
+
+def _unpack_host(h, scale, x):
+    np.multiply(h, scale, out=x, dtype=np.float32)
+
+
+def pack_fp16(x, scale: float = 1.0, out=None):
+    """float16(x * scale) for a float32 array x; `out` a float16 array of x's shape."""
+    return _convert("pack_fp16", x, scale, out, np.float32, np.float16, _pack_host)
 
 
 def unpack_fp16(h, scale: float = 1.0, out=None):
     """float32(h) * scale for a float16 array h; `out` a float32 array of h's shape."""
-    if h.dtype != np.float16:
-        raise TypeError(f"precision: unpack_fp16 takes float16, got {h.dtype}")
-    if not _is_numpy(h):
-        from . import cuda_ops
-        return cuda_ops.unpack_fp16(h, scale, out)
-    x = _out(out, h, np.float32, "unpack_fp16")
-    np.multiply(h, np.float32(scale), out=x, dtype=np.float32)
-    return x
+    return _convert("unpack_fp16", h, scale, out, np.float16, np.float32, _unpack_host)
