@@ -39,43 +39,43 @@ def _need_mpiexec():
     assert MPIEXEC.exists(), f"{MPIEXEC} is missing: install the mpich wheel (make venv)"
 
 
-def test_exception_on_one_rank_ends_the_whole_job(tmp_path):
-    code, out = run_job(tmp_path, """
+# Jobs that must end with a non-zero exit: (job body, lines the report must contain, a line
+# that the job prints only if it got past the failure).
+FAILING_JOBS = [
+    pytest.param("""
         comm.barrier()
         if comm.rank == 1:
             raise ValueError("boom on purpose")
         comm.allreduce(x)              # rank 0 would wait here forever
         print("rank", comm.rank, "got past the collective")
-    """)
-    assert code != 0, out
-    assert "[rank 1/2" in out and "ValueError: boom on purpose" in out, out
-    assert "got past the collective" not in out
-
-
-def test_stuck_collective_is_reported_with_the_late_rank(tmp_path):
-    code, out = run_job(tmp_path, """
+    """, ["[rank 1/2", "ValueError: boom on purpose"], "got past the collective",
+        id="exception_on_one_rank_ends_the_whole_job"),
+    pytest.param("""
         dog = guard.Watchdog(comm, timeout=1.0, interval=0.1).start()
         comm.allreduce(x)
         if comm.rank == 1:
             time.sleep(120)            # rank 1 never reaches collective #1 in time
         comm.allreduce(x)
         print("finished")
-    """)
-    assert code != 0, out
-    assert "collective #1 has waited" in out and "on rank(s) [0]" in out, out
-    assert "late rank(s): [1]" in out and "rank 1: has started only 1 collectives" in out, out
-    assert "finished" not in out
-
-
-def test_differing_configuration_is_refused_naming_the_rank(tmp_path):
-    code, out = run_job(tmp_path, """
+    """, ["collective #1 has waited", "on rank(s) [0]", "late rank(s): [1]",
+          "rank 1: has started only 1 collectives"], "finished",
+        id="stuck_collective_is_reported_with_the_late_rank"),
+    pytest.param("""
         from engine.reducer import check_same_config
         check_same_config(comm, {"arch": "resnet18", "batch": 32 if comm.rank == 0 else 64})
         print("started")
-    """)
+    """, ["StartupError", "rank 1: batch=64 (rank 0: 32)"], "started",
+        id="differing_configuration_is_refused_naming_the_rank"),
+]
+
+
+@pytest.mark.parametrize("body, reported, after_failure", FAILING_JOBS)
+def test_failing_job_ends_with_a_report(tmp_path, body, reported, after_failure):
+    code, out = run_job(tmp_path, body)
     assert code != 0, out
-    assert "StartupError" in out and "rank 1: batch=64 (rank 0: 32)" in out, out
-    assert "started" not in out
+    for line in reported:
+        assert line in out, out
+    assert after_failure not in out, out
 
 
 def test_healthy_job_with_long_compute_between_collectives_is_left_alone(tmp_path):
