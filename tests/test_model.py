@@ -188,3 +188,22 @@ def test_bad_state_dict_and_inputs_are_refused(rng):
         build_model("resnet42", 2, CPU)
     with pytest.raises(FileNotFoundError, match="nowhere.npz"):
         load_checkpoint("nowhere.npz")
+
+
+@pytest.mark.gpu
+def test_gpu_step_equals_cpu_step(rng):
+    """The same source on CuPy: logits and every gradient equal NumPy's (float64, so
+    cuBLAS and OpenBLAS summation orders are the only difference)."""
+    gpu = get_backend("gpu")
+    x = rng.standard_normal((2, 64, 64, 3))
+    labels = np.array([1, 4])
+    results = []
+    for be in (CPU, gpu):
+        model = build_model("resnet50", 5, be, seed=7, dtype=np.float64)
+        calls = []
+        loss = _step(model, be.asarray(x), be.asarray(labels), lambda a, b: calls.append((a, b)))
+        results.append((loss, be.asnumpy(model.grads), calls))
+    (loss_c, grads_c, calls_c), (loss_g, grads_g, calls_g) = results
+    assert abs(loss_c - loss_g) < 1e-10 * abs(loss_c)
+    assert calls_c == calls_g
+    assert np.linalg.norm(grads_g - grads_c) < 1e-9 * np.linalg.norm(grads_c)
