@@ -23,7 +23,9 @@ def test_pack_rounds_once_to_nearest_even():
     np.testing.assert_array_equal(h.view(np.uint16), expected.view(np.uint16))
     finite = np.abs(ref) < 65504
     rel = np.abs(h[finite].astype(np.float64) - ref[finite]) / np.maximum(np.abs(ref[finite]), 2**-14)
-    assert rel.max() <= 2**-11 * (1 + 1e-6)           # half an ulp of float16, normals
+    # Half an ulp of float16 (relative for normals, 2**-25 absolute for subnormals) plus
+    # the float32 rounding of the product that comes first: the two roundings can add up.
+    assert rel.max() <= 2**-11 + 2**-24
     assert np.all(np.isinf(h[np.abs(ref) >= 65520]))  # overflow is infinity, not a wrap
 
 
