@@ -130,6 +130,7 @@ class BatchNorm(Layer):
         self.channels, self.relu, self.eps = channels, relu, eps
         self.batch_count = 0
         self._saved = None
+        self._y = None
 
     def param_shapes(self):
         return {"weight": (self.channels,), "bias": (self.channels,)}
@@ -144,14 +145,17 @@ class BatchNorm(Layer):
 
     def forward(self, x, train):
         x2d = x.reshape(-1, self.channels)
-        out = self._output(x2d.shape, x.dtype)
+        # The last output is offered as this one's buffer: reused when the implementation
+        # writes into `out`, simply dropped when it allocates its own.
+        out = self._y if self._y is not None and self._y.shape == x2d.shape and self._y.dtype == x.dtype else None
         if not train:
             y = batchnorm.bn_infer_forward(x2d, self.weight, self.bias, self.eval_mean, self.eval_var,
                                            self.eps, self.relu, out=out)
-            self._saved = None
+            self._saved, self._y = None, y
             return y.reshape(x.shape)
         y, mean, var, inv_std = batchnorm.bn_train_forward(x2d, self.weight, self.bias, self.eps,
                                                            self.relu, out=out)
+        self._y = y
         self.batch_mean[...] = mean
         self.batch_var[...] = var
         self.batch_count = x2d.shape[0]
@@ -172,10 +176,8 @@ class BatchNorm(Layer):
         self.dweight[...] = dgamma
         self.dbias[...] = dbeta
         self.ready(self)
-        if dx is not out:                       # an implementation that ignored `out`
-            self.ws.give(out)
-        if consume and dx is not dy2d:
-            self.ws.give(dy)
+        if dx is not out:       # an implementation that ignored `out`: out (dy itself when
+            self.ws.give(out)   # consumed) goes back to the free list
         self._saved = None
         return dx.reshape(dy.shape)
 

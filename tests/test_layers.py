@@ -234,3 +234,24 @@ def test_workspace_reuses_and_refuses_double_give():
         ws.give(b)
     ws.give(np.empty((4, 3), np.float32))       # not from take: ignored
     assert np.shares_memory(ws.take((4, 3), np.float32), a)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_batchnorm_float32_path_matches_float64(rng, relu):
+    """float32 NumPy goes to engine.hostmath (the host build of the CUDA kernels' math):
+    it must agree with the float64 NumPy code checked above."""
+    ws = Workspace(np)
+    x = (rng.standard_normal((4, 6, 5, 16)) * 3 + 2)
+    dy = rng.standard_normal(x.shape)
+    results = {}
+    for dtype in (np.float64, np.float32):
+        bn = BatchNorm("bn", ws, 16, relu=relu)
+        layout = FlatLayout(bn.specs())
+        params, grads = layout.alloc(np, dtype), layout.alloc(np, dtype)
+        params[...] = np.random.default_rng(5).uniform(0.5, 1.5, layout.total)
+        bn.bind(layout, params, grads, lambda layer: None)
+        y = bn.forward(x.astype(dtype), train=True).copy()
+        dx = bn.backward(dy.astype(dtype))
+        results[dtype] = (y, dx, grads.copy(), bn.batch_var.copy())
+    for ref, got in zip(results[np.float64], results[np.float32]):
+        assert rel_err(got, ref) < 1e-5
