@@ -101,7 +101,7 @@ def test_training_learns_the_digits(comm, tmp_path):
 def test_resume_reproduces_the_uninterrupted_trajectory(comm, tmp_path):
     from engine import checkpoint
     root = _shared_dir(comm, tmp_path)
-    common = SMALL + ["--epochs", "1", "--eval-every", "0", "--checkpoint-every", "3"]
+    common = SMALL + ["--epochs", "1", "--lr", "0.1", "--eval-every", "0", "--checkpoint-every", "3"]
     _train(common + ["--max-steps", "6", "--log-dir", f"{root}/a", "--checkpoint-dir", f"{root}/a/ck"])
     _train(common + ["--max-steps", "3", "--log-dir", f"{root}/b", "--checkpoint-dir", f"{root}/b/ck"])
     _train(common + ["--max-steps", "6", "--log-dir", f"{root}/b", "--checkpoint-dir", f"{root}/b/ck",
