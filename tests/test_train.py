@@ -129,3 +129,63 @@ def test_non_finite_loss_stops_every_rank_naming_the_step(comm, tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
         _train(SMALL + ["--optimizer", "sgd", "--schedule", "goyal", "--lr", "1e30", "--max-steps", "5",
                         "--no-checkpoint", "--log-dir", f"{root}/log"])
+
+
+# ---- logs and evaluation arithmetic ----------------------------------------------------------
+
+def _record(step, loss=1.25):
+    return dict(epoch=step / 10, step=step, total_steps=20, loss=loss, top1=0.5, lr=0.1, a_sgd=0.3,
+                a_rms=0.01, images_per_s=100.0, step_s=0.5, data_wait_s=0.001, exposed_comm_s=0.002)
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_progress_plain_lines_bar_on_a_terminal_and_jsonl(tmp_path):
+    from engine.metrics import Progress
+    plain = Progress(True, str(tmp_path), total_steps=20, print_every=5, stream=_Stream(False))
+    for s in range(1, 21):
+        plain.train(_record(s))
+    plain.eval(dict(top1=0.9, top5=1.0, loss=0.3, count=359, seconds=1.0, step=20, epoch=2.0))
+    plain.close()
+    lines = plain.stream.text.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("epoch 0.50 step 5/20 loss 1.2500 top1 50.0% lr 0.1 a_sgd 0.300")
+    assert "exposed-comm 2.0 ms" in lines[0] and "100.0 img/s" in lines[0] and "top1 90.00%" in lines[-1]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["kind"] for r in records] == ["train"] * 20 + ["eval"]
+    assert [r["step"] for r in records[:20]] == list(range(1, 21))
+    bar = Progress(True, None, total_steps=20, stream=_Stream(True))
+    bar.train(_record(10))
+    assert bar.stream.text.startswith("\r[" + "#" * 12 + "." * 12 + "]")
+    silent = Progress(False, str(tmp_path / "other"), total_steps=20, stream=_Stream(False))
+    silent.train(_record(5))
+    assert silent.stream.text == "" and not os.path.exists(tmp_path / "other")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_loss_message_names_the_step(bad):
+    from engine.metrics import NonFiniteLoss, check_finite
+    check_finite(2.5, 7, 0.7)
+    with pytest.raises(NonFiniteLoss, match=r"at step 7 \(epoch 0\.70\)"):
+        check_finite(bad, 7, 0.7)
+
+
+def test_topk_hits_against_a_sorting_reference():
+    from engine.evaluate import topk_hits
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((200, 12))
+    labels = rng.integers(0, 12, 200)
+    for k in (1, 3, 5, 12, 20):
+        ref = sum(labels[i] in np.argsort(-logits[i])[:min(k, 12)] for i in range(200))
+        assert topk_hits(logits, labels, k) == ref
