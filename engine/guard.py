@@ -30,6 +30,7 @@ import traceback
 import numpy as np
 
 STUCK_EXIT_CODE = 3
+_FORWARD_GRACE_S = 0.5
 _HEARTBEAT_TAG = 0x4842
 
 
@@ -48,6 +49,9 @@ def abort_job(message: str, code: int = 1, world=None) -> None:
     sys.stderr.write(f"\n[{_who(world)}] {message}\n[{_who(world)}] aborting the whole job (MPI_Abort {code})\n")
     sys.stderr.flush()
     sys.stdout.flush()
+    # mpiexec forwards each rank's output through a proxy that MPI_Abort kills at once:
+    # without a pause the report above is lost in about a third of aborts.
+    time.sleep(_FORWARD_GRACE_S)
     world.Abort(code)
 
 

@@ -4,11 +4,11 @@ Under mpiexec every rank runs the same tests. A failing test on one rank would l
 other waiting in a collective forever, so a failure under MPI aborts the whole job.
 """
 import os
-import sys
 
 import pytest
 
 from engine.backend import gpu_count
+from engine.guard import abort_job
 
 
 def _world():
@@ -38,8 +38,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if WORLD is not None and WORLD.size > 1 and report.failed:
-        print(f"\n[rank {WORLD.rank}] {item.nodeid} failed:\n{report.longreprtext}", file=sys.stderr, flush=True)
-        WORLD.Abort(1)
+        abort_job(f"{item.nodeid} failed:\n{report.longreprtext}", 1, WORLD)
 
 
 @pytest.fixture
