@@ -30,7 +30,7 @@ def test_resnet18_gradient_matches_finite_differences(rng):
     """Central differences in float64 of the whole network (ResNet-18, 32 px, batch 2):
     along one random direction inside each parameter tensor (every coordinate of every
     tensor takes part) and along single random coordinates; the analytic directional
-    derivatives must match norm-wise to 1e-6."""
+    derivatives must match norm-wise to 1e-5 (the difference quotients' rounding floor)."""
     model = build_model("resnet18", 5, CPU, seed=int(rng.integers(1 << 30)), dtype=np.float64)
     # Random BN scales and shifts, so no gradient is trivially 0 or 1.
     for name, view in model.named_parameters().items():
@@ -57,7 +57,13 @@ def test_resnet18_gradient_matches_finite_differences(rng):
     ana = np.array([grads @ v for v in directions])
     err = np.linalg.norm(ana - num) / np.linalg.norm(num)
     print("relative error", err)
-    assert err < 1e-6, err
+    # Each difference quotient carries the float64 rounding of the loss, about
+    # 4 * 2.2e-16 * |loss| / h = 1.4e-8, on directional derivatives that are mostly
+    # 1e-3..1e-2: that floor is 1e-7..3e-6 norm-wise (five runs: 2.5e-7 to 2.4e-6). Every
+    # layer alone is held to 1e-6 in test_layers.py; a wiring mistake here (a missing
+    # residual, a gradient in the wrong slot) changes whole directional derivatives, and
+    # even a 1% error in one conv's gradient (layer2.0.conv1) measured 9.6e-5.
+    assert err < 1e-5, err
 
 
 def test_grad_ready_tiles_the_flat_buffer_in_order(rng):
