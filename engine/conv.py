@@ -49,7 +49,7 @@ def im2col(ws, x, k, s, p, pad_value=0.0):
     return col
 
 
-def _clipped(k_off, s, p, in_size, out_count):
+def clipped(k_off, s, p, in_size, out_count):
     """Output index range [o0, o0+cnt) whose input index o*s - p + k_off lies in the input,
     and the first such input index."""
     shift = k_off - p
@@ -65,11 +65,11 @@ def col2im(dcol, dx, s, p):
     _, h, w, _ = dx.shape
     dx.fill(0)
     for kh in range(kh_count):
-        oh0, nh, ih0 = _clipped(kh, s, p, h, ho)
+        oh0, nh, ih0 = clipped(kh, s, p, h, ho)
         if nh == 0:
             continue
         for kw in range(kw_count):
-            ow0, nw, iw0 = _clipped(kw, s, p, w, wo)
+            ow0, nw, iw0 = clipped(kw, s, p, w, wo)
             if nw == 0:
                 continue
             dx[:, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import batchnorm
-from engine.conv import col2im, im2col, out_size
+from engine.conv import clipped, col2im, im2col, out_size, padded
 
 
 class Layer:
@@ -202,22 +202,33 @@ class BatchNorm(Layer):
 
 class MaxPool(Layer):
     """Max pool with padding that never wins (torchvision's 3x3, stride 2, padding 1).
-    Ties go to the first position in (kh, kw) order, as in PyTorch."""
+    Ties go to the first position in (kh, kw) order, as in PyTorch.
+
+    Works on the K*K shifted strided views of the -inf-padded input, one elementwise pass
+    each, rather than on an im2col patch array: that would be K*K times the input's size,
+    written and read again, for a reduction that needs no GEMM."""
 
     def __init__(self, name, ws, k=3, stride=2, pad=1):
         super().__init__(name, ws)
         self.k, self.stride, self.pad = k, stride, pad
         self._x = None
 
-    def _patches(self, x):
+    def _windows(self, x):
+        """(kh, kw, view of the padded input under that kernel position) for every position."""
         n, h, w, c = x.shape
-        col = im2col(self.ws, x, self.k, self.stride, self.pad, pad_value=-np.inf)
-        return col, col.reshape(col.shape[:3] + (self.k * self.k, c))
+        k, s = self.k, self.stride
+        ho, wo = out_size(h, k, s, self.pad), out_size(w, k, s, self.pad)
+        xpad = padded(self.ws, x, self.pad, pad_value=-np.inf)
+        return ((kh, kw, xpad[:, kh:kh + s * (ho - 1) + 1:s, kw:kw + s * (wo - 1) + 1:s, :])
+                for kh in range(k) for kw in range(k))
 
     def forward(self, x, train):
-        col, win = self._patches(x)
-        y = self._output(win.shape[:3] + win.shape[4:], x.dtype)
-        self.xp.max(win, axis=3, out=y)
+        windows = self._windows(x)
+        _, _, first = next(windows)
+        y = self._output(first.shape, x.dtype)
+        self.xp.copyto(y, first)
+        for _, _, win in windows:
+            self.xp.maximum(y, win, out=y)
         self._x = x if train else None
         return y
 
@@ -225,18 +236,27 @@ class MaxPool(Layer):
         """Routes each output gradient to the first position of its window that holds the
         maximum, found again from the kept input (nothing stored in forward): one pass per
         window position, each claiming the windows not claimed yet."""
-        xp, x = self.xp, self._x
-        col, win = self._patches(x)
+        xp, x, ws = self.xp, self._x, self.ws
         y = self._out
-        unclaimed = xp.ones(y.shape, dtype=bool)
-        for k in range(self.k * self.k):
-            hit = win[:, :, :, k, :] == y
+        hit = ws.scratch("maxpool-hit", y.shape, bool)
+        unclaimed = ws.scratch("maxpool-unclaimed", y.shape, bool)
+        routed = ws.scratch("maxpool-routed", y.shape, dy.dtype)
+        unclaimed.fill(True)
+        dx = ws.take(x.shape, x.dtype)
+        dx.fill(0)
+        _, h, w, _ = x.shape
+        s, p = self.stride, self.pad
+        for kh, kw, win in self._windows(x):
+            xp.equal(win, y, out=hit)
             hit &= unclaimed
-            unclaimed &= ~hit
-            xp.multiply(dy, hit, out=win[:, :, :, k, :])     # the patch gradients reuse the gather
-        dx = self.ws.take(x.shape, x.dtype)
-        col2im(col, dx, self.stride, self.pad)
-        self.ws.give(dy)
+            xp.greater(unclaimed, hit, out=unclaimed)        # unclaimed and not hit
+            xp.multiply(dy, hit, out=routed)
+            oh0, nh, ih0 = clipped(kh, s, p, h, y.shape[1])
+            ow0, nw, iw0 = clipped(kw, s, p, w, y.shape[2])
+            if nh and nw:                                    # hits on padding cannot happen
+                dx[:, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
+                    routed[:, oh0:oh0 + nh, ow0:ow0 + nw, :]
+        ws.give(dy)
         self._x = None
         return dx
 
