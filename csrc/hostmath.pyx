@@ -118,13 +118,16 @@ def _rows_channels(x2d, name):
 
 
 def _scale_shift(gamma, beta, mean, inv_std):
-    C = gamma.size
+    # Typed views keep the per-channel loop in C: through Python indexing it cost ~0.5 us
+    # per channel, 1 ms for a 2048-channel BN whatever the batch.
+    cdef int64_t c, C = gamma.size
     scale = np.empty(C, np.float32)
     shift = np.empty(C, np.float32)
-    cdef int64_t c
+    cdef const float[::1] g = gamma, b = beta, mu = mean, inv = inv_std
+    cdef float[::1] sc = scale, sh = shift
     for c in range(C):
-        scale[c] = rm_bn_scale(gamma[c], inv_std[c])
-        shift[c] = rm_bn_shift(beta[c], mean[c], scale[c])
+        sc[c] = rm_bn_scale(g[c], inv[c])
+        sh[c] = rm_bn_shift(b[c], mu[c], sc[c])
     return scale, shift
 
 
