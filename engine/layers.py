@@ -253,7 +253,7 @@ class MaxPool(Layer):
             xp.multiply(dy, hit, out=routed)
             oh0, nh, ih0 = clipped(kh, s, p, h, y.shape[1])
             ow0, nw, iw0 = clipped(kw, s, p, w, y.shape[2])
-            if nh and nw:                                    # hits on padding cannot happen
+            if nh and nw:                  # an offset that sees only padding holds no max
                 dx[:, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
                     routed[:, oh0:oh0 + nh, ow0:ow0 + nw, :]
         ws.give(dy)
