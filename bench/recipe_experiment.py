@@ -137,10 +137,10 @@ def write_report(results, path: Path, args):
     lines += ["", "## What the numbers say", "",
               f"Mean final validation top-1 over {len(args.seeds)} seed(s): "
               + ", ".join(f"{k} {v:.1f}%" for k, v in ranking) + ".",
-              f"Training loss, maximum over the run (a spike means the rate was too high for "
-              f"that point of training): " + ", ".join(
+              "Training loss, maximum over the run (a spike means the rate was too high for "
+              "that point of training): " + ", ".join(
                   f"{r['label']} s{r['seed']} {max(r['train_loss']):.2f}" for r in results) + ".",
-              f"The RMSprop warm-up (a_sgd < 1) covered "
+              "The RMSprop warm-up (a_sgd < 1) covered "
               + ", ".join(sorted({f"{sum(a < 1 for a in r['a_sgd'])} of {len(r['a_sgd'])}"
                                   for r in results if r["label"] == "hybrid (paper)"}))
               + " steps of the hybrid runs.",

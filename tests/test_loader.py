@@ -1,7 +1,6 @@
 """Sharding, worker processes, corrupt files, resumable positions."""
 import numpy as np
 import pytest
-from PIL import Image
 
 from engine import data, loader, transforms
 from test_data import make_imagefolder
