@@ -45,16 +45,10 @@ import time
 
 import numpy as np
 
+from engine.backend import array_module
 from engine.precision import pack_fp16
 
 MB = 1 << 20
-
-
-def _array_module(a):
-    if hasattr(a, "__cuda_array_interface__"):
-        import cupy
-        return cupy
-    return np
 
 
 class StartupError(RuntimeError):
@@ -75,7 +69,6 @@ def plan_buckets(layout, bucket_mb: float, first_bucket_mb: float, itemsize: int
         return None
     slots = layout.slots
     buckets, start = [], 0
-    cap = (first_bucket_mb or bucket_mb) * MB
     first_cap, cap = (first_bucket_mb or bucket_mb) * MB, bucket_mb * MB
     for i, slot in enumerate(slots):
         stop = slots[i + 1].offset if i + 1 < len(slots) else layout.total
@@ -137,7 +130,7 @@ class Reducer:
         if not self._frozen:
             self.buckets = []
         # The buffer the all-reduce leaves its sums in, which the optimizer reads.
-        self.reduced = layout.alloc(_array_module(grads), np.float16) if fp16 else grads
+        self.reduced = layout.alloc(array_module(grads), np.float16) if fp16 else grads
         self.timeline = timeline
         self.early_update = early_update
         self._reset()
