@@ -7,6 +7,7 @@ On the CPU, streams and events are no-ops with the same methods, so no caller br
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -29,6 +30,15 @@ def local_rank_from_env() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 0
+
+
+def array_module(a) -> ModuleType:
+    """cupy for a CuPy array, numpy otherwise; never imports CuPy itself (a CuPy array can
+    only exist once CuPy is imported), so NumPy-only code paths stay free of it."""
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return cupy
+    return np
 
 
 def gpu_count() -> int:

@@ -23,13 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _xp(a):
-    """The array module of `a` (NumPy unless it is a CuPy array)."""
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
+from engine.backend import array_module
 
 
 def _fused(a):
@@ -70,7 +64,7 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
     host = _host(x2d, gamma, beta)
     if host is not None:
         return host.bn_train_forward(x2d, gamma, beta, eps, relu)
-    xp = _xp(x2d)
+    xp = array_module(x2d)
     m = x2d.shape[0]
     y = xp.empty_like(x2d) if out is None else out
     mean = _colsum(xp, x2d) / m
@@ -92,7 +86,7 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
     host = _host(x2d, gamma, beta, mean, var)
     if host is not None:
         return host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu)
-    xp = _xp(x2d)
+    xp = array_module(x2d)
     scale = gamma / xp.sqrt(var + eps)
     y = xp.multiply(x2d, scale, out=out)
     y += beta - mean * scale
@@ -113,7 +107,7 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
     host = _host(dy2d, x2d, y2d, gamma, mean, inv_std)
     if host is not None:
         return host.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu)
-    xp = _xp(dy2d)
+    xp = array_module(dy2d)
     m = dy2d.shape[0]
     g = xp.empty_like(dy2d) if out is None else out
     if relu:

@@ -23,12 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _xp_of(a):
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
+from engine.backend import array_module
 
 
 def allreduce_bn_stats(model, comm) -> None:
@@ -36,7 +31,7 @@ def allreduce_bn_stats(model, comm) -> None:
     bns = list(model.batchnorms)
     if not bns:
         return
-    xp = _xp_of(bns[0].batch_mean)
+    xp = array_module(bns[0].batch_mean)
     sizes = [int(bn.batch_mean.size) for bn in bns]
     starts = np.cumsum([0] + sizes)
     nlayers, total = len(bns), int(starts[-1])

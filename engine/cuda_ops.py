@@ -21,10 +21,11 @@ and have the signatures of their CPU twins:
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from engine.backend import array_module
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -39,14 +40,6 @@ BN_ROWS_PER_THREAD = 32         # rows a reduction thread walks before another b
 BN_MAX_BLOCKS = 1024
 
 _modules: dict = {}
-
-
-def _xp(a):
-    """CuPy for a CuPy array; NumPy otherwise (the argument checks run on NumPy stand-ins)."""
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(a, cupy.ndarray):
-        return cupy
-    return np
 
 
 def kernel_source(filename: str) -> str:
@@ -150,7 +143,7 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
     """Training-mode BN (+ReLU): Welford partials, Chan merge, fused apply (3 launches)."""
     rows, C = _bn_shape(x2d)
     _channel_vectors(C, gamma=gamma, beta=beta)
-    xp = _xp(x2d)
+    xp = array_module(x2d)
     grid = _bn_grid(rows, C)
     part = xp.empty((3, grid[1], C), np.float32)
     mean, var, inv_std, scale, shift = xp.empty((5, C), np.float32)
@@ -174,7 +167,7 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
         if a is not None and _bn_shape(a, name) != (rows, C):
             raise ValueError(f"cuda_ops: {name} has shape {a.shape}, expected {(rows, C)}")
     _channel_vectors(C, gamma=gamma, mean=mean, inv_std=inv_std)
-    xp = _xp(x2d)
+    xp = array_module(x2d)
     grid = _bn_grid(rows, C)
     part = xp.empty((2, grid[1], C), np.float32)
     dgamma, dbeta = xp.empty((2, C), np.float32)
@@ -194,7 +187,7 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
     """Inference-mode BN (+ReLU) with given statistics (1 launch)."""
     rows, C = _bn_shape(x2d)
     _channel_vectors(C, gamma=gamma, beta=beta, mean=mean, var=var)
-    y = _out(_xp(x2d), x2d, out)
+    y = _out(array_module(x2d), x2d, out)
     _launch("bn_infer.cu", "bn_infer", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (x2d, y, np.int64(rows * C), np.int32(C), gamma, beta, mean, var, np.float32(eps),
              np.int32(bool(relu))))
@@ -207,7 +200,7 @@ def _fp16_convert(kernel, a, name, src, dst, scale, out):
     """One launch of fp16_pack.cu's `kernel`: `a` (named `name`, dtype `src`) into `out`, a
     `dst` array of a's size (allocated when None), four elements per thread."""
     _check(a, src, name)
-    b = _xp(a).empty(a.shape, dst) if out is None else out
+    b = array_module(a).empty(a.shape, dst) if out is None else out
     _check(b, dst, "out", a.size)
     if a.size:
         _launch("fp16_pack.cu", kernel, _grid_1d(-(-a.size // 4)), (THREADS,),

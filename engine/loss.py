@@ -7,12 +7,12 @@ q = (1 - e) * onehot(c) + e / K (PyTorch's definition), and
 """
 from __future__ import annotations
 
-from engine.batchnorm import _xp
+from engine.backend import array_module
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     """(loss, dlogits): loss a Python float (batch mean), dlogits like logits."""
-    xp = _xp(logits)
+    xp = array_module(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
     n, k = logits.shape
