@@ -199,6 +199,8 @@ class Trainer:
                                fp16=a.fp16_allreduce, timeline=self.timeline)
         # Same layout and options on every rank, then rank 0's initial parameters everywhere.
         self.reducer.startup(self.model.params, {k: v for k, v in vars(a).items()})
+        if a.trace:     # a common mark on every rank's clock, so `trace merge` lines ranks up
+            self.timeline.sync(comm)
         self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
                                  resume=bool(a.resume))
         self.global_step = 0

@@ -189,3 +189,32 @@ def test_topk_hits_against_a_sorting_reference():
     for k in (1, 3, 5, 12, 20):
         ref = sum(labels[i] in np.argsort(-logits[i])[:min(k, 12)] for i in range(200))
         assert topk_hits(logits, labels, k) == ref
+
+
+@pytest.mark.mpi
+def test_trace_of_every_rank_merges_on_a_common_clock_mark(comm, tmp_path):
+    """--trace writes one valid trace per rank, with per-layer spans, bucket all-reduces and
+    one clock_sync mark each; `merge` lines the ranks up on that mark."""
+    from engine import trace
+    assert comm.size == 2
+    d = _shared_dir(comm, tmp_path)
+    _train(SMALL + ["--max-steps", "2", "--eval-every", "0", "--no-checkpoint",
+                    "--trace", os.path.join(d, "run.json"), "--log-dir", os.path.join(d, "log")])
+    comm.Barrier()
+    paths = [os.path.join(d, f"run.rank{r}.json") for r in range(2)]
+    for p in paths:
+        with open(p) as f:
+            events = json.load(f)
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        names = [e.get("name", "") for e in events]
+        assert names.count("clock_sync") == 1, p
+        assert {"forward layer1.0.conv1", "backward layer1.0.conv1", "allreduce b0"} <= set(names), p
+    if comm.rank == 0:
+        out = os.path.join(d, "all.json")
+        trace.merge(paths, out)
+        with open(out) as f:
+            merged = json.load(f)
+        merged = merged["traceEvents"] if isinstance(merged, dict) else merged
+        marks = [e["ts"] for e in merged if e.get("name") == "clock_sync"]
+        assert len(marks) == 2 and marks[0] == pytest.approx(marks[1])
+    comm.Barrier()
