@@ -24,6 +24,9 @@ x = np.random.default_rng().standard_normal(1000).astype(np.float32)
 """
 
 
+# Both ranks' stdout reach mpiexec through one pipe, interleaved at the grain of each
+# write: the jobs print every line in a single write (print("a", b) makes several), so a
+# line the test looks for is never cut by the other rank's output.
 def run_job(tmp_path, body, timeout=90):
     script = tmp_path / "job.py"
     script.write_text(PRELUDE + textwrap.dedent(body))
@@ -47,7 +50,7 @@ FAILING_JOBS = [
         if comm.rank == 1:
             raise ValueError("boom on purpose")
         comm.allreduce(x)              # rank 0 would wait here forever
-        print("rank", comm.rank, "got past the collective")
+        sys.stdout.write(f"rank {comm.rank} got past the collective\\n")
     """, ["[rank 1/2", "ValueError: boom on purpose"], "got past the collective",
         id="exception_on_one_rank_ends_the_whole_job"),
     pytest.param("""
@@ -87,7 +90,7 @@ def test_healthy_job_with_long_compute_between_collectives_is_left_alone(tmp_pat
         total = comm.allreduce(np.full(4, comm.rank + 1.0, np.float32))
         dog.stop()
         comm.close()
-        print("rank", comm.rank, "sum", total[0])
+        sys.stdout.write(f"rank {comm.rank} sum {total[0]}\\n")
     """)
     assert code == 0, out
     assert "rank 0 sum 3.0" in out and "rank 1 sum 3.0" in out, out
