@@ -1,9 +1,10 @@
-"""ResNet-50 against PyTorch's CPU build on the same weights and inputs, in float32.
+"""ResNet-50 against PyTorch's CPU build on the same weights and inputs.
 
 Errors are norm-wise per tensor: |ours - ref| / |ref| (Frobenius norms). In float64 every
-logit and gradient matches torch's to 1e-9; in float32 the logits and the gradient are as
-accurate against the float64 result as torch's own float32 ones (see the test). The reference network is plain torch.nn (engine/torch_reference.py; torchvision is not a
-dependency).
+logit and gradient matches torch's to 1e-9. In float32 every logit and every parameter
+gradient matches torch's float32 ones to 1e-4, on problems where the two forwards take the
+same branch at every ReLU and max pool (see the float32 test). The reference network is
+plain torch.nn (engine/torch_reference.py; torchvision is not a dependency).
 """
 import numpy as np
 import pytest
@@ -25,54 +26,59 @@ def rel_err(ours, ref):
     return np.linalg.norm(ours - ref) / np.linalg.norm(ref)
 
 
-def _randomized_resnet50(seed, classes, dtype=np.float32):
-    """Our ResNet-50 with every BN scale and shift drawn at random (not 1 and 0)."""
+def _randomized_resnet50(seed, classes, dtype=np.float32, last_scale=(0.5, 1.5)):
+    """Our ResNet-50 with every BN scale and shift drawn at random (not 1 and 0); the
+    last BN of each residual branch draws its scale from `last_scale`."""
     model = build_model("resnet50", classes, get_backend("cpu"), seed=seed, dtype=dtype)
+    last_bns = {block.last_bn.name for block in model.blocks}
     rng = np.random.default_rng(seed + 1)
     for name, view in model.named_parameters().items():
+        layer, _, what = name.rpartition(".")
         if ".bn" in name or "downsample.1" in name or name.startswith("bn1"):
-            view[...] = (rng.uniform(0.5, 1.5, view.shape) if name.endswith("weight")
-                         else rng.uniform(-0.2, 0.2, view.shape))
+            scale = last_scale if layer in last_bns else (0.5, 1.5)
+            view[...] = rng.uniform(*scale, view.shape) if what == "weight" else rng.uniform(-0.2, 0.2, view.shape)
     return model
 
 
 def _ours(model, x, labels):
     logits = model.forward(x, train=True).copy()
+    return logits, _ours_backward(model, logits, labels)
+
+
+def _ours_backward(model, logits, labels):
     loss, dlogits = softmax_cross_entropy(logits, labels, label_smoothing=0.1)
     model.backward(dlogits)
-    grads = {k: _to_torchvision(k, v).copy() for k, v in model.named_gradients().items()}
-    return logits, loss, grads
+    return loss, {k: _to_torchvision(k, v).copy() for k, v in model.named_gradients().items()}
 
 
 def _torch(net, x, labels):
     net.train()
     logits = net(torch.from_numpy(x).permute(0, 3, 1, 2))
+    return logits.detach().numpy(), _torch_backward(net, logits, labels)
+
+
+def _torch_backward(net, logits, labels):
     loss = F.cross_entropy(logits, torch.from_numpy(labels), label_smoothing=0.1)
     loss.backward()
-    return logits.detach().numpy(), loss.item(), {k: p.grad.numpy() for k, p in net.named_parameters()}
+    return loss.item(), {k: p.grad.numpy() for k, p in net.named_parameters()}
 
 
-def _problem():
+def _problem(n=4, size=64):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     print("seed", seed)
     rng = np.random.default_rng(seed)
-    classes, n, size = 10, 4, 64
+    classes = 10
     x = rng.standard_normal((n, size, size, 3))
     return seed, classes, x, rng.integers(0, classes, n)
 
 
-def test_resnet50_logits_and_every_gradient_match_torch():
-    """float64: the same math as PyTorch tensor by tensor, nothing hides behind rounding.
-    float32: logits within 1e-4 of the float64 result (or 4 times torch's own float32
-    error, whichever is larger). The gradient of a randomly initialized
-    ResNet-50 is ill-conditioned: torch's own float32 gradients differ from its float64
-    ones by up to a few percent (deep batch-normalized nets amplify rounding at init), so
-    the float32 bound is on the whole gradient (all tensors, norm-wise): our error against
-    the float64 truth is below 1e-4, or below 4 times torch's float32 error."""
+def test_resnet50_float64_logits_and_every_gradient_match_torch():
+    """The same math as PyTorch tensor by tensor, in training and evaluation mode: in
+    float64 nothing hides behind rounding."""
     seed, classes, x64, labels = _problem()
     model64 = _randomized_resnet50(seed, classes, np.float64)
-    logits, loss, grads = _ours(model64, x64, labels)
-    t_logits, t_loss, truth = _torch(torch_twin(model64, torch.float64), x64, labels)
+    logits, (loss, grads) = _ours(model64, x64, labels)
+    t_logits, (t_loss, truth) = _torch(torch_twin(model64, torch.float64), x64, labels)
     assert rel_err(logits, t_logits) < 1e-10
     assert abs(loss - t_loss) < 1e-10 * abs(t_loss)
     assert set(grads) == set(truth)
@@ -86,24 +92,84 @@ def test_resnet50_logits_and_every_gradient_match_torch():
         t_eval = net(torch.from_numpy(x64).permute(0, 3, 1, 2)).numpy()
     assert rel_err(model64.forward(x64, train=False), t_eval) < 1e-10
 
-    model = _randomized_resnet50(seed, classes)
-    x = x64.astype(np.float32)
-    logits32, loss, grads = _ours(model, x, labels)
-    t_logits32, t_loss, t_grads = _torch(torch_twin(model), x, labels)
-    # Through 50 layers of batch norm at random init, float32 rounding alone moves the
-    # logits by about 1e-4: torch's own float32 logits are 3.5e-5 to 8.5e-5 away from the
-    # float64 result (ours 4.8e-5 to 1.4e-4), so two float32 implementations differ by 0.5e-4
-    # to 1.4e-4. Each is therefore held against the float64 truth: ours within 1e-4, or
-    # within 4 times torch's own float32 error.
-    ours_err, torch_err = rel_err(logits32, logits), rel_err(t_logits32, logits)
-    print(f"float32 logits error against float64: ours {ours_err:.2e}, torch {torch_err:.2e}")
-    assert ours_err < max(TOL, 4 * torch_err)
-    assert abs(loss - t_loss) < TOL * abs(t_loss)
-    flat = lambda g: np.concatenate([np.ravel(g[k]) for k in sorted(truth)])
-    ours, theirs = rel_err(flat(grads), flat(truth)), rel_err(flat(t_grads), flat(truth))
-    print(f"float32 gradient error against float64: ours {ours:.2e}, torch {theirs:.2e}")
-    assert ours < max(TOL, 4 * theirs)
 
+def _pool_winners(y):
+    """Index in its 3x3/2 window (padding 1) of each max-pool output's maximum, -1 where the
+    window is all zero (after the ReLU, the routing of those gradients does not matter)."""
+    n, h, w, c = y.shape
+    padded = np.full((n, h + 2, w + 2, c), -np.inf, y.dtype)
+    padded[:, 1:-1, 1:-1] = y
+    win = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))[:, ::2, ::2]
+    win = win.reshape(*win.shape[:4], 9)
+    return np.where(win.max(-1) > 0, win.argmax(-1), -1)
+
+
+def _our_branches(model):
+    """After a training forward: the sign of every ReLU input (NHWC order, flattened) by
+    layer name, and the max-pool winners."""
+    signs = {bn.name: bn._y.ravel() > 0 for bn in model.batchnorms if bn.relu}
+    signs.update({b.last_bn.name.rpartition(".")[0]: b._y.ravel() > 0 for b in model.blocks})
+    stem = model.bn1._y.reshape(model.maxpool._x.shape)
+    return signs, _pool_winners(stem)
+
+
+def _torch_branches(net):
+    """Forward hooks that record the same as _our_branches for a TorchResNet."""
+    signs, pool = {}, {}
+    nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
+    relu_inputs = {name for name, _ in net.named_modules()
+                   if name == "bn1" or (".bn" in name and not name.endswith(f"bn{3}"))}
+    for name, module in net.named_modules():
+        if name in relu_inputs:
+            module.register_forward_hook(lambda m, i, o, name=name: signs.__setitem__(name, nhwc(o).ravel() > 0))
+        elif name.count(".") == 1 and name.startswith("layer"):
+            module.register_forward_hook(lambda m, i, o, name=name: signs.__setitem__(name, nhwc(o).ravel() > 0))
+    net.bn1.register_forward_hook(lambda m, i, o: pool.__setitem__("winners", _pool_winners(np.maximum(nhwc(o), 0))))
+    return signs, pool
+
+
+def test_resnet50_float32_logits_and_every_gradient_match_torch():
+    """float32: every logit and every parameter gradient within 1e-4 of torch's.
+
+    The gradient of a ReLU network jumps where a ReLU input crosses zero (or a max-pool
+    window changes its winner). Two float32 forwards differ by rounding, so on a random
+    problem an input that lies within rounding distance of zero takes one branch in ours
+    and the other in torch; a single such element moves every gradient below it by about
+    1% (measured: torch's own float32 gradients are then 1-3% from its float64 ones, and
+    6e-6 when no branch differs). The comparison is therefore made on a problem where
+    both forwards took the same branch at every ReLU and every pool window: problems are
+    drawn until one is. The last BN scale of each block is drawn from (0.1, 0.3), as in
+    trained ResNets: with scales near 1 the forward's rounding error grows ~1.3x per block
+    (1e-4 at the logits) and nearly every draw has a differing branch. At 48 px, batch 4,
+    about 30% of the draws have none (16 draws; 6% at 64 px), so 40 draws all failing
+    has odds below 1e-6."""
+    for _ in range(40):
+        seed, classes, x64, labels = _problem(size=48)
+        x = x64.astype(np.float32)
+        model = _randomized_resnet50(seed, classes, last_scale=(0.1, 0.3))
+        net = torch_twin(model).train()
+        t_signs, t_pool = _torch_branches(net)
+        logits = model.forward(x, train=True).copy()
+        t_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2))
+        signs, winners = _our_branches(model)
+        assert set(signs) == set(t_signs) and len(signs) == 1 + 16 * 2 + 16
+        differing = sum(int((signs[k] != t_signs[k]).sum()) for k in signs)
+        differing += int((winners != t_pool["winners"]).sum())
+        print(f"seed {seed}: {differing} ReLU inputs or pool windows took different branches")
+        if differing == 0:
+            break
+    else:
+        pytest.fail("40 draws in a row had a ReLU or pool branch that differs from torch's")
+    assert rel_err(logits, t_logits.detach().numpy()) < TOL
+    loss, grads = _ours_backward(model, logits, labels)
+    t_loss, t_grads = _torch_backward(net, t_logits, labels)
+    assert abs(loss - t_loss) < TOL * abs(t_loss)
+    assert set(grads) == set(t_grads)
+    errors = {k: rel_err(grads[k], t_grads[k]) for k in grads}
+    worst = max(errors, key=errors.get)
+    print(f"float32 gradients against torch: worst {errors[worst]:.2e} ({worst}), "
+          f"median {np.median(list(errors.values())):.2e}")
+    assert errors[worst] < TOL, (worst, errors[worst])
 
 
 def test_checkpoint_from_torch_file_loads_and_round_trips(tmp_path):
