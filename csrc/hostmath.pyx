@@ -8,10 +8,14 @@ function releases the GIL and works in place on contiguous NumPy arrays.
 Optimizer updates (in place on flat float32 slices; g float32 or float16; mask uint8 or None):
     hybrid_update(w, d, m, g, mask, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale)
     sgd_update(w, d, g, mask, eta, mu1, wd, gscale)
-Batch norm over x2d (rows, C), float32, the signatures of engine.batchnorm:
-    bn_train_forward(x2d, gamma, beta, eps, relu) -> (y2d, mean, var, inv_std)
-    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu) -> (dx2d, dgamma, dbeta)
-    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu) -> y2d
+Batch norm over x2d (rows, C), float32, the signatures of engine.batchnorm, plus `run`
+(how to split the rows over threads; see `serial`):
+    bn_train_forward(x2d, gamma, beta, eps, relu, out=None, run=serial) -> (y2d, mean, var, inv_std)
+    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=None, run=serial) -> (dx2d, dgamma, dbeta)
+    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=None, run=serial) -> y2d
+The end of a residual block and its gradient, in place:
+    add_relu_(y, s, run=serial)      y = relu(y + s)
+    relu_grad_(dy, y, run=serial)    dy *= (y > 0)
 """
 import numpy as np
 
@@ -25,13 +29,20 @@ cdef extern from "hostmath_loops.h" nogil:
                           const uint8_t *mask, int64_t n, rm_coef c)
     void hm_sgd_update(float *w, float *d, const float *g32, const uint16_t *g16,
                        const uint8_t *mask, int64_t n, rm_coef c)
-    int hm_bn_stats(const float *x, int64_t rows, int64_t C, float eps,
-                    float *mean, float *var, float *inv_std)
+    void hm_bn_pilot_mean(const float *x, int64_t rows, int64_t C, float *pilot)
+    int hm_bn_shifted_sums(const float *x, int64_t rows, int64_t C, const float *shift,
+                           double *s1, double *s2)
     void hm_bn_apply(const float *x, float *y, int64_t rows, int64_t C,
                      const float *scale, const float *shift, int relu)
-    int hm_bn_backward(const float *dy, const float *x, const float *y, int64_t rows, int64_t C,
-                       const float *gamma, const float *mean, const float *inv_std, int relu,
-                       float *dx, float *dgamma, float *dbeta)
+    int hm_bn_grad_sums(const float *dy, const float *x, const float *y, int64_t rows, int64_t C,
+                        const float *mean, const float *inv_std, int relu,
+                        double *sum_dy, double *sum_dyxh)
+    void hm_bn_dx(const float *dy, const float *x, const float *y, int64_t rows, int64_t C,
+                  const float *gamma, const float *mean, const float *inv_std, int relu,
+                  const float *mean_dy, const float *mean_dyxh, float *dx)
+    void hm_add_relu(float *y, const float *s, int64_t n)
+    void hm_relu_grad(float *dy, const float *y, int64_t n)
+    int HM_BLOCK_ROWS
     float rm_bn_scale(float gamma, float inv_std)
     float rm_bn_shift(float beta, float mean, float scale)
     float rm_bn_inv_std(float var, float eps)
@@ -111,10 +122,33 @@ def sgd_update(w, d, g, mask, float eta, float mu1, float wd, float gscale):
         hm_sgd_update(a.w, a.d, a.g32, a.g16, a.mask, n, c)
 
 
+def serial(fn, n, grain, size):
+    """The `run` argument's default: fn(0, n) on this thread, as a one-chunk list.
+
+    Every BN and ReLU function below takes `run(fn, n, grain, size)`, which calls fn(lo, hi)
+    on chunks [lo, hi) of range(n) (inner bounds at multiples of `grain`; `size` elements
+    in all), possibly on several threads at once, and returns the results in chunk order:
+    engine.parallel.Team.map.
+    The loops release the GIL, so the chunks run in parallel."""
+    return [fn(0, n)]
+
+
 def _rows_channels(x2d, name):
     if getattr(x2d, "ndim", 0) != 2:
         raise ValueError(f"hostmath: {name} must be 2-D (N*H*W, C), got shape {getattr(x2d, 'shape', None)}")
     return x2d.shape[0], x2d.shape[1]
+
+
+cdef size_t _addr(a):
+    return <size_t> a.ctypes.data
+
+
+def _output(out, like, name):
+    """`out` when it can take the result (checked), else a new array like `like`."""
+    if out is None:
+        return np.empty_like(like)
+    _f32(out, name, like.size, True)
+    return out
 
 
 def _scale_shift(gamma, beta, mean, inv_std):
@@ -131,69 +165,136 @@ def _scale_shift(gamma, beta, mean, inv_std):
     return scale, shift
 
 
-def _apply(x2d, scale, shift, bint relu):
+def _inv_std(var, float eps):
+    cdef int64_t c, C = var.size
+    inv_std = np.empty(C, np.float32)
+    cdef const float[::1] v = var
+    cdef float[::1] inv = inv_std
+    for c in range(C):
+        inv[c] = rm_bn_inv_std(v[c], eps)
+    return inv_std
+
+
+def _apply(x2d, scale, shift, bint relu, out, run):
     cdef int64_t rows, C
     rows, C = _rows_channels(x2d, "x2d")
-    y = np.empty_like(x2d)
-    cdef const float *px = _f32(x2d, "x2d")
-    cdef float *py = _f32(y, "y2d")
-    cdef const float *ps = _f32(scale, "scale", C)
-    cdef const float *pt = _f32(shift, "shift", C)
-    with nogil:
-        hm_bn_apply(px, py, rows, C, ps, pt, relu)
+    y = _output(out, x2d, "out")
+    _f32(x2d, "x2d")
+    _f32(scale, "scale", C)
+    _f32(shift, "shift", C)
+    cdef size_t px = _addr(x2d), py = _addr(y), ps = _addr(scale), pt = _addr(shift)
+
+    def chunk(int64_t lo, int64_t hi):
+        with nogil:
+            hm_bn_apply(<const float *> px + lo * C, <float *> py + lo * C, hi - lo, C,
+                        <const float *> ps, <const float *> pt, relu)
+    run(chunk, rows, HM_BLOCK_ROWS, rows * C)
     return y
 
 
-def bn_train_forward(x2d, gamma, beta, float eps, bint relu):
-    """Training-mode BN (+ReLU) over (N*H*W, C): statistics of this batch, biased variance."""
+def bn_train_forward(x2d, gamma, beta, float eps, bint relu, out=None, run=serial):
+    """Training-mode BN (+ReLU) over (N*H*W, C): statistics of this batch, biased variance.
+    Returns (y2d, mean, var, inv_std); y2d is `out` when given."""
     cdef int64_t rows, C
     rows, C = _rows_channels(x2d, "x2d")
-    mean, var, inv_std = (np.empty(C, np.float32) for _ in range(3))
-    cdef const float *px = _f32(x2d, "x2d")
-    cdef float *pmean = _f32(mean, "mean")
-    cdef float *pvar = _f32(var, "var")
-    cdef float *pinv = _f32(inv_std, "inv_std")
-    cdef int status
-    with nogil:
-        status = hm_bn_stats(px, rows, C, eps, pmean, pvar, pinv)
-    if status:
-        raise MemoryError("hostmath.bn_train_forward: scratch allocation failed")
+    _f32(x2d, "x2d")
     _check(gamma, np.float32, "gamma", C)
     _check(beta, np.float32, "beta", C)
+    pilot = np.empty(C, np.float32)
+    cdef size_t px = _addr(x2d), pp = _addr(pilot)
+    with nogil:
+        hm_bn_pilot_mean(<const float *> px, rows, C, <float *> pp)
+
+    def chunk(int64_t lo, int64_t hi):
+        sums = np.zeros((2, C), np.float64)
+        cdef size_t ps = _addr(sums)
+        cdef int status
+        with nogil:
+            status = hm_bn_shifted_sums(<const float *> px + lo * C, hi - lo, C, <const float *> pp,
+                                        <double *> ps, <double *> ps + C)
+        if status:
+            raise MemoryError("hostmath.bn_train_forward: scratch allocation failed")
+        return sums
+    s1, s2 = np.sum(run(chunk, rows, HM_BLOCK_ROWS, rows * C), axis=0) / max(rows, 1)
+    mean = (pilot + s1).astype(np.float32)
+    var = np.maximum(s2 - s1 * s1, 0.0).astype(np.float32)
+    inv_std = _inv_std(var, eps)
     scale, shift = _scale_shift(gamma, beta, mean, inv_std)
-    return _apply(x2d, scale, shift, relu), mean, var, inv_std
+    return _apply(x2d, scale, shift, relu, out, run), mean, var, inv_std
 
 
-def bn_infer_forward(x2d, gamma, beta, mean, var, float eps, bint relu):
+def bn_infer_forward(x2d, gamma, beta, mean, var, float eps, bint relu, out=None, run=serial):
     """Inference-mode BN (+ReLU) with given per-channel statistics."""
     C = _rows_channels(x2d, "x2d")[1]
     for a, name in ((gamma, "gamma"), (beta, "beta"), (mean, "mean"), (var, "var")):
         _check(a, np.float32, name, C)
-    inv_std = np.array([rm_bn_inv_std(v, eps) for v in var], np.float32)
-    scale, shift = _scale_shift(gamma, beta, mean, inv_std)
-    return _apply(x2d, scale, shift, relu)
+    scale, shift = _scale_shift(gamma, beta, mean, _inv_std(var, eps))
+    return _apply(x2d, scale, shift, relu, out, run)
 
 
-def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, bint relu):
-    """Training-mode BN backward through the fused ReLU: (dx2d, dgamma, dbeta)."""
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, bint relu, out=None, run=serial):
+    """Training-mode BN backward through the fused ReLU: (dx2d, dgamma, dbeta). dx2d is
+    `out` when given, which may be dy2d itself."""
     cdef int64_t rows, C
     rows, C = _rows_channels(x2d, "x2d")
     n = rows * C
-    dx = np.empty_like(x2d)
-    dgamma = np.empty(C, np.float32)
-    dbeta = np.empty(C, np.float32)
-    cdef const float *pdy = _f32(dy2d, "dy2d", n)
-    cdef const float *px = _f32(x2d, "x2d", n)
-    cdef const float *py = _f32(y2d, "y2d", n)
-    cdef const float *pg = _f32(gamma, "gamma", C)
-    cdef const float *pmean = _f32(mean, "mean", C)
-    cdef const float *pinv = _f32(inv_std, "inv_std", C)
-    cdef float *pdx = _f32(dx, "dx")
-    cdef float *pdgamma = _f32(dgamma, "dgamma")
-    cdef float *pdbeta = _f32(dbeta, "dbeta")
-    cdef int status
-    with nogil:
-        status = hm_bn_backward(pdy, px, py, rows, C, pg, pmean, pinv, relu, pdx, pdgamma, pdbeta)
-    if status:
-        raise MemoryError("hostmath.bn_backward: scratch allocation failed")
+    dx = _output(out, x2d, "out")
+    for a, name in ((dy2d, "dy2d"), (x2d, "x2d"), (y2d, "y2d")):
+        _f32(a, name, n)
+    for a, name in ((gamma, "gamma"), (mean, "mean"), (inv_std, "inv_std")):
+        _f32(a, name, C)
+    cdef size_t pdy = _addr(dy2d), px = _addr(x2d), py = _addr(y2d), pdx = _addr(dx)
+    cdef size_t pg = _addr(gamma), pm = _addr(mean), pinv = _addr(inv_std)
+
+    def sums(int64_t lo, int64_t hi):
+        part = np.zeros((2, C), np.float64)
+        cdef size_t ps = _addr(part)
+        cdef int status
+        with nogil:
+            status = hm_bn_grad_sums(<const float *> pdy + lo * C, <const float *> px + lo * C,
+                                     <const float *> py + lo * C, hi - lo, C, <const float *> pm,
+                                     <const float *> pinv, relu, <double *> ps, <double *> ps + C)
+        if status:
+            raise MemoryError("hostmath.bn_backward: scratch allocation failed")
+        return part
+    sum_dy, sum_dyxh = np.sum(run(sums, rows, HM_BLOCK_ROWS, rows * C), axis=0)
+    dbeta, dgamma = sum_dy.astype(np.float32), sum_dyxh.astype(np.float32)
+    inv_rows = np.float32(1.0 / rows if rows else 0.0)
+    mean_dy, mean_dyxh = dbeta * inv_rows, dgamma * inv_rows
+    cdef size_t pmdy = _addr(mean_dy), pmdyxh = _addr(mean_dyxh)
+
+    def grad_x(int64_t lo, int64_t hi):
+        with nogil:
+            hm_bn_dx(<const float *> pdy + lo * C, <const float *> px + lo * C, <const float *> py + lo * C,
+                     hi - lo, C, <const float *> pg, <const float *> pm, <const float *> pinv, relu,
+                     <const float *> pmdy, <const float *> pmdyxh, <float *> pdx + lo * C)
+    run(grad_x, rows, HM_BLOCK_ROWS, rows * C)
     return dx, dgamma, dbeta
+
+
+def add_relu_(y, s, run=serial):
+    """y = relu(y + s) in place (float32, same size), one pass."""
+    cdef int64_t n = y.size
+    _f32(y, "y", None, True)
+    _f32(s, "s", n)
+    cdef size_t py = _addr(y), ps = _addr(s)
+
+    def chunk(int64_t lo, int64_t hi):
+        with nogil:
+            hm_add_relu(<float *> py + lo, <const float *> ps + lo, hi - lo)
+    run(chunk, n, 1024, n)
+    return y
+
+
+def relu_grad_(dy, y, run=serial):
+    """dy *= (y > 0) in place (float32, same size), one pass."""
+    cdef int64_t n = dy.size
+    _f32(dy, "dy", None, True)
+    _f32(y, "y", n)
+    cdef size_t pdy = _addr(dy), py = _addr(y)
+
+    def chunk(int64_t lo, int64_t hi):
+        with nogil:
+            hm_relu_grad(<float *> pdy + lo, <const float *> py + lo, hi - lo)
+    run(chunk, n, 1024, n)
+    return dy

@@ -17,13 +17,15 @@ the CUDA kernels (kernels/recipe_math.cuh), one fused C loop per pass, sums in f
 Each function also takes an optional keyword `out`: a preallocated (N*H*W, C) array that
 receives the result, so the model reuses one buffer per layer instead of allocating one
 per step. `out` may be `dy2d` itself in bn_backward (dy is consumed). Callers always use
-the returned array, so an implementation is free to ignore `out` (hostmath does).
+the returned array, so an implementation is free to ignore `out`. The keyword `team` (an
+engine.parallel.Team) splits hostmath's loops over its threads; the other paths ignore it.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from engine.backend import array_module
+from engine.parallel import SERIAL
 
 
 def _fused(a):
@@ -34,7 +36,7 @@ def _fused(a):
     return cuda_ops
 
 
-def _host(*arrays):
+def host_math(*arrays):
     """engine.hostmath when every array is float32 NumPy (None otherwise, or when the
     extension is not built: the NumPy code below then runs)."""
     if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
@@ -57,13 +59,13 @@ def _rowdot(xp, a, b):
     return xp.einsum("ij,ij->j", a, b)
 
 
-def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
+def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, team=SERIAL):
     """Normalize with this batch's statistics; returns (y2d, mean, var, inv_std), all (C,)."""
     if (fused := _fused(x2d)) is not None:
         return fused.bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
-    host = _host(x2d, gamma, beta)
+    host = host_math(x2d, gamma, beta)
     if host is not None:
-        return host.bn_train_forward(x2d, gamma, beta, eps, relu)
+        return host.bn_train_forward(x2d, gamma, beta, eps, relu, out, team.map)
     xp = array_module(x2d)
     m = x2d.shape[0]
     y = xp.empty_like(x2d) if out is None else out
@@ -79,13 +81,13 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
     return y, mean, var, inv_std
 
 
-def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
+def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, team=SERIAL):
     """Normalize with given statistics (evaluation mode)."""
     if (fused := _fused(x2d)) is not None:
         return fused.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out)
-    host = _host(x2d, gamma, beta, mean, var)
+    host = host_math(x2d, gamma, beta, mean, var)
     if host is not None:
-        return host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu)
+        return host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out, team.map)
     xp = array_module(x2d)
     scale = gamma / xp.sqrt(var + eps)
     y = xp.multiply(x2d, scale, out=out)
@@ -95,7 +97,7 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
     return y
 
 
-def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, team=SERIAL):
     """Gradients of bn_train_forward: returns (dx2d, dgamma, dbeta).
 
     With g the gradient after the ReLU mask and xc = x - mean:
@@ -104,9 +106,9 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
     """
     if (fused := _fused(dy2d)) is not None:
         return fused.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out)
-    host = _host(dy2d, x2d, y2d, gamma, mean, inv_std)
+    host = host_math(dy2d, x2d, y2d, gamma, mean, inv_std)
     if host is not None:
-        return host.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu)
+        return host.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out, team.map)
     xp = array_module(dy2d)
     m = dy2d.shape[0]
     g = xp.empty_like(dy2d) if out is None else out

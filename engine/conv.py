@@ -10,6 +10,9 @@ kernel row are contiguous, so col viewed as (N, Ho, Wo, KH, KW*Cin) is a strided
 the padded input (strides N, s*H, s*W, H, C). The backward scatter (col2im) cannot be one
 copy, because neighbouring patches overlap when s < K: it accumulates the KH*KW shifted
 slices one by one, each clipped to the input instead of going through a padded buffer.
+
+Each copy is split over images with the workspace's Team (engine.parallel), so on the
+CPU it runs on as many cores as the GEMM next to it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ def padded(ws, x, p, pad_value=0.0):
         return x
     n, h, w, c = x.shape
     xpad = ws.scratch(("pad", pad_value), (n, h + 2 * p, w + 2 * p, c), x.dtype, fill=pad_value)
-    xpad[:, p:p + h, p:p + w, :] = x
+
+    def copy(lo, hi):
+        xpad[lo:hi, p:p + h, p:p + w, :] = x[lo:hi]
+    ws.team.map(copy, n, size=x.size)
     return xpad
 
 
@@ -45,7 +51,11 @@ def im2col(ws, x, k, s, p, pad_value=0.0):
     sn, sh, sw, sc = xpad.strides
     patches = _as_strided(xp, xpad, (n, ho, wo, k, k * c), (sn, s * sh, s * sw, sh, sc))
     col = ws.arena((n, ho, wo, k, k, c), x.dtype)
-    xp.copyto(col.reshape(n, ho, wo, k, k * c), patches)
+    rows = col.reshape(n, ho, wo, k, k * c)
+
+    def gather(lo, hi):
+        xp.copyto(rows[lo:hi], patches[lo:hi])
+    ws.team.map(gather, n, size=col.size)
     return col
 
 
@@ -58,20 +68,23 @@ def clipped(k_off, s, p, in_size, out_count):
     return o0, max(0, last - o0 + 1), o0 * s + shift
 
 
-def col2im(dcol, dx, s, p):
+def col2im(ws, dcol, dx, s, p):
     """dx (N, H, W, C) = the sum of every patch gradient of dcol (N, Ho, Wo, K, K, C) at
     the input position it was gathered from; padding positions are dropped."""
-    _, ho, wo, kh_count, kw_count, _ = dcol.shape
+    n, ho, wo, kh_count, kw_count, _ = dcol.shape
     _, h, w, _ = dx.shape
-    dx.fill(0)
-    for kh in range(kh_count):
-        oh0, nh, ih0 = clipped(kh, s, p, h, ho)
-        if nh == 0:
-            continue
-        for kw in range(kw_count):
-            ow0, nw, iw0 = clipped(kw, s, p, w, wo)
-            if nw == 0:
+
+    def scatter(lo, hi):
+        dx[lo:hi].fill(0)
+        for kh in range(kh_count):
+            oh0, nh, ih0 = clipped(kh, s, p, h, ho)
+            if nh == 0:
                 continue
-            dx[:, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
-                dcol[:, oh0:oh0 + nh, ow0:ow0 + nw, kh, kw, :]
+            for kw in range(kw_count):
+                ow0, nw, iw0 = clipped(kw, s, p, w, wo)
+                if nw == 0:
+                    continue
+                dx[lo:hi, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
+                    dcol[lo:hi, oh0:oh0 + nh, ow0:ow0 + nw, kh, kw, :]
+    ws.team.map(scatter, n, size=dcol.size)
     return dx

@@ -23,6 +23,7 @@ import numpy as np
 from engine import batchnorm
 from engine.backend import array_module
 from engine.conv import clipped, col2im, im2col, out_size, padded
+from engine.parallel import SERIAL
 
 
 class Layer:
@@ -118,7 +119,7 @@ class Conv2d(Layer):
                 self._dx_by_conv(dy, dx)
             else:
                 xp.matmul(dy2d, w2d.T, out=cols)        # the patch gradients reuse the gather buffer
-                col2im(col, dx, self.stride, self.pad)
+                col2im(self.ws, col, dx, self.stride, self.pad)
         self.ws.give(dy)
         self._x = None
         return dx
@@ -169,11 +170,11 @@ class BatchNorm(Layer):
         out = self._y if self._y is not None and self._y.shape == x2d.shape and self._y.dtype == x.dtype else None
         if not train:
             y = batchnorm.bn_infer_forward(x2d, self.weight, self.bias, self.eval_mean, self.eval_var,
-                                           self.eps, self.relu, out=out)
+                                           self.eps, self.relu, out=out, team=self.ws.team)
             self._saved, self._y = None, y
             return y.reshape(x.shape)
         y, mean, var, inv_std = batchnorm.bn_train_forward(x2d, self.weight, self.bias, self.eps,
-                                                           self.relu, out=out)
+                                                           self.relu, out=out, team=self.ws.team)
         self._y = y
         self.batch_mean[...] = mean
         self.batch_var[...] = var
@@ -191,7 +192,7 @@ class BatchNorm(Layer):
         dy2d = dy.reshape(-1, self.channels)
         out = dy2d if consume else self.ws.take(dy2d.shape, dy.dtype)
         dx, dgamma, dbeta = batchnorm.bn_backward(dy2d, x2d, y2d, self.weight, mean, inv_std,
-                                                  self.relu, out=out)
+                                                  self.relu, out=out, team=self.ws.team)
         self.dweight[...] = dgamma
         self.dbias[...] = dbeta
         self.ready(self)
@@ -224,12 +225,14 @@ class MaxPool(Layer):
                 for kh in range(k) for kw in range(k))
 
     def forward(self, x, train):
-        windows = self._windows(x)
-        _, _, first = next(windows)
-        y = self._output(first.shape, x.dtype)
-        self.xp.copyto(y, first)
-        for _, _, win in windows:
-            self.xp.maximum(y, win, out=y)
+        windows = list(self._windows(x))
+        y = self._output(windows[0][2].shape, x.dtype)
+
+        def pool(lo, hi):
+            self.xp.copyto(y[lo:hi], windows[0][2][lo:hi])
+            for _, _, win in windows[1:]:
+                self.xp.maximum(y[lo:hi], win[lo:hi], out=y[lo:hi])
+        self.ws.team.map(pool, y.shape[0], size=x.size)
         self._x = x if train else None
         return y
 
@@ -242,21 +245,25 @@ class MaxPool(Layer):
         hit = ws.scratch("maxpool-hit", y.shape, bool)
         unclaimed = ws.scratch("maxpool-unclaimed", y.shape, bool)
         routed = ws.scratch("maxpool-routed", y.shape, dy.dtype)
-        unclaimed.fill(True)
         dx = ws.take(x.shape, x.dtype)
-        dx.fill(0)
+        windows = list(self._windows(x))
         _, h, w, _ = x.shape
         s, p = self.stride, self.pad
-        for kh, kw, win in self._windows(x):
-            xp.equal(win, y, out=hit)
-            hit &= unclaimed
-            xp.greater(unclaimed, hit, out=unclaimed)        # unclaimed and not hit
-            xp.multiply(dy, hit, out=routed)
-            oh0, nh, ih0 = clipped(kh, s, p, h, y.shape[1])
-            ow0, nw, iw0 = clipped(kw, s, p, w, y.shape[2])
-            if nh and nw:                  # an offset that sees only padding holds no max
-                dx[:, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
-                    routed[:, oh0:oh0 + nh, ow0:ow0 + nw, :]
+
+        def route(lo, hi):
+            unclaimed[lo:hi].fill(True)
+            dx[lo:hi].fill(0)
+            for kh, kw, win in windows:
+                xp.equal(win[lo:hi], y[lo:hi], out=hit[lo:hi])
+                hit[lo:hi] &= unclaimed[lo:hi]
+                xp.greater(unclaimed[lo:hi], hit[lo:hi], out=unclaimed[lo:hi])    # unclaimed and not hit
+                xp.multiply(dy[lo:hi], hit[lo:hi], out=routed[lo:hi])
+                oh0, nh, ih0 = clipped(kh, s, p, h, y.shape[1])
+                ow0, nw, iw0 = clipped(kw, s, p, w, y.shape[2])
+                if nh and nw:              # an offset that sees only padding holds no max
+                    dx[lo:hi, ih0:ih0 + s * (nh - 1) + 1:s, iw0:iw0 + s * (nw - 1) + 1:s, :] += \
+                        routed[lo:hi, oh0:oh0 + nh, ow0:ow0 + nw, :]
+        ws.team.map(route, x.shape[0], size=x.size)
         ws.give(dy)
         self._x = None
         return dx
@@ -305,18 +312,22 @@ class Linear(Layer):
         return dx
 
 
-def add_relu_(y, shortcut):
+def add_relu_(y, shortcut, team=SERIAL):
     """The end of a residual block, in place over the main branch's output y:
     y = relu(y + shortcut). The result is all that backward needs (its sign is the mask)."""
+    if (host := batchnorm.host_math(y, shortcut)) is not None:
+        return host.add_relu_(y, shortcut, team.map)
     y += shortcut
     xp = array_module(y)
     xp.maximum(y, 0, out=y)
     return y
 
 
-def add_relu_backward_(dy, y):
+def add_relu_backward_(dy, y, team=SERIAL):
     """Gradient of add_relu_ with respect to both of its inputs (they receive the same),
     in place over dy."""
+    if (host := batchnorm.host_math(dy, y)) is not None:
+        return host.relu_grad_(dy, y, team.map)
     xp = array_module(dy)
     xp.multiply(dy, y > 0, out=dy)
     return dy

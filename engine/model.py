@@ -22,6 +22,7 @@ import numpy as np
 from engine.flat import FlatLayout
 from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
                            add_relu_backward_)
+from engine.parallel import SERIAL, Team, blas_threads
 from engine.workspace import Workspace
 
 # arch -> (block kind, blocks per stage)
@@ -59,6 +60,7 @@ class ResidualBlock:
             self.downsample = [Conv2d(f"{name}.downsample.0", ws, cin, cout, 1, stride, 0),
                                BatchNorm(f"{name}.downsample.1", ws, cout, relu=False)]
         self.last_bn = self.main[-1]
+        self.ws = ws
         self.cout = cout
         self._y = None
 
@@ -69,7 +71,7 @@ class ResidualBlock:
         shortcut = x
         for layer in self.downsample:
             shortcut = layer.forward(shortcut, train)
-        self._y = add_relu_(h, shortcut)
+        self._y = add_relu_(h, shortcut, self.ws.team)
         return self._y
 
     def param_layers(self):
@@ -77,7 +79,7 @@ class ResidualBlock:
         return self.downsample[::-1] + self.main[::-1]
 
     def backward(self, dy):
-        dz = add_relu_backward_(dy, self._y)
+        dz = add_relu_backward_(dy, self._y, self.ws.team)
         if self.downsample:
             conv, bn = self.downsample
             d_short = conv.backward(bn.backward(dz, consume=False))
@@ -90,13 +92,13 @@ class ResidualBlock:
             else:
                 g = layer.backward(g)
         g += d_short
-        self.last_bn.ws.give(d_short)
+        self.ws.give(d_short)
         self._y = None
         return g
 
 
 class ResNet:
-    def __init__(self, arch, num_classes, backend, dtype=np.float32):
+    def __init__(self, arch, num_classes, backend, dtype=np.float32, threads=None):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         if num_classes < 1:
@@ -104,7 +106,7 @@ class ResNet:
         kind, counts = ARCHS[arch]
         self.arch, self.num_classes, self.backend = arch, num_classes, backend
         self.xp, self.dtype = backend.xp, np.dtype(dtype)
-        self.ws = ws = Workspace(self.xp)
+        self.ws = ws = Workspace(self.xp, _team(backend, threads))
         self.conv1 = Conv2d("conv1", ws, 3, 64, 7, 2, 3)
         self.bn1 = BatchNorm("bn1", ws, 64, relu=True)
         self.maxpool = MaxPool("maxpool", ws)
@@ -221,10 +223,20 @@ class ResNet:
         self.params[...] = self.xp.asarray(host)
 
 
-def build_model(arch, num_classes, backend, *, zero_init_residual=False, seed=0, dtype=np.float32):
+def _team(backend, threads):
+    """The CPU's Team: `threads` threads, by default as many as the BLAS uses. On the GPU
+    the work is queued on a stream, and splitting it would only add launches."""
+    if backend.name != "cpu":
+        return SERIAL
+    return Team(threads if threads is not None else blas_threads())
+
+
+def build_model(arch, num_classes, backend, *, zero_init_residual=False, seed=0, dtype=np.float32,
+                threads=None):
     """A ResNet by name (resnet18/34/50/101/152) with `num_classes` outputs on `backend`.
     `zero_init_residual` starts the last BN scale of each block at 0 (each block begins as
-    the identity). `dtype` float64 exists for the finite-difference tests."""
-    model = ResNet(arch, num_classes, backend, dtype=dtype)
+    the identity). `dtype` float64 exists for the finite-difference tests. `threads`: how
+    many threads split the CPU's non-GEMM work (default: the BLAS's thread count)."""
+    model = ResNet(arch, num_classes, backend, dtype=dtype, threads=threads)
     model._init_params(seed, zero_init_residual)
     return model

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.parallel import SERIAL
+
 
 class Workspace:
-    def __init__(self, xp):
+    """The buffers above, and the Team (engine.parallel) that the layers split their
+    non-GEMM work over: SERIAL unless given."""
+
+    def __init__(self, xp, team=SERIAL):
         self.xp = xp
+        self.team = team
         self._scratch = {}
         self._arenas = {}
         self._free = {}

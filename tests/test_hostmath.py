@@ -3,6 +3,11 @@ import numpy as np
 import pytest
 
 from engine import hostmath
+from engine.parallel import Team
+
+# How the BN and ReLU loops are run: on this thread, or split over 3 threads in chunks
+# of 64 rows (every split taken, however small the array).
+RUNS = {"serial": hostmath.serial, "3 threads": Team(3, min_split=1).map}
 
 SEED = np.random.SeedSequence().entropy % 2**32
 print(f"test_hostmath seed {SEED}")
@@ -108,14 +113,17 @@ def bn_backward_reference(dy, x, gamma, eps, relu):
     return dx, dgamma, dbeta
 
 
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("relu", [False, True])
-def test_bn_train_forward_matches_float64(rng, relu):
-    rows, C = 2 * 7 * 7, 40
+def test_bn_train_forward_matches_float64(rng, relu, run):
+    rows, C = 4 * 7 * 7, 40
     # A large offset relative to the spread: a naive E[x^2]-E[x]^2 in float32 would fail here.
     x = (1000.0 + rng.standard_normal((rows, C)) * rng.uniform(0.1, 3, C)).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
     beta = rng.standard_normal(C).astype(np.float32)
-    y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
+    out = np.empty_like(x)
+    y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu, out, RUNS[run])
+    assert y is out
     ref_y, ref_mean, ref_var = bn_reference(x, gamma, beta, 1e-5, relu)
     assert rel_err(mean, ref_mean) < 1e-6
     assert np.max(np.abs(var - ref_var) / ref_var) < 1e-3
@@ -125,16 +133,19 @@ def test_bn_train_forward_matches_float64(rng, relu):
         assert np.all(y >= 0) and np.any(y == 0)
 
 
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("relu", [False, True])
-def test_bn_backward_matches_float64(rng, relu):
-    rows, C = 3 * 5 * 5, 24
+def test_bn_backward_matches_float64(rng, relu, run):
+    rows, C = 9 * 5 * 5, 24
     x = (rng.standard_normal((rows, C)) * 2 + 0.5).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
     beta = np.zeros(C, np.float32)
     dy = rng.standard_normal((rows, C)).astype(np.float32)
     y, mean, _, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
-    dx, dgamma, dbeta = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
     ref_dx, ref_dgamma, ref_dbeta = bn_backward_reference(dy, x, gamma.astype(np.float64), 1e-5, relu)
+    # dx written over dy itself, as the model does with a gradient it consumes
+    dx, dgamma, dbeta = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu, dy, RUNS[run])
+    assert dx is dy
     assert rel_err(dbeta, ref_dbeta) < 1e-5
     assert rel_err(dgamma, ref_dgamma) < 1e-5
     assert rel_err(dx, ref_dx) < 1e-4
@@ -148,6 +159,18 @@ def test_bn_infer_forward_uses_given_statistics(rng):
     y = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True)
     ref = np.maximum((x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta, 0)
     assert np.max(np.abs(y - ref)) < 1e-5 * max(1.0, np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_add_relu_and_its_gradient_match_numpy(rng, run):
+    n = 5000
+    y, s, dy = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    y[:3], s[:3], dy[3:6] = [np.nan, 1, -1], [0, np.nan, -1], [np.nan, np.inf, np.nan]
+    ref = np.maximum(y + s, 0)           # NaN in, NaN out: the loss must see it
+    got = hostmath.add_relu_(y.copy(), s, RUNS[run])
+    np.testing.assert_array_equal(got, ref)
+    assert np.isnan(got[:2]).all()
+    np.testing.assert_array_equal(hostmath.relu_grad_(dy.copy(), got, RUNS[run]), dy * (got > 0))
 
 
 def test_bad_input_is_named():

@@ -95,7 +95,7 @@ def test_im2col_col2im_are_adjoint(rng):
     x = rng.standard_normal((2, 9, 7, 3))
     col = im2col(ws, x, 3, 2, 1).copy()
     c = rng.standard_normal(col.shape)
-    dx = col2im(c, np.empty_like(x), 2, 1)
+    dx = col2im(ws, c, np.empty_like(x), 2, 1)
     assert abs(np.sum(col * c) - np.sum(x * dx)) < 1e-10 * np.sum(np.abs(col * c))
 
 
