@@ -67,7 +67,7 @@ COEF = Coefficients(eta=0.1, a_sgd=0.5, a_rms=0.5 * 3e-4 / 0.1)   # mid-warm-up:
 
 def our_step(size, batch):
     model = build_model(ARGS.arch, CLASSES, get_backend("cpu"))
-    opt = HybridOptimizer(model.params, model.layout, np)
+    opt = HybridOptimizer(model.params, model.layout, np, team=model.ws.team)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, CLASSES, batch)

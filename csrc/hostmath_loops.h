@@ -118,25 +118,35 @@ static int hm_bn_shifted_sums(const float *restrict x, int64_t rows, int64_t C,
     return 0;
 }
 
+/* The BN loops below come in two instances each, with and without the fused ReLU (the
+ * flag is a constant after inlining): without it, y is never loaded and the mask costs no
+ * compare. */
+
 /* y = BN(x) (+ReLU) with per-channel scale = gamma*inv_std, shift = beta - mean*scale. */
-static void hm_bn_apply(const float *restrict x, float *restrict y, int64_t rows, int64_t C,
-                        const float *restrict scale, const float *restrict shift, int relu)
+HM_ALWAYS_INLINE void hm_bn_apply_loop(const float *restrict x, float *restrict y, int64_t rows,
+                                       int64_t C, const float *restrict scale,
+                                       const float *restrict shift, int relu)
 {
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < C; ++c)
             y[r * C + c] = rm_bn_apply(x[r * C + c], scale[c], shift[c], relu);
 }
 
-/* The per-channel sums of BN backward, added into sum_dy and sum_dyxh: sum(g) and
- * sum(g * xhat), with g = dy through the fused ReLU's mask. Returns -1 if scratch
- * allocation fails. */
-static int hm_bn_grad_sums(const float *restrict dy, const float *restrict x, const float *restrict y,
-                           int64_t rows, int64_t C, const float *restrict mean,
-                           const float *restrict inv_std, int relu,
-                           double *restrict sum_dy, double *restrict sum_dyxh)
+static void hm_bn_apply(const float *restrict x, float *restrict y, int64_t rows, int64_t C,
+                        const float *restrict scale, const float *restrict shift, int relu)
 {
-    float *part = (float *)malloc((size_t)(2 * C) * sizeof(float));
-    if (!part) return -1;
+    if (relu) hm_bn_apply_loop(x, y, rows, C, scale, shift, 1);
+    else hm_bn_apply_loop(x, y, rows, C, scale, shift, 0);
+}
+
+/* The per-channel sums of BN backward, added into sum_dy and sum_dyxh: sum(g) and
+ * sum(g * xhat), with g = dy through the fused ReLU's mask. `part` is scratch for 2*C. */
+HM_ALWAYS_INLINE void hm_bn_grad_sums_loop(const float *restrict dy, const float *restrict x,
+                                           const float *restrict y, int64_t rows, int64_t C,
+                                           const float *restrict mean, const float *restrict inv_std,
+                                           int relu, double *restrict sum_dy,
+                                           double *restrict sum_dyxh, float *restrict part)
+{
     float *part_dy = part, *part_dyxh = part + C;
     for (int64_t r0 = 0; r0 < rows; r0 += HM_BLOCK_ROWS) {
         int64_t r1 = r0 + HM_BLOCK_ROWS < rows ? r0 + HM_BLOCK_ROWS : rows;
@@ -144,7 +154,7 @@ static int hm_bn_grad_sums(const float *restrict dy, const float *restrict x, co
         for (int64_t r = r0; r < r1; ++r)
             for (int64_t c = 0; c < C; ++c) {
                 int64_t i = r * C + c;
-                float g = rm_relu_grad(dy[i], y[i], relu);
+                float g = rm_relu_grad(dy[i], relu ? y[i] : 1.0f, relu);
                 part_dy[c] += g;
                 part_dyxh[c] += g * ((x[i] - mean[c]) * inv_std[c]);
             }
@@ -153,23 +163,45 @@ static int hm_bn_grad_sums(const float *restrict dy, const float *restrict x, co
             sum_dyxh[c] += part_dyxh[c];
         }
     }
+}
+
+/* Returns -1 if scratch allocation fails. */
+static int hm_bn_grad_sums(const float *restrict dy, const float *restrict x, const float *restrict y,
+                           int64_t rows, int64_t C, const float *restrict mean,
+                           const float *restrict inv_std, int relu,
+                           double *restrict sum_dy, double *restrict sum_dyxh)
+{
+    float *part = (float *)malloc((size_t)(2 * C) * sizeof(float));
+    if (!part) return -1;
+    if (relu) hm_bn_grad_sums_loop(dy, x, y, rows, C, mean, inv_std, 1, sum_dy, sum_dyxh, part);
+    else hm_bn_grad_sums_loop(dy, x, y, rows, C, mean, inv_std, 0, sum_dy, sum_dyxh, part);
     free(part);
     return 0;
 }
 
 /* dx of training-mode BN from the per-channel means of g and g*xhat. dx may be dy itself
  * (dy is consumed), so those two are not restrict: each element is read before written. */
+HM_ALWAYS_INLINE void hm_bn_dx_loop(const float *dy, const float *restrict x, const float *restrict y,
+                                    int64_t rows, int64_t C, const float *restrict gamma,
+                                    const float *restrict mean, const float *restrict inv_std, int relu,
+                                    const float *restrict mean_dy, const float *restrict mean_dyxh,
+                                    float *dx)
+{
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < C; ++c) {
+            int64_t i = r * C + c;
+            dx[i] = rm_bn_dx(rm_relu_grad(dy[i], relu ? y[i] : 1.0f, relu), x[i], mean[c], inv_std[c],
+                             gamma[c], mean_dy[c], mean_dyxh[c]);
+        }
+}
+
 static void hm_bn_dx(const float *dy, const float *restrict x, const float *restrict y,
                      int64_t rows, int64_t C, const float *restrict gamma,
                      const float *restrict mean, const float *restrict inv_std, int relu,
                      const float *restrict mean_dy, const float *restrict mean_dyxh, float *dx)
 {
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-            int64_t i = r * C + c;
-            dx[i] = rm_bn_dx(rm_relu_grad(dy[i], y[i], relu), x[i], mean[c], inv_std[c], gamma[c],
-                             mean_dy[c], mean_dyxh[c]);
-        }
+    if (relu) hm_bn_dx_loop(dy, x, y, rows, C, gamma, mean, inv_std, 1, mean_dy, mean_dyxh, dx);
+    else hm_bn_dx_loop(dy, x, y, rows, C, gamma, mean, inv_std, 0, mean_dy, mean_dyxh, dx);
 }
 
 /* The end of a residual block, in place: y = relu(y + s). NaN stays NaN (it must reach

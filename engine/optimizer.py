@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import hostmath
+from .parallel import SERIAL
 from .schedule import Coefficients
 
 OPTIMIZERS = ("hybrid", "sgd")
@@ -46,13 +47,15 @@ class _FlatOptimizer:
     kind = ""
     state_names: tuple = ()
 
-    def __init__(self, params, layout, xp=np, *, mu1=0.9, weight_decay=1e-4, exclude_bn_bias=True):
+    def __init__(self, params, layout, xp=np, *, mu1=0.9, weight_decay=1e-4, exclude_bn_bias=True,
+                 team=SERIAL):
         if params.dtype != np.float32 or params.size != layout.total:
             raise ValueError(f"optimizer: params must be float32 with layout.total={layout.total} "
                              f"elements, got {params.dtype} with {params.size}")
         self.params = params
         self.layout = layout
         self.xp = xp
+        self.team = team          # splits a CPU update over threads (engine.parallel)
         self.mu1 = float(mu1)
         self.weight_decay = float(weight_decay)
         self.exclude_bn_bias = bool(exclude_bn_bias)
@@ -91,7 +94,11 @@ class _FlatOptimizer:
         g = self._grad_slice(grads, start, stop)
         mask = None if self.mask is None else self.mask[start:stop]
         views = [self.params[start:stop]] + [self.state[n][start:stop] for n in self.state_names]
-        self._apply(views, g, mask, coef, float(grad_scale))
+
+        def chunk(lo, hi):           # elementwise: any split gives the same bits
+            self._apply([v[lo:hi] for v in views], g[lo:hi], None if mask is None else mask[lo:hi],
+                        coef, float(grad_scale))
+        self.team.map(chunk, stop - start)
 
     def step(self, grads, *, coef: Coefficients, grad_scale=1.0):
         """Update the whole flat buffer."""
@@ -124,9 +131,9 @@ class HybridOptimizer(_FlatOptimizer):
     state_names = ("d", "m")
 
     def __init__(self, params, layout, xp=np, *, mu1=0.9, mu2=0.99, eps=1e-8, weight_decay=1e-4,
-                 exclude_bn_bias=True):
+                 exclude_bn_bias=True, team=SERIAL):
         super().__init__(params, layout, xp, mu1=mu1, weight_decay=weight_decay,
-                         exclude_bn_bias=exclude_bn_bias)
+                         exclude_bn_bias=exclude_bn_bias, team=team)
         self.mu2 = float(mu2)
         self.eps = float(eps)
 
@@ -151,7 +158,8 @@ class MomentumSGD(_FlatOptimizer):
 
 
 def make_optimizer(name: str, params, layout, backend=None, **hyper):
-    """"hybrid" or "sgd" over the flat buffer `params` of `layout` on `backend` (NumPy if None)."""
+    """"hybrid" or "sgd" over the flat buffer `params` of `layout` on `backend` (NumPy if None);
+    `team=model.ws.team` splits CPU updates over the model's threads."""
     xp = np if backend is None else backend.xp
     if name == "hybrid":
         return HybridOptimizer(params, layout, xp, **hyper)

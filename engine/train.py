@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16-allreduce", action="store_true",
                    help="all-reduce gradients in FP16 (compute stays FP32), as the paper did")
     g.add_argument("--threads", type=int, default=None,
-                   help="BLAS threads per rank (default: this node's cores divided by its ranks; "
-                        "more threads than cores makes OpenBLAS spin and slows every rank down)")
+                   help="threads per rank, for the GEMMs and for the work between them (default: this "
+                        "node's cores divided by its ranks; more threads than cores slows every rank down)")
     g.add_argument("--watchdog", type=float, default=300.0, metavar="SECONDS",
                    help="end the job, naming the late ranks, when a collective waits longer than this (0: off)")
     g.add_argument("--trace", metavar="FILE",
@@ -188,9 +188,10 @@ class Trainer:
         self.val_loader = Loader(self.val_set, None, ValTransform(a.image_size), seed=a.seed,
                                  workers=a.workers, warn=self._warn)
 
-        self.model = build_model(a.arch, ts.num_classes, be, zero_init_residual=a.zero_init_residual, seed=a.seed)
+        self.model = build_model(a.arch, ts.num_classes, be, zero_init_residual=a.zero_init_residual,
+                                 seed=a.seed, threads=self.threads)
         self.optimizer = make_optimizer(a.optimizer, self.model.params, self.model.layout, be,
-                                        mu1=a.momentum, weight_decay=a.weight_decay)
+                                        mu1=a.momentum, weight_decay=a.weight_decay, team=self.model.ws.team)
         self.coefficients = self._schedule()
         self.timeline = Timeline(self._trace_path(), rank=self.rank)
         if a.trace:     # per-layer forward/backward spans; none of their cost without --trace

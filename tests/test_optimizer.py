@@ -4,6 +4,7 @@ import pytest
 
 from engine.flat import FlatLayout
 from engine.optimizer import HybridOptimizer, MomentumSGD, make_optimizer
+from engine.parallel import Team
 from engine.schedule import Coefficients, make_schedule
 
 SEED = np.random.SeedSequence().entropy % 2**32
@@ -76,15 +77,17 @@ def test_bn_and_bias_are_not_decayed_by_default(rng):
         assert changed == slot.decay, slot.name
 
 
-def test_bucketwise_updates_equal_one_step(rng):
-    """The reducer updates bucket by bucket; the result must equal one whole-buffer step."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bucketwise_updates_equal_one_step(rng, threads):
+    """The reducer updates bucket by bucket, each split over the model's Team; the result
+    must equal one whole-buffer step on one thread, bit for bit."""
     layout = small_layout()
     p1, grads = setup(rng, layout)
     p2 = p1.copy()
     coef = Coefficients(0.3, 0.6, 0.2)
     whole = HybridOptimizer(p1, layout)
     whole.step(grads, coef=coef, grad_scale=0.5)
-    buckets = HybridOptimizer(p2, layout)
+    buckets = HybridOptimizer(p2, layout, team=Team(threads, min_split=1))
     cuts = [0, layout.slots[1].offset, layout.slots[3].offset, layout.total]
     for start, stop in zip(cuts, cuts[1:]):
         buckets.update(grads[start:stop], start, stop, coef=coef, grad_scale=0.5)  # slice form
