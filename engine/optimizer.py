@@ -5,7 +5,7 @@ buffers of the same `FlatLayout`, and update any flat range [start, stop) with o
 call (engine.hostmath on NumPy, a CUDA kernel from engine.cuda_ops on CuPy), so the
 reducer can update bucket by bucket as all-reduces finish, or once per step.
 
-    opt = make_optimizer("hybrid", model.params, model.layout, backend)
+    opt = make_optimizer("hybrid", model.params, model.layout, backend, team=model.ws.team)
     coef = schedule(epoch)                        # engine.schedule.Coefficients
     opt.update(grads, start, stop, coef=coef, grad_scale=1 / (world_size * loss_scale))
     opt.step(grads, coef=coef, grad_scale=...)    # the whole buffer at once
