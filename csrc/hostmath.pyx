@@ -13,6 +13,9 @@ Batch norm over x2d (rows, C), float32, the signatures of engine.batchnorm, plus
     bn_train_forward(x2d, gamma, beta, eps, relu, out=None, run=serial) -> (y2d, mean, var, inv_std)
     bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=None, run=serial) -> (dx2d, dgamma, dbeta)
     bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=None, run=serial) -> y2d
+Max pool over NHWC float32 (window k, stride s, padding p), and its gradient into dx:
+    maxpool_forward(x, y, k, s, p, run=serial)
+    maxpool_backward(x, dy, dx, k, s, p, run=serial)
 The end of a residual block and its gradient, in place:
     add_relu_(y, s, run=serial)      y = relu(y + s)
     relu_grad_(dy, y, run=serial)    dy *= (y > 0)
@@ -42,6 +45,11 @@ cdef extern from "hostmath_loops.h" nogil:
                   const float *mean_dy, const float *mean_dyxh, float *dx)
     void hm_add_relu(float *y, const float *s, int64_t n)
     void hm_relu_grad(float *dy, const float *y, int64_t n)
+    void hm_maxpool_forward(const float *x, float *y, int64_t n, int64_t h, int64_t w, int64_t C,
+                            int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
+    void hm_maxpool_backward(const float *x, const float *dy, float *dx, int64_t n, int64_t h,
+                             int64_t w, int64_t C, int64_t k, int64_t s, int64_t p, int64_t ho,
+                             int64_t wo, int64_t *arg, float *best)
     int HM_BLOCK_ROWS
     float rm_bn_scale(float gamma, float inv_std)
     float rm_bn_shift(float beta, float mean, float scale)
@@ -298,3 +306,47 @@ def relu_grad_(dy, y, run=serial):
             hm_relu_grad(<float *> pdy + lo, <const float *> py + lo, hi - lo)
     run(chunk, n, 1024, n)
     return dy
+
+
+def _pool_shapes(x, y, name):
+    if getattr(x, "ndim", 0) != 4 or getattr(y, "ndim", 0) != 4 or x.shape[0] != y.shape[0] or x.shape[3] != y.shape[3]:
+        raise ValueError(f"hostmath.{name}: x and y must be NHWC with the same N and C, got "
+                         f"{getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
+    _f32(x, "x")
+    _f32(y, "y")
+    return x.shape, y.shape[1], y.shape[2]
+
+
+def maxpool_forward(x, y, int64_t k, int64_t s, int64_t p, run=serial):
+    """y = max pool of NHWC x (window k, stride s, padding p that never wins), into y."""
+    (n, h, w, C), ho, wo = _pool_shapes(x, y, "maxpool_forward")
+    cdef int64_t h_ = h, w_ = w, C_ = C, ho_ = ho, wo_ = wo
+    cdef size_t px = _addr(x), py = _addr(y)
+
+    def chunk(int64_t lo, int64_t hi):
+        with nogil:
+            hm_maxpool_forward(<const float *> px + lo * h_ * w_ * C_, <float *> py + lo * ho_ * wo_ * C_,
+                               hi - lo, h_, w_, C_, k, s, p, ho_, wo_)
+    run(chunk, n, 1, x.size)
+    return y
+
+
+def maxpool_backward(x, dy, dx, int64_t k, int64_t s, int64_t p, run=serial):
+    """dx (overwritten) = the gradient of maxpool_forward: each dy goes to the first
+    position of its window, in (kh, kw) order, that holds the max."""
+    (n, h, w, C), ho, wo = _pool_shapes(x, dy, "maxpool_backward")
+    _f32(dx, "dx", x.size, True)
+    cdef int64_t h_ = h, w_ = w, C_ = C, ho_ = ho, wo_ = wo
+    cdef size_t px = _addr(x), pdy = _addr(dy), pdx = _addr(dx)
+
+    def chunk(int64_t lo, int64_t hi):
+        arg = np.empty(C_, np.int64)
+        best = np.empty(C_, np.float32)
+        cdef size_t pa = _addr(arg), pb = _addr(best)
+        cdef int64_t off = lo * h_ * w_ * C_
+        with nogil:
+            hm_maxpool_backward(<const float *> px + off, <const float *> pdy + lo * ho_ * wo_ * C_,
+                                <float *> pdx + off, hi - lo, h_, w_, C_, k, s, p, ho_, wo_,
+                                <int64_t *> pa, <float *> pb)
+    run(chunk, n, 1, x.size)
+    return dx

