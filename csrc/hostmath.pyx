@@ -13,6 +13,8 @@ Batch norm over x2d (rows, C), float32, the signatures of engine.batchnorm, plus
     bn_train_forward(x2d, gamma, beta, eps, relu, out=None, run=serial) -> (y2d, mean, var, inv_std)
     bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=None, run=serial) -> (dx2d, dgamma, dbeta)
     bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=None, run=serial) -> y2d
+im2col of NHWC float32 x into col (N, Ho, Wo, K, K, C), zero padding p, stride s:
+    im2col(x, col, k, s, p, run=serial)
 Max pool over NHWC float32 (window k, stride s, padding p), and its gradient into dx:
     maxpool_forward(x, y, k, s, p, run=serial)
     maxpool_backward(x, dy, dx, k, s, p, run=serial)
@@ -45,6 +47,8 @@ cdef extern from "hostmath_loops.h" nogil:
                   const float *mean_dy, const float *mean_dyxh, float *dx)
     void hm_add_relu(float *y, const float *s, int64_t n)
     void hm_relu_grad(float *dy, const float *y, int64_t n)
+    void hm_im2col(const float *x, float *col, int64_t n, int64_t h, int64_t w, int64_t C,
+                   int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
     void hm_maxpool_forward(const float *x, float *y, int64_t n, int64_t h, int64_t w, int64_t C,
                             int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
     void hm_maxpool_backward(const float *x, const float *dy, float *dx, int64_t n, int64_t h,
@@ -350,3 +354,23 @@ def maxpool_backward(x, dy, dx, int64_t k, int64_t s, int64_t p, run=serial):
                                 <int64_t *> pa, <float *> pb)
     run(chunk, n, 1, x.size)
     return dx
+
+
+def im2col(x, col, int64_t k, int64_t s, int64_t p, run=serial):
+    """col (N, Ho, Wo, K, K, C) = the zero-padded patches of NHWC x, no padded copy made."""
+    if getattr(x, "ndim", 0) != 4 or getattr(col, "ndim", 0) != 6 or col.shape[0] != x.shape[0] \
+            or col.shape[3:] != (k, k, x.shape[3]):
+        raise ValueError(f"hostmath.im2col: x must be NHWC and col (N, Ho, Wo, {k}, {k}, C), got "
+                         f"{getattr(x, 'shape', None)} and {getattr(col, 'shape', None)}")
+    _f32(x, "x")
+    _f32(col, "col", None, True)
+    cdef int64_t n = x.shape[0], h = x.shape[1], w = x.shape[2], C = x.shape[3]
+    cdef int64_t ho = col.shape[1], wo = col.shape[2]
+    cdef size_t px = _addr(x), pc = _addr(col)
+
+    def chunk(int64_t lo, int64_t hi):
+        with nogil:
+            hm_im2col(<const float *> px + lo * h * w * C, <float *> pc + lo * ho * wo * k * k * C,
+                      hi - lo, h, w, C, k, s, p, ho, wo)
+    run(chunk, n, 1, col.size)
+    return col

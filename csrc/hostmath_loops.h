@@ -290,4 +290,37 @@ static void hm_maxpool_backward(const float *restrict x, const float *restrict d
             }
 }
 
+/* im2col on NHWC x (n, h, w, C) -> col (n, ho, wo, k, k, C), zeros where the window
+ * hangs over the border, without a padded copy of x: a window row whose k positions all
+ * lie inside x is one memcpy of k*C floats (they are adjacent in NHWC). */
+static void hm_im2col(const float *restrict x, float *restrict col, int64_t n, int64_t h, int64_t w,
+                      int64_t C, int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
+{
+    size_t run = (size_t)C * sizeof(float);
+    for (int64_t img = 0; img < n; ++img)
+        for (int64_t oh = 0; oh < ho; ++oh)
+            for (int64_t ow = 0; ow < wo; ++ow) {
+                float *restrict out = col + ((img * ho + oh) * wo + ow) * k * k * C;
+                int64_t iw0 = ow * s - p;
+                int inside_w = iw0 >= 0 && iw0 + k <= w;
+                for (int64_t kh = 0; kh < k; ++kh, out += k * C) {
+                    int64_t ih = oh * s - p + kh;
+                    if (ih < 0 || ih >= h) {
+                        memset(out, 0, (size_t)k * run);
+                        continue;
+                    }
+                    const float *row = x + ((img * h + ih) * w) * C;
+                    if (inside_w) {
+                        memcpy(out, row + iw0 * C, (size_t)k * run);
+                        continue;
+                    }
+                    for (int64_t kw = 0; kw < k; ++kw) {
+                        int64_t iw = iw0 + kw;
+                        if (iw < 0 || iw >= w) memset(out + kw * C, 0, run);
+                        else memcpy(out + kw * C, row + iw * C, run);
+                    }
+                }
+            }
+}
+
 #endif /* HOSTMATH_LOOPS_H */

@@ -41,6 +41,18 @@ def array_module(a) -> ModuleType:
     return np
 
 
+def host_math(*arrays):
+    """engine.hostmath (the C loops of the CPU path) when every array is float32 NumPy;
+    None otherwise, or when the extension is not built: callers then run NumPy code."""
+    if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
+        return None
+    try:
+        from engine import hostmath
+    except ImportError:
+        return None
+    return hostmath
+
+
 def gpu_count() -> int:
     """Number of CUDA devices CuPy can see; 0 when CuPy or the driver is missing."""
     try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.backend import array_module
+from engine.backend import array_module, host_math
 from engine.parallel import SERIAL
 
 
@@ -34,18 +34,6 @@ def _fused(a):
         return None
     from engine import cuda_ops
     return cuda_ops
-
-
-def host_math(*arrays):
-    """engine.hostmath when every array is float32 NumPy (None otherwise, or when the
-    extension is not built: the NumPy code below then runs)."""
-    if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays):
-        return None
-    try:
-        from engine import hostmath
-    except ImportError:
-        return None
-    return hostmath
 
 
 def _colsum(xp, a):

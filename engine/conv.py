@@ -11,10 +11,15 @@ the padded input (strides N, s*H, s*W, H, C). The backward scatter (col2im) cann
 copy, because neighbouring patches overlap when s < K: it accumulates the KH*KW shifted
 slices one by one, each clipped to the input instead of going through a padded buffer.
 
+For float32 NumPy, engine.hostmath does the gather in C straight from the unpadded input,
+one memcpy per window row (zeros at the border): the strided NumPy copy spent most of
+its time in the iterator, one step per 768-byte row, and needed the padded copy first.
 Each copy is split over images with the workspace's Team (engine.parallel), so on the
 CPU it runs on as many cores as the GEMM next to it.
 """
 from __future__ import annotations
+
+from engine.backend import host_math
 
 
 def out_size(size: int, k: int, s: int, p: int) -> int:
@@ -39,18 +44,20 @@ def padded(ws, x, p, pad_value=0.0):
     return xpad
 
 
-def im2col(ws, x, k, s, p, pad_value=0.0):
+def im2col(ws, x, k, s, p):
     """The (N, Ho, Wo, K, K, C) patch array of x, in the workspace's arena (valid until
     the next im2col)."""
     xp = ws.xp
     n, h, w, c = x.shape
     ho, wo = out_size(h, k, s, p), out_size(w, k, s, p)
-    xpad = padded(ws, x, p, pad_value)
+    col = ws.arena((n, ho, wo, k, k, c), x.dtype)
+    if (host := host_math(x, col)) is not None:      # one C pass, no padded copy
+        return host.im2col(x, col, k, s, p, ws.team.map)
+    xpad = padded(ws, x, p)
     if not xpad.flags.c_contiguous:
         raise ValueError("im2col: the input must be C-contiguous NHWC")
     sn, sh, sw, sc = xpad.strides
     patches = _as_strided(xp, xpad, (n, ho, wo, k, k * c), (sn, s * sh, s * sw, sh, sc))
-    col = ws.arena((n, ho, wo, k, k, c), x.dtype)
     rows = col.reshape(n, ho, wo, k, k * c)
 
     def gather(lo, hi):

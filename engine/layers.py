@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import batchnorm
-from engine.backend import array_module
+from engine.backend import array_module, host_math
 from engine.conv import clipped, col2im, im2col, out_size, padded
 from engine.parallel import SERIAL
 
@@ -232,7 +232,7 @@ class MaxPool(Layer):
         n, h, w, c = x.shape
         k, s, p = self.k, self.stride, self.pad
         y = self._output((n, out_size(h, k, s, p), out_size(w, k, s, p), c), x.dtype)
-        if (host := batchnorm.host_math(x, y)) is not None:     # one C pass, not K*K
+        if (host := host_math(x, y)) is not None:     # one C pass, not K*K
             return host.maxpool_forward(x, y, k, s, p, self.ws.team.map)
         windows = list(self._windows(x))
 
@@ -249,7 +249,7 @@ class MaxPool(Layer):
         window position, each claiming the windows not claimed yet."""
         xp, x, ws = self.xp, self._x, self.ws
         dx = ws.take(x.shape, x.dtype)
-        if (host := batchnorm.host_math(x, dy)) is not None:
+        if (host := host_math(x, dy)) is not None:
             host.maxpool_backward(x, dy, dx, self.k, self.stride, self.pad, ws.team.map)
             ws.give(dy)
             self._x = None
@@ -327,7 +327,7 @@ class Linear(Layer):
 def add_relu_(y, shortcut, team=SERIAL):
     """The end of a residual block, in place over the main branch's output y:
     y = relu(y + shortcut). The result is all that backward needs (its sign is the mask)."""
-    if (host := batchnorm.host_math(y, shortcut)) is not None:
+    if (host := host_math(y, shortcut)) is not None:
         return host.add_relu_(y, shortcut, team.map)
     y += shortcut
     xp = array_module(y)
@@ -338,7 +338,7 @@ def add_relu_(y, shortcut, team=SERIAL):
 def add_relu_backward_(dy, y, team=SERIAL):
     """Gradient of add_relu_ with respect to both of its inputs (they receive the same),
     in place over dy."""
-    if (host := batchnorm.host_math(dy, y)) is not None:
+    if (host := host_math(dy, y)) is not None:
         return host.relu_grad_(dy, y, team.map)
     xp = array_module(dy)
     xp.multiply(dy, y > 0, out=dy)

@@ -100,6 +100,20 @@ def test_im2col_col2im_are_adjoint(rng):
     assert abs(np.sum(col * c) - np.sum(x * dx)) < 1e-10 * np.sum(np.abs(col * c))
 
 
+@pytest.mark.parametrize("k,s,p", [(7, 2, 3), (3, 1, 1), (3, 2, 1), (1, 2, 0), (3, 1, 2), (2, 3, 0)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_float32_im2col_in_c_equals_the_numpy_gather(rng, k, s, p, threads):
+    """hostmath's gather (float32, no padded copy) against the strided NumPy copy of the
+    padded input (float64): the same patches, bit for bit, borders included."""
+    x = rng.standard_normal((4, 11, 9, 5))
+    cols = {}
+    for dtype in (np.float32, np.float64):
+        ws = Workspace(np, Team(threads, min_split=1))
+        ws.arena((10**5,), dtype).fill(np.nan)             # stale content must be overwritten
+        cols[dtype] = im2col(ws, x.astype(dtype), k, s, p).copy()
+    np.testing.assert_array_equal(cols[np.float32], cols[np.float64].astype(np.float32))
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_batchnorm_train(rng, relu):
     ws = Workspace(np)
