@@ -284,32 +284,31 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, bint relu, out=None, run=s
     return dx, dgamma, dbeta
 
 
-def add_relu_(y, s, run=serial):
-    """y = relu(y + s) in place (float32, same size), one pass."""
-    cdef int64_t n = y.size
-    _f32(y, "y", None, True)
-    _f32(s, "s", n)
-    cdef size_t py = _addr(y), ps = _addr(s)
+ctypedef void (*_inplace_loop)(float *a, const float *b, int64_t n) noexcept nogil
+
+
+cdef _inplace(_inplace_loop loop, a, b, names, run):
+    """a = loop(a, b) elementwise in place, over float32 arrays of one size, in chunks."""
+    cdef int64_t n = a.size
+    _f32(a, names[0], None, True)
+    _f32(b, names[1], n)
+    cdef size_t pa = _addr(a), pb = _addr(b)
 
     def chunk(int64_t lo, int64_t hi):
         with nogil:
-            hm_add_relu(<float *> py + lo, <const float *> ps + lo, hi - lo)
+            loop(<float *> pa + lo, <const float *> pb + lo, hi - lo)
     run(chunk, n, 1024, n)
-    return y
+    return a
+
+
+def add_relu_(y, s, run=serial):
+    """y = relu(y + s) in place (float32, same size), one pass."""
+    return _inplace(hm_add_relu, y, s, ("y", "s"), run)
 
 
 def relu_grad_(dy, y, run=serial):
     """dy *= (y > 0) in place (float32, same size), one pass."""
-    cdef int64_t n = dy.size
-    _f32(dy, "dy", None, True)
-    _f32(y, "y", n)
-    cdef size_t pdy = _addr(dy), py = _addr(y)
-
-    def chunk(int64_t lo, int64_t hi):
-        with nogil:
-            hm_relu_grad(<float *> pdy + lo, <const float *> py + lo, hi - lo)
-    run(chunk, n, 1024, n)
-    return dy
+    return _inplace(hm_relu_grad, dy, y, ("dy", "y"), run)
 
 
 def _pool_shapes(x, y, name):

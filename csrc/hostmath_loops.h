@@ -76,6 +76,23 @@ static void hm_sgd_update(float *restrict w, float *restrict d,
  * over threads cut at multiples of HM_BLOCK_ROWS, so every split sums the same blocks. */
 #define HM_BLOCK_ROWS 64
 
+HM_ALWAYS_INLINE int64_t hm_block_end(int64_t r0, int64_t rows)
+{
+    return r0 + HM_BLOCK_ROWS < rows ? r0 + HM_BLOCK_ROWS : rows;
+}
+
+/* Add a block's two float partials (part[0:C], part[C:2C]) into the double sums, and
+ * zero them for the next block. */
+HM_ALWAYS_INLINE void hm_flush_partials(float *restrict part, int64_t C, double *restrict s1,
+                                        double *restrict s2)
+{
+    for (int64_t c = 0; c < C; ++c) {
+        s1[c] += part[c];
+        s2[c] += part[C + c];
+    }
+    memset(part, 0, (size_t)(2 * C) * sizeof(float));
+}
+
 /* The shift for hm_bn_shifted_sums: per-channel mean of the first min(rows, HM_BLOCK_ROWS)
  * rows, close enough to the true mean that the shifted sums cannot cancel. */
 static void hm_bn_pilot_mean(const float *restrict x, int64_t rows, int64_t C, float *restrict pilot)
@@ -98,22 +115,17 @@ static void hm_bn_pilot_mean(const float *restrict x, int64_t rows, int64_t C, f
 static int hm_bn_shifted_sums(const float *restrict x, int64_t rows, int64_t C,
                               const float *restrict shift, double *restrict s1, double *restrict s2)
 {
-    float *part = (float *)malloc((size_t)(2 * C) * sizeof(float));
+    float *part = (float *)calloc((size_t)(2 * C), sizeof(float));
     if (!part) return -1;
     float *p1 = part, *p2 = part + C;
     for (int64_t r0 = 0; r0 < rows; r0 += HM_BLOCK_ROWS) {
-        int64_t r1 = r0 + HM_BLOCK_ROWS < rows ? r0 + HM_BLOCK_ROWS : rows;
-        memset(part, 0, (size_t)(2 * C) * sizeof(float));
-        for (int64_t r = r0; r < r1; ++r)
+        for (int64_t r = r0; r < hm_block_end(r0, rows); ++r)
             for (int64_t c = 0; c < C; ++c) {
                 float d = x[r * C + c] - shift[c];
                 p1[c] += d;
                 p2[c] += d * d;
             }
-        for (int64_t c = 0; c < C; ++c) {
-            s1[c] += p1[c];
-            s2[c] += p2[c];
-        }
+        hm_flush_partials(part, C, s1, s2);
     }
     free(part);
     return 0;
@@ -141,7 +153,7 @@ static void hm_bn_apply(const float *restrict x, float *restrict y, int64_t rows
 }
 
 /* The per-channel sums of BN backward, added into sum_dy and sum_dyxh: sum(g) and
- * sum(g * xhat), with g = dy through the fused ReLU's mask. `part` is scratch for 2*C. */
+ * sum(g * xhat), with g = dy through the fused ReLU's mask. `part`: 2*C zeroed floats. */
 HM_ALWAYS_INLINE void hm_bn_grad_sums_loop(const float *restrict dy, const float *restrict x,
                                            const float *restrict y, int64_t rows, int64_t C,
                                            const float *restrict mean, const float *restrict inv_std,
@@ -150,19 +162,14 @@ HM_ALWAYS_INLINE void hm_bn_grad_sums_loop(const float *restrict dy, const float
 {
     float *part_dy = part, *part_dyxh = part + C;
     for (int64_t r0 = 0; r0 < rows; r0 += HM_BLOCK_ROWS) {
-        int64_t r1 = r0 + HM_BLOCK_ROWS < rows ? r0 + HM_BLOCK_ROWS : rows;
-        memset(part, 0, (size_t)(2 * C) * sizeof(float));
-        for (int64_t r = r0; r < r1; ++r)
+        for (int64_t r = r0; r < hm_block_end(r0, rows); ++r)
             for (int64_t c = 0; c < C; ++c) {
                 int64_t i = r * C + c;
                 float g = rm_relu_grad(dy[i], relu ? y[i] : 1.0f, relu);
                 part_dy[c] += g;
                 part_dyxh[c] += g * ((x[i] - mean[c]) * inv_std[c]);
             }
-        for (int64_t c = 0; c < C; ++c) {
-            sum_dy[c] += part_dy[c];
-            sum_dyxh[c] += part_dyxh[c];
-        }
+        hm_flush_partials(part, C, sum_dy, sum_dyxh);
     }
 }
 
@@ -172,7 +179,7 @@ static int hm_bn_grad_sums(const float *restrict dy, const float *restrict x, co
                            const float *restrict inv_std, int relu,
                            double *restrict sum_dy, double *restrict sum_dyxh)
 {
-    float *part = (float *)malloc((size_t)(2 * C) * sizeof(float));
+    float *part = (float *)calloc((size_t)(2 * C), sizeof(float));
     if (!part) return -1;
     if (relu) hm_bn_grad_sums_loop(dy, x, y, rows, C, mean, inv_std, 1, sum_dy, sum_dyxh, part);
     else hm_bn_grad_sums_loop(dy, x, y, rows, C, mean, inv_std, 0, sum_dy, sum_dyxh, part);
