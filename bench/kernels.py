@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import batchnorm, hostmath, kernel_check as kc, precision  # noqa: E402
+from engine.parallel import Team  # noqa: E402
 
 HYPER = dict(eta=0.8, a_sgd=0.6, a_rms=0.3, mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64)
 RESNET50_PARAMS = 25_557_032
@@ -93,7 +94,7 @@ def static_report():
 
 # ---- CPU path -------------------------------------------------------------------------
 
-def cpu_bench(n, rows, C, repeats):
+def cpu_bench(n, rows, C, repeats, threads):
     rng = np.random.default_rng(0)
     print(f"\n== CPU path: engine.hostmath vs NumPy expressions (best of {repeats}; "
           f"update n={n:,}, BN x=({rows:,}, {C}))")
@@ -122,30 +123,33 @@ def cpu_bench(n, rows, C, repeats):
 
     x = (3 + rng.standard_normal((rows, C))).astype(np.float32)
     gamma, beta = rng.uniform(0.5, 1.5, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
-    ref = batchnorm.bn_train_forward(x, gamma, beta, 1e-5, True)
-    got = hostmath.bn_train_forward(x, gamma, beta, 1e-5, True)
-    t_host = best_of(lambda: hostmath.bn_train_forward(x, gamma, beta, 1e-5, True), repeats)
-    t_np = best_of(lambda: batchnorm.bn_train_forward(x, gamma, beta, 1e-5, True), repeats)
-    row("bn_train_forward", t_host, t_np, x.nbytes * 2, np.max(np.abs(got[0] - ref[0])) / np.max(np.abs(ref[0])),
-        "bn_train_forward")
-
     dy = rng.standard_normal((rows, C)).astype(np.float32)
-    y, mean, _, inv = got
-    ref = batchnorm.bn_backward(dy, x, y, gamma, mean, inv, True)
-    mine = hostmath.bn_backward(dy, x, y, gamma, mean, inv, True)
-    t_host = best_of(lambda: hostmath.bn_backward(dy, x, y, gamma, mean, inv, True), repeats)
-    t_np = best_of(lambda: batchnorm.bn_backward(dy, x, y, gamma, mean, inv, True), repeats)
-    row("bn_backward (relu)", t_host, t_np, x.nbytes * 4, np.max(np.abs(mine[0] - ref[0])) / np.max(np.abs(ref[0])),
-        "bn_backward_relu")
-
     var = rng.uniform(0.5, 2, C).astype(np.float32)
-    ref = batchnorm.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True)
-    mine = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True)
-    t_host = best_of(lambda: hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True), repeats)
-    t_np = best_of(lambda: batchnorm.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True), repeats)
-    row("bn_infer", t_host, t_np, x.nbytes * 2, np.max(np.abs(mine - ref)) / np.max(np.abs(ref)), "bn_infer")
-    print("(numpy column for BN: engine.batchnorm, the model's generic NumPy/CuPy code; "
+    y, mean, _, inv = hostmath.bn_train_forward(x, gamma, beta, 1e-5, True)
+    bn_ops = {   # name: (hostmath call taking run=, the NumPy version, minimum bytes, traffic op)
+        "bn_train_forward": (lambda run: hostmath.bn_train_forward(x, gamma, beta, 1e-5, True, None, run)[0],
+                             lambda: batchnorm.xp_bn_train_forward(x, gamma, beta, 1e-5, True)[0],
+                             x.nbytes * 2, "bn_train_forward"),
+        "bn_backward (relu)": (lambda run: hostmath.bn_backward(dy, x, y, gamma, mean, inv, True, None, run)[0],
+                               lambda: batchnorm.xp_bn_backward(dy, x, y, gamma, mean, inv, True)[0],
+                               x.nbytes * 4, "bn_backward_relu"),
+        "bn_infer": (lambda run: hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True, None, run),
+                     lambda: batchnorm.xp_bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True),
+                     x.nbytes * 2, "bn_infer"),
+    }
+    for op, (host_fn, numpy_fn, nbytes, traffic_op) in bn_ops.items():
+        got, ref = host_fn(hostmath.serial), numpy_fn()
+        t_host = best_of(lambda: host_fn(hostmath.serial), repeats)
+        t_np = best_of(numpy_fn, repeats)
+        row(op, t_host, t_np, nbytes, np.max(np.abs(got - ref)) / np.max(np.abs(ref)), traffic_op)
+    print("(numpy column for BN: engine.batchnorm's xp_* code, what CuPy and float64 run; "
           "kernel bytes/min: the CUDA kernels' traffic model over the minimum)")
+    team = Team(threads, min_split=1)
+    print(f"\nBN rows split over {threads} threads (engine.parallel.Team, as the model does):")
+    for op, (host_fn, _, nbytes, _) in bn_ops.items():
+        t1 = best_of(lambda: host_fn(hostmath.serial), repeats)
+        tn = best_of(lambda: host_fn(team.map), repeats)
+        print(f"{op:20s} 1 thread {t1 * 1e3:7.2f} ms   {threads} threads {tn * 1e3:7.2f} ms   speedup {t1 / tn:5.2f}")
 
 
 # ---- GPU ------------------------------------------------------------------------------
@@ -235,12 +239,13 @@ def main(argv=None):
     ap.add_argument("--bn-rows", type=int, default=8 * 28 * 28, help="rows (N*H*W) of the CPU batch-norm runs")
     ap.add_argument("--bn-channels", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="threads of the split BN rows (default 2)")
     args = ap.parse_args(argv)
     if args.gpu:
         gpu_bench(max(args.repeats, 20))
         return
     static_report()
-    cpu_bench(args.n, args.bn_rows, args.bn_channels, args.repeats)
+    cpu_bench(args.n, args.bn_rows, args.bn_channels, args.repeats, args.threads)
 
 
 if __name__ == "__main__":

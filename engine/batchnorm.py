@@ -54,6 +54,12 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, team=SERIAL):
     host = host_math(x2d, gamma, beta)
     if host is not None:
         return host.bn_train_forward(x2d, gamma, beta, eps, relu, out, team.map)
+    return xp_bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
+
+
+def xp_bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
+    """bn_train_forward in NumPy/CuPy expressions (float64, and any array no fused path
+    takes); bench/kernels.py times hostmath against it."""
     xp = array_module(x2d)
     m = x2d.shape[0]
     y = xp.empty_like(x2d) if out is None else out
@@ -76,6 +82,11 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, team=S
     host = host_math(x2d, gamma, beta, mean, var)
     if host is not None:
         return host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out, team.map)
+    return xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out)
+
+
+def xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
+    """bn_infer_forward in NumPy/CuPy expressions."""
     xp = array_module(x2d)
     scale = gamma / xp.sqrt(var + eps)
     y = xp.multiply(x2d, scale, out=out)
@@ -97,6 +108,11 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, team=SE
     host = host_math(dy2d, x2d, y2d, gamma, mean, inv_std)
     if host is not None:
         return host.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out, team.map)
+    return xp_bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out)
+
+
+def xp_bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
+    """bn_backward in NumPy/CuPy expressions."""
     xp = array_module(dy2d)
     m = dy2d.shape[0]
     g = xp.empty_like(dy2d) if out is None else out
