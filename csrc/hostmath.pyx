@@ -24,7 +24,7 @@ The end of a residual block and its gradient, in place:
 """
 import numpy as np
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "hostmath_loops.h" nogil:
@@ -50,10 +50,10 @@ cdef extern from "hostmath_loops.h" nogil:
     void hm_im2col(const float *x, float *col, int64_t n, int64_t h, int64_t w, int64_t C,
                    int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
     void hm_maxpool_forward(const float *x, float *y, int64_t n, int64_t h, int64_t w, int64_t C,
-                            int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo)
+                            int64_t k, int64_t s, int64_t p, int64_t ho, int64_t wo, int32_t *arg)
     void hm_maxpool_backward(const float *x, const float *dy, float *dx, int64_t n, int64_t h,
                              int64_t w, int64_t C, int64_t k, int64_t s, int64_t p, int64_t ho,
-                             int64_t wo, int64_t *arg, float *best)
+                             int64_t wo, int32_t *arg, float *best)
     int HM_BLOCK_ROWS
     float rm_bn_scale(float gamma, float inv_std)
     float rm_bn_shift(float beta, float mean, float scale)
@@ -311,10 +311,18 @@ def relu_grad_(dy, y, run=serial):
     return _inplace(hm_relu_grad, dy, y, ("dy", "y"), run)
 
 
-def _pool_shapes(x, y, name):
+def _pool_shapes(x, y, int64_t k, int64_t s, int64_t p, name):
+    """Checked NHWC shapes: y must be the pooled size of x, and every window must hold an
+    input element (the C loops index x through each window's argmax)."""
     if getattr(x, "ndim", 0) != 4 or getattr(y, "ndim", 0) != 4 or x.shape[0] != y.shape[0] or x.shape[3] != y.shape[3]:
         raise ValueError(f"hostmath.{name}: x and y must be NHWC with the same N and C, got "
                          f"{getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
+    if not (k >= 1 and s >= 1 and 0 <= p < k):
+        raise ValueError(f"hostmath.{name}: need k >= 1, s >= 1 and 0 <= p < k, got k={k} s={s} p={p}")
+    pooled = tuple((size + 2 * p - k) // s + 1 for size in x.shape[1:3])
+    if y.shape[1:3] != pooled:
+        raise ValueError(f"hostmath.{name}: {x.shape[1]}x{x.shape[2]} pools to {pooled[0]}x{pooled[1]} "
+                         f"with k={k} s={s} p={p}, y is {y.shape[1]}x{y.shape[2]}")
     _f32(x, "x")
     _f32(y, "y")
     return x.shape, y.shape[1], y.shape[2]
@@ -322,14 +330,16 @@ def _pool_shapes(x, y, name):
 
 def maxpool_forward(x, y, int64_t k, int64_t s, int64_t p, run=serial):
     """y = max pool of NHWC x (window k, stride s, padding p that never wins), into y."""
-    (n, h, w, C), ho, wo = _pool_shapes(x, y, "maxpool_forward")
+    (n, h, w, C), ho, wo = _pool_shapes(x, y, k, s, p, "maxpool_forward")
     cdef int64_t h_ = h, w_ = w, C_ = C, ho_ = ho, wo_ = wo
     cdef size_t px = _addr(x), py = _addr(y)
 
     def chunk(int64_t lo, int64_t hi):
+        arg = np.empty(C_, np.int32)
+        cdef size_t pa = _addr(arg)
         with nogil:
             hm_maxpool_forward(<const float *> px + lo * h_ * w_ * C_, <float *> py + lo * ho_ * wo_ * C_,
-                               hi - lo, h_, w_, C_, k, s, p, ho_, wo_)
+                               hi - lo, h_, w_, C_, k, s, p, ho_, wo_, <int32_t *> pa)
     run(chunk, n, 1, x.size)
     return y
 
@@ -337,20 +347,20 @@ def maxpool_forward(x, y, int64_t k, int64_t s, int64_t p, run=serial):
 def maxpool_backward(x, dy, dx, int64_t k, int64_t s, int64_t p, run=serial):
     """dx (overwritten) = the gradient of maxpool_forward: each dy goes to the first
     position of its window, in (kh, kw) order, that holds the max."""
-    (n, h, w, C), ho, wo = _pool_shapes(x, dy, "maxpool_backward")
+    (n, h, w, C), ho, wo = _pool_shapes(x, dy, k, s, p, "maxpool_backward")
     _f32(dx, "dx", x.size, True)
     cdef int64_t h_ = h, w_ = w, C_ = C, ho_ = ho, wo_ = wo
     cdef size_t px = _addr(x), pdy = _addr(dy), pdx = _addr(dx)
 
     def chunk(int64_t lo, int64_t hi):
-        arg = np.empty(C_, np.int64)
+        arg = np.empty(C_, np.int32)
         best = np.empty(C_, np.float32)
         cdef size_t pa = _addr(arg), pb = _addr(best)
         cdef int64_t off = lo * h_ * w_ * C_
         with nogil:
             hm_maxpool_backward(<const float *> px + off, <const float *> pdy + lo * ho_ * wo_ * C_,
                                 <float *> pdx + off, hi - lo, h_, w_, C_, k, s, p, ho_, wo_,
-                                <int64_t *> pa, <float *> pb)
+                                <int32_t *> pa, <float *> pb)
     run(chunk, n, 1, x.size)
     return dx
 

@@ -232,68 +232,65 @@ static void hm_relu_grad(float *restrict dy, const float *restrict y, int64_t n)
     }
 }
 
-/* Max pool over NHWC x (n, h, w, C) -> y (n, ho, wo, C), window k, stride s, padding p
- * (padding never wins). A NaN in a window is the window's max, as with numpy.maximum. */
+/* Max pool over NHWC x (n, h, w, C), window k, stride s, padding p that never wins (each
+ * window must hold an input element: p < k, output sizes from the window; the caller
+ * checks). One window scan serves both directions: per channel, the window's max into
+ * best and its first position in (kh, kw) order, kh*k + kw, into arg (PyTorch's tie
+ * rule; int32 like the floats, so the selects vectorize together). A NaN in a window is
+ * its max, as with numpy.maximum. */
+HM_ALWAYS_INLINE void hm_pool_window(const float *restrict x, int64_t img, int64_t oh, int64_t ow,
+                                     int64_t h, int64_t w, int64_t C, int64_t k, int64_t s,
+                                     int64_t p, float *restrict best, int32_t *restrict arg)
+{
+    /* the window's rows and columns inside x: [kh0, kh1) x [kw0, kw1), never empty */
+    int64_t kh0 = p - oh * s > 0 ? p - oh * s : 0, kh1 = h + p - oh * s < k ? h + p - oh * s : k;
+    int64_t kw0 = p - ow * s > 0 ? p - ow * s : 0, kw1 = w + p - ow * s < k ? w + p - ow * s : k;
+    int64_t corner = ((img * h + oh * s - p) * w + ow * s - p) * C;   /* may lie before x */
+    for (int64_t c = 0; c < C; ++c) {
+        best[c] = x[corner + (kh0 * w + kw0) * C + c];
+        arg[c] = (int32_t)(kh0 * k + kw0);
+    }
+    for (int64_t kh = kh0; kh < kh1; ++kh)
+        for (int64_t kw = kw0; kw < kw1; ++kw) {
+            const float *restrict xi = x + corner + (kh * w + kw) * C;
+            int32_t pos = (int32_t)(kh * k + kw);
+            for (int64_t c = 0; c < C; ++c) {
+                float v = xi[c], m = best[c];
+                int take = m == m && !(v <= m);
+                best[c] = take ? v : m;
+                arg[c] = take ? pos : arg[c];
+            }
+        }
+}
+
+/* y (n, ho, wo, C) = the max of each window. `arg` is scratch for C elements. */
 static void hm_maxpool_forward(const float *restrict x, float *restrict y, int64_t n, int64_t h,
                                int64_t w, int64_t C, int64_t k, int64_t s, int64_t p,
-                               int64_t ho, int64_t wo)
+                               int64_t ho, int64_t wo, int32_t *restrict arg)
 {
     for (int64_t img = 0; img < n; ++img)
         for (int64_t oh = 0; oh < ho; ++oh)
-            for (int64_t ow = 0; ow < wo; ++ow) {
-                float *restrict yo = y + ((img * ho + oh) * wo + ow) * C;
-                for (int64_t c = 0; c < C; ++c)
-                    yo[c] = -INFINITY;
-                for (int64_t kh = 0; kh < k; ++kh) {
-                    int64_t ih = oh * s - p + kh;
-                    if (ih < 0 || ih >= h) continue;
-                    for (int64_t kw = 0; kw < k; ++kw) {
-                        int64_t iw = ow * s - p + kw;
-                        if (iw < 0 || iw >= w) continue;
-                        const float *restrict xi = x + ((img * h + ih) * w + iw) * C;
-                        for (int64_t c = 0; c < C; ++c) {
-                            float v = xi[c], m = yo[c];
-                            yo[c] = (m == m && !(v <= m)) ? v : m;
-                        }
-                    }
-                }
-            }
+            for (int64_t ow = 0; ow < wo; ++ow)
+                hm_pool_window(x, img, oh, ow, h, w, C, k, s, p,
+                               y + ((img * ho + oh) * wo + ow) * C, arg);
 }
 
-/* Its gradient: dx (zeroed here) receives each dy at the first position of its window, in
- * (kh, kw) order, that holds the window's max (PyTorch's tie rule). `arg` and `best` are
- * scratch for C elements. */
+/* Its gradient: dx (zeroed here) receives each dy at its window's arg. `arg` and `best`
+ * are scratch for C elements. */
 static void hm_maxpool_backward(const float *restrict x, const float *restrict dy, float *restrict dx,
                                 int64_t n, int64_t h, int64_t w, int64_t C, int64_t k, int64_t s,
-                                int64_t p, int64_t ho, int64_t wo, int64_t *restrict arg,
+                                int64_t p, int64_t ho, int64_t wo, int32_t *restrict arg,
                                 float *restrict best)
 {
     memset(dx, 0, (size_t)(n * h * w * C) * sizeof(float));
     for (int64_t img = 0; img < n; ++img)
         for (int64_t oh = 0; oh < ho; ++oh)
             for (int64_t ow = 0; ow < wo; ++ow) {
-                for (int64_t c = 0; c < C; ++c) {
-                    best[c] = -INFINITY;
-                    arg[c] = -1;
-                }
-                for (int64_t kh = 0; kh < k; ++kh) {
-                    int64_t ih = oh * s - p + kh;
-                    if (ih < 0 || ih >= h) continue;
-                    for (int64_t kw = 0; kw < k; ++kw) {
-                        int64_t iw = ow * s - p + kw;
-                        if (iw < 0 || iw >= w) continue;
-                        int64_t base = ((img * h + ih) * w + iw) * C;
-                        for (int64_t c = 0; c < C; ++c) {
-                            float v = x[base + c];
-                            int take = v > best[c] || arg[c] < 0;
-                            best[c] = take ? v : best[c];
-                            arg[c] = take ? base + c : arg[c];
-                        }
-                    }
-                }
+                hm_pool_window(x, img, oh, ow, h, w, C, k, s, p, best, arg);
                 const float *restrict g = dy + ((img * ho + oh) * wo + ow) * C;
+                int64_t corner = ((img * h + oh * s - p) * w + ow * s - p) * C;
                 for (int64_t c = 0; c < C; ++c)
-                    dx[arg[c]] += g[c];
+                    dx[corner + (arg[c] / k * w + arg[c] % k) * C + c] += g[c];
             }
 }
 
