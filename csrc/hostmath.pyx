@@ -311,21 +311,30 @@ def relu_grad_(dy, y, run=serial):
     return _inplace(hm_relu_grad, dy, y, ("dy", "y"), run)
 
 
-def _pool_shapes(x, y, int64_t k, int64_t s, int64_t p, name):
-    """Checked NHWC shapes: y must be the pooled size of x, and every window must hold an
-    input element (the C loops index x through each window's argmax)."""
-    if getattr(x, "ndim", 0) != 4 or getattr(y, "ndim", 0) != 4 or x.shape[0] != y.shape[0] or x.shape[3] != y.shape[3]:
-        raise ValueError(f"hostmath.{name}: x and y must be NHWC with the same N and C, got "
-                         f"{getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
-    if not (k >= 1 and s >= 1 and 0 <= p < k):
-        raise ValueError(f"hostmath.{name}: need k >= 1, s >= 1 and 0 <= p < k, got k={k} s={s} p={p}")
-    pooled = tuple((size + 2 * p - k) // s + 1 for size in x.shape[1:3])
-    if y.shape[1:3] != pooled:
-        raise ValueError(f"hostmath.{name}: {x.shape[1]}x{x.shape[2]} pools to {pooled[0]}x{pooled[1]} "
-                         f"with k={k} s={s} p={p}, y is {y.shape[1]}x{y.shape[2]}")
+def _window_shapes(x, y, int64_t k, int64_t s, int64_t p, name, extra_dims=0):
+    """Checked NHWC x and its windowed output y (N, Ho, Wo, [K, K,] C): Ho and Wo must be
+    what the window gives, as the C loops take them from y. Returns (x.shape, Ho, Wo)."""
+    if getattr(x, "ndim", 0) != 4 or getattr(y, "ndim", 0) != 4 + extra_dims \
+            or x.shape[0] != y.shape[0] or x.shape[3] != y.shape[3 + extra_dims]:
+        raise ValueError(f"hostmath.{name}: x must be NHWC and y (N, Ho, Wo, {'K, K, ' * (extra_dims > 0)}C) "
+                         f"with x's N and C, got {getattr(x, 'shape', None)} and {getattr(y, 'shape', None)}")
+    if not (k >= 1 and s >= 1 and p >= 0):
+        raise ValueError(f"hostmath.{name}: need k >= 1, s >= 1 and p >= 0, got k={k} s={s} p={p}")
+    out = tuple((size + 2 * p - k) // s + 1 for size in x.shape[1:3])
+    if y.shape[1:3] != out:
+        raise ValueError(f"hostmath.{name}: {x.shape[1]}x{x.shape[2]} with k={k} s={s} p={p} gives "
+                         f"{out[0]}x{out[1]}, y is {y.shape[1]}x{y.shape[2]}")
     _f32(x, "x")
-    _f32(y, "y")
+    _f32(y, "y", None, True)
     return x.shape, y.shape[1], y.shape[2]
+
+
+def _pool_shapes(x, y, int64_t k, int64_t s, int64_t p, name):
+    """_window_shapes, and every window must hold an input element (the C loops index x
+    through each window's argmax)."""
+    if p >= k:
+        raise ValueError(f"hostmath.{name}: need p < k, got k={k} p={p}")
+    return _window_shapes(x, y, k, s, p, name)
 
 
 def maxpool_forward(x, y, int64_t k, int64_t s, int64_t p, run=serial):
@@ -367,12 +376,9 @@ def maxpool_backward(x, dy, dx, int64_t k, int64_t s, int64_t p, run=serial):
 
 def im2col(x, col, int64_t k, int64_t s, int64_t p, run=serial):
     """col (N, Ho, Wo, K, K, C) = the zero-padded patches of NHWC x, no padded copy made."""
-    if getattr(x, "ndim", 0) != 4 or getattr(col, "ndim", 0) != 6 or col.shape[0] != x.shape[0] \
-            or col.shape[3:] != (k, k, x.shape[3]):
-        raise ValueError(f"hostmath.im2col: x must be NHWC and col (N, Ho, Wo, {k}, {k}, C), got "
-                         f"{getattr(x, 'shape', None)} and {getattr(col, 'shape', None)}")
-    _f32(x, "x")
-    _f32(col, "col", None, True)
+    _window_shapes(x, col, k, s, p, "im2col", extra_dims=2)
+    if col.shape[3:5] != (k, k):
+        raise ValueError(f"hostmath.im2col: col must be (N, Ho, Wo, {k}, {k}, C), got {col.shape}")
     cdef int64_t n = x.shape[0], h = x.shape[1], w = x.shape[2], C = x.shape[3]
     cdef int64_t ho = col.shape[1], wo = col.shape[2]
     cdef size_t px = _addr(x), pc = _addr(col)

@@ -175,14 +175,17 @@ def test_add_relu_and_its_gradient_match_numpy(rng, run):
     np.testing.assert_array_equal(hostmath.relu_grad_(dy.copy(), got, RUNS[run]), ref_grad)
 
 
-def test_maxpool_refuses_shapes_its_windows_do_not_give():
-    """The C loops index the input through each window: a y of another size, or padding
-    that leaves a window without an input element, is refused before they run."""
+def test_windowed_loops_refuse_shapes_their_windows_do_not_give():
+    """The C loops take the output size from y and index the input through each window:
+    a y of another size, or pool padding that leaves a window without an input element,
+    is refused before they run."""
     x = np.zeros((2, 9, 8, 3), np.float32)
-    with pytest.raises(ValueError, match="9x8 pools to 5x4 with k=3 s=2 p=1, y is 6x4"):
+    with pytest.raises(ValueError, match="9x8 with k=3 s=2 p=1 gives 5x4, y is 6x4"):
         hostmath.maxpool_forward(x, np.zeros((2, 6, 4, 3), np.float32), 3, 2, 1)
-    with pytest.raises(ValueError, match="0 <= p < k"):
+    with pytest.raises(ValueError, match="need p < k"):
         hostmath.maxpool_backward(x, np.zeros((2, 9, 8, 3), np.float32), x.copy(), 1, 1, 1)
+    with pytest.raises(ValueError, match="im2col: 9x8 with k=3 s=1 p=1 gives 9x8, y is 9x7"):
+        hostmath.im2col(x, np.zeros((2, 9, 7, 3, 3, 3), np.float32), 3, 1, 1)
 
 
 def test_bad_input_is_named():
