@@ -117,12 +117,12 @@ def _torch_branches(net):
     """Forward hooks that record the same as _our_branches for a TorchResNet."""
     signs, pool = {}, {}
     nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
-    relu_inputs = {name for name, _ in net.named_modules()
-                   if name == "bn1" or (".bn" in name and not name.endswith(f"bn{3}"))}
+    # a BN followed by a ReLU (bn3 feeds the residual sum), and each block's output
+    watched = {name for name, _ in net.named_modules()
+               if name == "bn1" or (".bn" in name and not name.endswith(".bn3"))
+               or (name.count(".") == 1 and name.startswith("layer"))}
     for name, module in net.named_modules():
-        if name in relu_inputs:
-            module.register_forward_hook(lambda m, i, o, name=name: signs.__setitem__(name, nhwc(o).ravel() > 0))
-        elif name.count(".") == 1 and name.startswith("layer"):
+        if name in watched:
             module.register_forward_hook(lambda m, i, o, name=name: signs.__setitem__(name, nhwc(o).ravel() > 0))
     net.bn1.register_forward_hook(lambda m, i, o: pool.__setitem__("winners", _pool_winners(np.maximum(nhwc(o), 0))))
     return signs, pool
