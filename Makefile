@@ -10,7 +10,7 @@ PYTEST   := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: venv build train test test-fast bench gpu-check clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h kernels/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h engine/kernels/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h kern
 
 venv: $(STAMP)
 
-# Rebuild the Cython extensions in place after editing csrc/ or kernels/.
+# Rebuild the Cython extensions in place after editing csrc/ or engine/kernels/.
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 

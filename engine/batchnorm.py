@@ -11,7 +11,7 @@ Three functions, the contract between the model and the fused CUDA kernels
 a ReLU after the affine transform (its backward masks with y2d > 0, so y2d is only read
 when relu is true). The code below is generic in the array module (NumPy or CuPy); float32
 NumPy arrays go to engine.hostmath instead: the host build of the same per-element math as
-the CUDA kernels (kernels/recipe_math.cuh), one fused C loop per pass, sums in float64,
+the CUDA kernels (engine/kernels/recipe_math.cuh), one fused C loop per pass, sums in float64,
 2-5x faster than the NumPy passes.
 
 Each function also takes an optional keyword `out`: a preallocated (N*H*W, C) array that

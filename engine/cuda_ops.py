@@ -1,6 +1,6 @@
 """Fused CUDA kernels of the recipe: loader and launchers (CuPy, NVRTC).
 
-Each kernels/*.cu file is compiled once per process by `cupy.RawModule` with NVRTC and
+Each engine/kernels/*.cu file is compiled once per process by `cupy.RawModule` with NVRTC and
 the fixed option tuple NVRTC_OPTIONS (engine.kernel_check compiles with exactly this tuple,
 for sm_70/sm_80/sm_90, in the normal test suite). CuPy is imported lazily: this module
 imports, and its launchers can be inspected, without CuPy.
@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.backend import array_module
 
-KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 
 # The one option tuple of every kernel compile. No fast math: sqrtf and division stay IEEE,
 # as in the host build the CPU path uses.
@@ -35,7 +35,7 @@ NVRTC_OPTIONS = ("--std=c++17", f"--include-path={KERNELS_DIR}")
 
 THREADS = 256
 MAX_BLOCKS = 4096               # grid-stride loops cover the rest
-BN_BLOCK = (32, 8)              # RM_BN_TX, RM_BN_TY of kernels/recipe_math.cuh
+BN_BLOCK = (32, 8)              # RM_BN_TX, RM_BN_TY of engine/kernels/recipe_math.cuh
 BN_ROWS_PER_THREAD = 32         # rows a reduction thread walks before another block row pays off
 BN_MAX_BLOCKS = 1024
 
@@ -43,7 +43,7 @@ _modules: dict = {}
 
 
 def kernel_source(filename: str) -> str:
-    """The code handed to NVRTC for kernels/<filename> (engine.kernel_check compiles this too).
+    """The code handed to NVRTC for engine/kernels/<filename> (engine.kernel_check compiles this too).
 
     CuPy's kernel cache keys on the code and the options, not on included files: the digest
     of the shared header, appended as a comment, makes an edited header a new cache entry."""
