@@ -42,13 +42,19 @@ bench: $(STAMP)
 	$(PY) bench/overlap.py
 	$(PY) bench/loader.py
 
-# Everything that needs a device: the gpu-marked tests, then the kernel benchmarks.
+# Everything that needs a device: the gpu-marked tests, the mpi-and-gpu tier on one rank per
+# visible GPU (when there are two or more), then the kernel benchmarks. CuPy comes with the gpu
+# extra, so it is installed before the device is probed; the probe exits non-zero with the
+# reason when no device is usable (no CuPy, no driver, a driver older than CuPy's runtime, ...).
 gpu-check: $(STAMP)
-	@$(PY) -c "from engine.backend import gpu_count; import sys; n = gpu_count(); \
-	  print(f'gpu-check: {n} CUDA device(s) visible'); \
-	  sys.exit(0 if n else 'gpu-check: no CUDA device here; install the gpu extra on a GPU machine and rerun')"
 	$(PY) -m pip install -q -e '.[gpu,test,bench]'
-	$(PYTEST) -q -m gpu -rs tests
+	$(PY) -m engine.backend
+	$(PYTEST) -q -m "gpu and not mpi" -rs tests
+	@n=$$($(PY) -c "from engine.backend import gpu_count; print(gpu_count())"); \
+	if [ "$$n" -gt 1 ]; then \
+	  echo "gpu-check: the mpi and gpu tier on $$n ranks"; \
+	  $(MPIEXEC) -n $$n $(PY) tests/mpi_pytest.py -q -m "mpi and gpu" tests || exit 1; \
+	else echo "gpu-check: one GPU: the mpi and gpu tier needs two or more, not run"; fi
 	$(PY) bench/kernels.py --gpu
 
 clean:

@@ -6,10 +6,13 @@ On the CPU, streams and events are no-ops with the same methods, so no caller br
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +24,7 @@ _LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_W
 
 
 class DeviceError(RuntimeError):
-    """The requested device cannot be used (no CuPy, no GPU, bad index)."""
+    """The requested device cannot be used (no CuPy, no GPU, a broken driver, ranks that disagree)."""
 
 
 def local_rank_from_env() -> int:
@@ -53,13 +56,83 @@ def host_math(*arrays):
     return hostmath
 
 
-def gpu_count() -> int:
-    """Number of CUDA devices CuPy can see; 0 when CuPy or the driver is missing."""
+class GpuProbe(NamedTuple):
+    """What `probe_gpus` found: `count` usable CUDA devices, or 0 and the reason why.
+
+    `broken` tells an absent GPU (no CuPy, no NVIDIA driver, no device, devices hidden by
+    CUDA_VISIBLE_DEVICES) from a GPU stack that is there but fails (driver older than
+    CuPy's runtime, CuPy that does not import, an unexpected CUDA error): `--device auto`
+    may train on the CPU in the first case, never in the second."""
+
+    count: int
+    reason: str
+    broken: bool
+
+
+# cudaErrorNoDevice: the driver works and finds no device (or none that CUDA_VISIBLE_DEVICES lets through).
+_CUDA_ERROR_NO_DEVICE = 100
+_INSTALL_HINT = "install the 'gpu' extra: pip install -e '.[gpu]'"
+
+
+def _cuda_version(v: int) -> str:
+    """CUDA's integer version (12040) as people write it (12.4)."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _driver_cuda_version() -> str | None:
+    """The CUDA version the installed NVIDIA driver supports ("12.4"); None when
+    libcuda.so.1, which only the driver installs, cannot be loaded."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return "unknown"
+    return _cuda_version(version.value)
+
+
+def _visible_devices_note() -> str:
+    """How CUDA_VISIBLE_DEVICES restricts the devices, for a message ('' when unset)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "" if value is None else f" (CUDA_VISIBLE_DEVICES={value!r})"
+
+
+def probe_gpus() -> GpuProbe:
+    """Count the CUDA devices CuPy can use, and say why when there are none.
+
+    Never raises: every failure becomes a reason naming its cause (the CUDA error's
+    name and text, the driver's and the runtime's CUDA versions)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and not hidden.strip():
+        return GpuProbe(0, "CUDA_VISIBLE_DEVICES is set but empty: it hides every GPU", False)
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # ImportError, CUDARuntimeError (no driver), ...: no usable GPU
-        return 0
+    except ModuleNotFoundError as e:
+        if e.name != "cupy":     # CuPy is there but one of its own dependencies is not
+            return GpuProbe(0, f"CuPy is installed but does not import: {e}", True)
+        return GpuProbe(0, f"CuPy is not installed ({_INSTALL_HINT})", False)
+    except Exception as e:   # CuPy's import can fail in its extension modules, with any type
+        return GpuProbe(0, f"CuPy is installed but does not import: {type(e).__name__}: {e}", True)
+    driver = _driver_cuda_version()
+    if driver is None:
+        return GpuProbe(0, "no NVIDIA driver: libcuda.so.1 cannot be loaded", False)
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        if e.status == _CUDA_ERROR_NO_DEVICE:
+            return GpuProbe(0, f"the NVIDIA driver sees no CUDA device{_visible_devices_note()}: {e}", False)
+        runtime = _cuda_version(cupy.cuda.runtime.runtimeGetVersion())
+        return GpuProbe(0, f"CUDA error {e.status} {e}{_visible_devices_note()}; the driver supports CUDA "
+                           f"{driver}, CuPy's runtime is CUDA {runtime}", True)
+    if count == 0:
+        return GpuProbe(0, f"the NVIDIA driver sees no CUDA device{_visible_devices_note()}", False)
+    return GpuProbe(count, "", False)
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices CuPy can use (0, for whatever reason: see `probe_gpus`)."""
+    return probe_gpus().count
 
 
 class _HostStream:
@@ -118,6 +191,8 @@ class Backend:
     name: str                 # "cpu" or "gpu"
     xp: ModuleType            # numpy or cupy
     device_id: int | None     # CUDA device of this rank; None on the CPU
+    visible: int = 0          # CUDA devices this rank's process sees
+    why_not_gpu: str = ""     # on the CPU under --device auto: why no GPU was usable
 
     @property
     def is_gpu(self) -> bool:
@@ -148,20 +223,69 @@ class Backend:
 def get_backend(device: str = "auto", local_rank: int | None = None) -> Backend:
     """Pick the array module for `device` ("cpu", "gpu" or "auto") and bind the GPU.
 
+    "auto" takes the GPU when one is usable and the CPU when there is no GPU stack at all
+    (no CuPy, no driver, no device); a GPU stack that is there but fails (a driver older
+    than CuPy's runtime, ...) is an error that names the cause, never a silent CPU run.
     On a GPU, rank `local_rank` of the node takes device `local_rank % count`; it is
     selected here, before any communicator exists, so NCCL sees the right device.
     """
     if device not in DEVICES:
         raise DeviceError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    count = gpu_count() if device != "cpu" else 0
-    if device == "gpu" and count == 0:
-        raise DeviceError("--device gpu was requested, but no CUDA device is visible "
-                          "(install the 'gpu' extra and check nvidia-smi), or use --device cpu")
-    if device == "cpu" or count == 0:
+    if device == "cpu":
         return Backend("cpu", np, None)
+    probe = probe_gpus()
+    if probe.count == 0:
+        if device == "gpu":
+            raise DeviceError(f"--device gpu: no usable CUDA device: {probe.reason} (or use --device cpu)")
+        if probe.broken:
+            raise DeviceError(f"--device auto found a GPU stack that does not work: {probe.reason}; "
+                              "fix it, or pass --device cpu to train on the CPU")
+        return Backend("cpu", np, None, why_not_gpu=probe.reason)
     import cupy
     if local_rank is None:
         local_rank = local_rank_from_env()
-    device_id = local_rank % count
+    device_id = local_rank % probe.count
     cupy.cuda.Device(device_id).use()
-    return Backend("gpu", cupy, device_id)
+    return Backend("gpu", cupy, device_id, visible=probe.count)
+
+
+def agree_on_backend(world, backend: Backend) -> None:
+    """Stop every rank with one message unless all ranks chose the same backend and, on
+    GPUs, no two ranks of a host bound the same device.
+
+    Collective over `world` (an mpi4py communicator): call it on every rank after
+    `get_backend` and before any communicator exists. A CPU rank among GPU ranks would
+    otherwise enter MPI collectives while the others enter NCCL ones (a hang), and two
+    ranks on one device make NCCL fail with "Duplicate GPU"."""
+    me = (backend.name, backend.visible, backend.why_not_gpu, local_rank_from_env(),
+          socket.gethostname(), backend.device_id)
+    everyone = world.allgather(me)
+    names = sorted({name for name, *_ in everyone})
+    if len(names) > 1:
+        lines = [f"rank {r}: " + (f"gpu {device_id} of {visible} visible" if name == "gpu" else f"cpu ({why or 'requested'})")
+                 for r, (name, visible, why, _, _, device_id) in enumerate(everyone)]
+        raise DeviceError("ranks chose different backends, so their collectives would not match:\n  "
+                          + "\n  ".join(lines) + "\nmake every rank see the same devices, or pass --device cpu")
+    if names == ["gpu"]:
+        _check_one_rank_per_device(everyone)
+
+
+def _check_one_rank_per_device(everyone) -> None:
+    by_device: dict = {}
+    for r, (_, visible, _, local_rank, host, device_id) in enumerate(everyone):
+        by_device.setdefault((host, device_id), []).append((r, local_rank, visible))
+    for (host, device_id), ranks in sorted(by_device.items()):
+        if len(ranks) > 1:
+            on_host = sum(1 for *_, h, _ in everyone if h == host)
+            shown = ", ".join(f"rank {r} (local rank {lr})" for r, lr, _ in ranks)
+            raise DeviceError(f"{host}: {shown} would share GPU {device_id}: {on_host} ranks run on this host "
+                              f"and it shows them {ranks[0][2]} GPU(s); NCCL refuses "
+                              f"two ranks on one device ('Duplicate GPU'): start at most {ranks[0][2]} ranks "
+                              "per node (or check that the launcher sets a local rank)")
+
+
+if __name__ == "__main__":     # make gpu-check: the device count, or why there is none (exit 1)
+    found = probe_gpus()
+    if found.count == 0:
+        sys.exit(f"gpu-check: no usable CUDA device: {found.reason}")
+    print(f"gpu-check: {found.count} CUDA device(s) visible")

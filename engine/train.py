@@ -159,7 +159,9 @@ class Trainer:
     """One rank of the job: set up from the options, then `run()`."""
 
     def __init__(self, args):
-        from engine.backend import get_backend
+        from mpi4py import MPI
+
+        from engine.backend import agree_on_backend, get_backend
         from engine.comm import create_communicator
         from engine.data import build_datasets
         from engine.guard import Watchdog
@@ -173,6 +175,7 @@ class Trainer:
 
         self.args = a = args
         self.backend = be = get_backend(a.device)
+        agree_on_backend(MPI.COMM_WORLD, be)    # before any communicator: all ranks on one backend
         self.comm = comm = create_communicator(be)
         self.rank, self.world = comm.rank, comm.size
         self.threads = limit_blas_threads(a.threads)

@@ -1,8 +1,38 @@
+import importlib.abc
+import sys
+import types
+
 import numpy as np
 import pytest
+# The real exception type CuPy raises for CUDA runtime errors (cupy is in the test extra).
+from cupy_backends.cuda.api.runtime import CUDARuntimeError
 
 from engine import backend
-from engine.backend import DeviceError, get_backend
+from engine.backend import DeviceError, agree_on_backend, get_backend
+
+NO_DEVICE, INSUFFICIENT_DRIVER = 100, 35      # cudaErrorNoDevice, cudaErrorInsufficientDriver
+
+
+def fake_cupy(monkeypatch, count=0, error=None, driver="12.9"):
+    """Put a stand-in CuPy in sys.modules whose device count is `count` or whose count call
+    raises `error` (a real CUDARuntimeError); `driver` is what libcuda reports (None: no
+    driver). Returns the list of devices the code under test bound with Device(i).use()."""
+    bound = []
+
+    def get_device_count():
+        if error is not None:
+            raise error
+        return count
+
+    runtime = types.SimpleNamespace(getDeviceCount=get_device_count, CUDARuntimeError=CUDARuntimeError,
+                                    runtimeGetVersion=lambda: 12090)
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=runtime,
+                                      Device=lambda i: types.SimpleNamespace(use=lambda: bound.append(i)))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(backend, "_driver_cuda_version", lambda: driver)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return bound
 
 
 def test_cpu_backend_is_numpy_with_noop_streams():
@@ -24,15 +54,66 @@ def test_unknown_device_names_the_option():
         get_backend("tpu")
 
 
-def test_gpu_requested_without_gpu_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(backend, "gpu_count", lambda: 0)
-    with pytest.raises(DeviceError, match="no CUDA device is visible"):
+def test_without_cupy_auto_trains_on_the_cpu_and_gpu_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)    # import cupy raises ModuleNotFoundError
+    assert backend.probe_gpus() == (0, "CuPy is not installed (install the 'gpu' extra: "
+                                       "pip install -e '.[gpu]')", False)
+    be = get_backend("auto")
+    assert be.name == "cpu" and "CuPy is not installed" in be.why_not_gpu
+    with pytest.raises(DeviceError, match=r"--device gpu: no usable CUDA device: CuPy is not installed"):
         get_backend("gpu")
 
 
-def test_auto_without_gpu_falls_back_to_cpu(monkeypatch):
-    monkeypatch.setattr(backend, "gpu_count", lambda: 0)
+def test_a_cupy_that_fails_to_import_is_not_a_missing_gpu(monkeypatch):
+    class BrokenCupy(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "cupy":
+                raise ImportError("libnvrtc.so.12: cannot open shared object file")
+
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenCupy(), *sys.meta_path])
+    found = backend.probe_gpus()
+    assert found.count == 0 and found.broken and "libnvrtc.so.12" in found.reason
+    with pytest.raises(DeviceError, match="does not work: CuPy is installed but does not import.*--device cpu"):
+        get_backend("auto")
+
+
+def test_without_a_driver_auto_trains_on_the_cpu(monkeypatch):
+    fake_cupy(monkeypatch, error=CUDARuntimeError(INSUFFICIENT_DRIVER), driver=None)
+    assert get_backend("auto").why_not_gpu == "no NVIDIA driver: libcuda.so.1 cannot be loaded"
+    with pytest.raises(DeviceError, match="libcuda.so.1 cannot be loaded"):
+        get_backend("gpu")
+
+
+def test_a_driver_older_than_the_runtime_refuses_auto_with_both_versions(monkeypatch):
+    fake_cupy(monkeypatch, error=CUDARuntimeError(INSUFFICIENT_DRIVER), driver="11.4")
+    found = backend.probe_gpus()
+    assert found.count == 0 and found.broken
+    for part in ("CUDA error 35", "cudaErrorInsufficientDriver", "driver supports CUDA 11.4",
+                 "runtime is CUDA 12.9"):
+        assert part in found.reason, found.reason
+    with pytest.raises(DeviceError, match="--device auto found a GPU stack that does not work: CUDA error 35"):
+        get_backend("auto")
+    with pytest.raises(DeviceError, match="--device gpu: no usable CUDA device: CUDA error 35"):
+        get_backend("gpu")
+
+
+def test_visible_devices_that_hide_every_gpu_are_named(monkeypatch):
+    fake_cupy(monkeypatch, error=CUDARuntimeError(NO_DEVICE))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    found = backend.probe_gpus()
+    assert not found.broken and "CUDA_VISIBLE_DEVICES='7'" in found.reason
+    assert "cudaErrorNoDevice" in found.reason
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", " ")
+    assert backend.probe_gpus().reason == "CUDA_VISIBLE_DEVICES is set but empty: it hides every GPU"
     assert get_backend("auto").name == "cpu"
+
+
+def test_gpu_backend_binds_local_rank_modulo_the_count(monkeypatch):
+    bound = fake_cupy(monkeypatch, count=2)
+    be = get_backend("auto", local_rank=3)
+    assert (be.name, be.device_id, be.visible, bound) == ("gpu", 1, 2, [1])
+    assert be.xp is sys.modules["cupy"]
 
 
 @pytest.mark.parametrize("var", ["MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"])
@@ -57,3 +138,45 @@ def test_gpu_backend_binds_device_from_local_rank():
     ev.synchronize()
     assert ev.done()
     np.testing.assert_array_equal(be.asnumpy(x * 2), np.arange(5) * 2)
+
+
+# ---- ranks agree on the backend (mpiexec -n 2) ------------------------------------------
+
+def backend_of_rank(monkeypatch, comm, counts, local_ranks=None):
+    """get_backend("auto") on this rank with `counts[rank]` GPUs visible (stand-in CuPy)."""
+    count = counts[comm.rank]
+    fake_cupy(monkeypatch, count=count, error=None if count else CUDARuntimeError(NO_DEVICE))
+    return get_backend("auto", local_rank=(local_ranks or range(comm.size))[comm.rank])
+
+
+@pytest.mark.mpi
+def test_a_rank_without_gpu_stops_every_rank_with_its_reason(monkeypatch, comm):
+    assert comm.size == 2
+    be = backend_of_rank(monkeypatch, comm, counts=(2, 0))
+    with pytest.raises(DeviceError, match=r"(?s)ranks chose different backends.*rank 0: gpu 0 of 2 visible"
+                                          r".*rank 1: cpu \(the NVIDIA driver sees no CUDA device"):
+        agree_on_backend(comm, be)
+
+
+@pytest.mark.mpi
+def test_more_ranks_than_gpus_on_a_host_is_refused(monkeypatch, comm):
+    assert comm.size == 2
+    be = backend_of_rank(monkeypatch, comm, counts=(1, 1))
+    with pytest.raises(DeviceError, match=r"rank 0 \(local rank 0\), rank 1 \(local rank 1\) would share GPU 0: "
+                                          r"2 ranks run on this host and it shows them 1 GPU\(s\).*Duplicate GPU"):
+        agree_on_backend(comm, be)
+
+
+@pytest.mark.mpi
+def test_an_unset_local_rank_that_binds_one_device_twice_is_refused(monkeypatch, comm):
+    be = backend_of_rank(monkeypatch, comm, counts=(2, 2), local_ranks=(0, 0))
+    with pytest.raises(DeviceError, match="would share GPU 0.*local rank"):
+        agree_on_backend(comm, be)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("counts", [(2, 2), (0, 0)], ids=["one-gpu-each", "all-cpu"])
+def test_agreeing_ranks_pass(monkeypatch, comm, counts):
+    be = backend_of_rank(monkeypatch, comm, counts)
+    agree_on_backend(comm, be)
+    assert be.name == ("gpu" if counts[0] else "cpu")
