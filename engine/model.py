@@ -10,7 +10,9 @@ Flat layout = the order in which backward finishes gradients: fc first, then the
 from last to first (in each block: the downsample branch, then bn3, conv3, ..., conv1),
 then the stem. After each layer's backward, `grad_ready(start, stop)` reports the flat
 range that just became final; the ranges tile [0, layout.total) front to back, padding
-included, so a reducer can launch each bucket as soon as its last range arrives.
+included, so a reducer can launch each bucket as soon as its last range arrives. A layer
+reports only once it has computed its input gradient, its last read of its parameters,
+so the caller may also update params[start:stop] inside the call.
 
 Names are torchvision's ("layer3.2.conv2.weight"); shapes are ours (conv HWIO, fc
 (in, out)); engine.torchvision_io converts for state_dict()/load_state_dict().

@@ -34,8 +34,10 @@ underflow below 6e-8 (no loss scaling is applied here).
 timeline it also synchronizes each bucket to record its all-reduce times). With `update=callback`, each bucket's
 callback(start, stop) runs as soon as that bucket is reduced, while later buckets are still
 in flight; with `early_update=True` the callbacks may even run inside backward (from
-grad_ready), which is safe because a bucket's layers are finished with their weights by
-then. bench/overlap.py measures which of these is faster.
+grad_ready), which is safe because a layer reports its range only after its backward has
+computed the input gradient, its last read of its weights in the step (engine.layers), so
+no weight of a launched bucket is read again before the next forward. bench/overlap.py
+measures which of these is faster.
 """
 from __future__ import annotations
 

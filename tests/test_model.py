@@ -90,6 +90,82 @@ def test_grad_ready_reports_only_final_gradients(rng):
         np.testing.assert_array_equal(model.grads[a:b], snap)
 
 
+def test_grad_ready_comes_after_the_layer_last_reads_its_parameters(rng):
+    """A reported range may be updated at once (the reducer's early_update): poisoning
+    params[start:stop] with NaN inside grad_ready must leave every gradient, float64, bit
+    for bit as a plain backward computes it."""
+    model = build_model("resnet18", 4, CPU, seed=int(rng.integers(1 << 30)), dtype=np.float64)
+    x = rng.standard_normal((2, 32, 32, 3))
+    labels = rng.integers(0, 4, 2)
+    _step(model, x, labels)
+    plain = model.grads.copy()
+
+    def poison(a, b):
+        model.params[a:b] = np.nan
+    _step(model, x, labels, poison)
+    assert np.isnan(model.params).all()
+    np.testing.assert_array_equal(model.grads, plain)
+
+
+class _InstantComm:
+    """One rank whose collectives are complete when they return (a sum over one rank is
+    the buffer itself), so the reducer may update a bucket inside the grad_ready call that
+    launched it."""
+
+    rank, size = 0, 1
+
+    class _Work:
+        def wait(self):
+            pass
+
+        def done(self):
+            return True
+
+    def allreduce_async(self, buf, op="sum"):
+        return self._Work()
+
+
+def _reducer_step(seed, x, labels, optimizer, coef, early):
+    """One ResNet-18 step through a Reducer with one bucket per layer; returns the
+    parameters after it and, per update, how many layers backward had reported by then."""
+    from engine.optimizer import make_optimizer
+    from engine.reducer import Reducer
+    model = build_model("resnet18", 4, CPU, seed=seed)
+    opt = make_optimizer(optimizer, model.params, model.layout, CPU)
+    reducer = Reducer(model.layout, model.grads, _InstantComm(), bucket_mb=0, early_update=early)
+    reported, updated_after = [], []
+
+    def grad_ready(a, b):
+        reported.append((a, b))
+        reducer.grad_ready(a, b)
+
+    def update(a, b):
+        updated_after.append(len(reported))
+        opt.update(reducer.reduced, a, b, coef=coef)
+    reducer.prepare(update)
+    _step(model, x, labels, grad_ready)
+    reducer.finish()
+    return model.params.copy(), updated_after
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "hybrid"])
+def test_early_update_step_equals_a_normal_step(rng, optimizer):
+    """ResNet-18, one bucket per layer, works that complete at once: the parameters after
+    a step whose updates run inside backward equal, bit for bit, those after a step that
+    updates once backward is over (float32: the reducer reduces float32 gradients)."""
+    from engine.schedule import Coefficients
+    seed = int(rng.integers(1 << 30))
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 2)
+    coef = Coefficients(eta=0.5, a_sgd=0.5, a_rms=0.01)
+    normal, _ = _reducer_step(seed, x, labels, optimizer, coef, early=False)
+    early, updated_after = _reducer_step(seed, x, labels, optimizer, coef, early=True)
+    layers = 20 + 20 + 1
+    assert len(updated_after) == layers and updated_after[0] == 1    # fc updated inside backward
+    assert np.isfinite(early).all()
+    np.testing.assert_array_equal(early, normal)
+
+
 def test_layout_order_decay_and_views():
     model = build_model("resnet50", 1000, CPU)
     names = [s.name for s in model.layout.slots]
