@@ -1,9 +1,10 @@
 """Fused CUDA kernels of the recipe: loader and launchers (CuPy, NVRTC).
 
 Each engine/kernels/*.cu file is compiled once per process by `cupy.RawModule` with NVRTC and
-the fixed option tuple NVRTC_OPTIONS (engine.kernel_check compiles with exactly this tuple,
-for sm_70/sm_80/sm_90, in the normal test suite). CuPy is imported lazily: this module
-imports, and its launchers can be inspected, without CuPy.
+the fixed option tuple NVRTC_OPTIONS, to which CuPy adds its own (include dirs, -ftz=true,
+-arch; engine.kernel_check compiles with exactly that assembly, for sm_70/sm_80/sm_90, in the
+normal test suite). CuPy is imported lazily: this module imports, and its launchers can be
+inspected, without CuPy.
 
 Every launcher casts each argument to the C type of the kernel's parameter (np.float32 for
 float, np.int64 for long long, np.int32 for int); a test checks each launcher's arguments
@@ -29,8 +30,10 @@ from engine.backend import array_module
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 
-# The one option tuple of every kernel compile. No fast math: sqrtf and division stay IEEE,
-# as in the host build the CPU path uses.
+# The one option tuple of every kernel compile. No fast math: sqrtf and division stay
+# correctly rounded, as in the host build the CPU path uses. CuPy appends -ftz=true after
+# these (and NVRTC keeps the last), so float32 subnormals flush to zero on the device:
+# README, "Kernels", says what that changes.
 NVRTC_OPTIONS = ("--std=c++17", f"--include-path={KERNELS_DIR}")
 
 THREADS = 256
@@ -39,7 +42,8 @@ BN_BLOCK = (32, 8)              # RM_BN_TX, RM_BN_TY of engine/kernels/recipe_ma
 BN_ROWS_PER_THREAD = 32         # rows a reduction thread walks before another block row pays off
 BN_MAX_BLOCKS = 1024
 
-_modules: dict = {}
+_modules: dict = {}      # file name -> cupy.RawModule
+_functions: dict = {}    # (file name, kernel) -> its cupy Function, fetched once
 
 
 def kernel_source(filename: str) -> str:
@@ -60,9 +64,19 @@ def _module(filename: str):
     return mod
 
 
+def _function(filename: str, kernel: str):
+    """The kernel's function object, looked up by name once per process (a process binds one
+    device, see engine.backend, so one object per kernel serves every launch)."""
+    key = (filename, kernel)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = _functions[key] = _module(filename).get_function(kernel)
+    return fn
+
+
 def _launch(filename: str, kernel: str, grid: tuple, block: tuple, args: tuple) -> None:
     """The single place where a kernel runs (tests replace it to record the arguments)."""
-    _module(filename).get_function(kernel)(grid, block, args)
+    _function(filename, kernel)(grid, block, args)
 
 
 def _grid_1d(n_items: int) -> tuple:

@@ -1,8 +1,9 @@
 """Checks of the CUDA kernels that need no GPU: NVRTC compile, ptxas report, SASS, signatures.
 
-The kernels are compiled here exactly as engine.cuda_ops compiles them at run time (its
-NVRTC_OPTIONS, imported, never copied), plus the target architecture:
+The kernels are compiled here with the options NVRTC receives at run time: engine.cuda_ops's
+NVRTC_OPTIONS (imported, never copied) as CuPy's RawModule assembles them with its own:
 
+    runtime_options("sm_80") -> (..., *NVRTC_OPTIONS, ..., "-ftz=true", "-arch=sm_80", ...)
     compile_kernel_file(path, "sm_80") -> Compiled(ptx, cubin, log)   # NVRTC through ctypes, the
                                                                       # loader's source and options
     ptxas_report(compiled.log) -> {kernel: PtxasInfo(registers, spill_stores, spill_loads, ...)}
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.util
 import re
 import shutil
@@ -105,15 +107,81 @@ def compile_kernel_file(path, arch: str, extra=()) -> Compiled:
     return compile_source(kernel_source(name), name, arch, extra)
 
 
-def compile_source(source: str, name: str, arch: str, extra=()) -> Compiled:
-    """Compile CUDA source with the runtime options plus `--gpu-architecture=arch` and `extra`."""
+# ---- the options CuPy hands NVRTC -----------------------------------------------------
+# cupy.RawModule(code, options, backend="nvrtc") compiles through cupy._core.core.compile_with_cache
+# (CuPy 13 and 14), which calls assemble_cupy_compiler_options: CCCL include dirs, then ours,
+# then CuPy's include dir and the CUDA include dir (the nvidia-cuda-runtime wheel's, or the
+# toolkit's). cupy.cuda.compiler then appends "-ftz=true" (_compile_with_cache_cuda), the
+# architecture ("-arch=sm_XX": a cubin, for architectures this NVRTC knows) and, RawModule
+# not using Jitify, "--device-as-default-execution-space". NVRTC takes the LAST of two
+# conflicting options, so an "-ftz=false" of ours cannot undo CuPy's "-ftz=true".
+_OPTIONS_PROBE = "// engine.kernel_check: capture CuPy's NVRTC options\n"
+
+
+class _Captured(Exception):
+    pass
+
+
+def reassembled_options(arch: str) -> tuple:
+    """What CuPy adds to NVRTC_OPTIONS for `arch`, re-assembled without CuPy: all of it but the
+    include dirs, which exist only where CuPy is installed (our kernels include none of theirs)."""
+    return (*NVRTC_OPTIONS, "-ftz=true", f"-arch={arch}", "--device-as-default-execution-space")
+
+
+def cupy_options(arch: str) -> tuple:
+    """CuPy's own assembly of NVRTC_OPTIONS for `arch`, from CuPy's code: RawModule's compile
+    path runs up to its NVRTC call for a probe source, which records the options and stops it.
+    No device is needed: the architecture is given and the per-device memo of CuPy's
+    architecture option is bypassed. Raises ImportError without CuPy."""
+    from cupy._core import core
+    from cupy.cuda import compiler
+
+    seen = []
+    program_compile = compiler._NVRTCProgram.compile
+    arch_option = compiler._get_arch_for_options_for_nvrtc
+
+    def capture(program, options=(), log_stream=None):
+        if program.src == _OPTIONS_PROBE:
+            seen.append(tuple(options))
+            raise _Captured
+        return program_compile(program, options, log_stream)    # CuPy's own preprocess of ''
+
+    compiler._NVRTCProgram.compile = capture
+    compiler._get_arch_for_options_for_nvrtc = getattr(arch_option, "__wrapped__", arch_option)
+    try:
+        core.compile_with_cache(_OPTIONS_PROBE, NVRTC_OPTIONS, arch=arch.removeprefix("sm_"),
+                                prepend_cupy_headers=False, backend="nvrtc")
+    except _Captured:
+        pass
+    finally:
+        compiler._NVRTCProgram.compile = program_compile
+        compiler._get_arch_for_options_for_nvrtc = arch_option
+    if len(seen) != 1:
+        raise RuntimeError(f"CuPy's compile path did not reach NVRTC for the options probe ({len(seen)} calls): "
+                           "engine.kernel_check does not know this CuPy version")
+    return seen[0]
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_options(arch: str) -> tuple:
+    """The options NVRTC receives when CuPy compiles our kernels for `arch` ("sm_80"): CuPy's
+    own assembly where CuPy imports, else `reassembled_options`."""
+    try:
+        return cupy_options(arch)
+    except ImportError:
+        return reassembled_options(arch)
+
+
+def compile_source(source: str, name: str, arch: str, extra=(), options=None) -> Compiled:
+    """Compile CUDA source with `options` (default: the run-time options for `arch`,
+    `runtime_options`) plus `extra`."""
     lib = nvrtc()
     prog = ctypes.c_void_p()
     status = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None)
     if status:
         raise NvrtcError(f"{name}: nvrtcCreateProgram: {lib.nvrtcGetErrorString(status).decode()}")
     try:
-        options = [*NVRTC_OPTIONS, f"--gpu-architecture={arch}", *extra]
+        options = [*(runtime_options(arch) if options is None else options), *extra]
         argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
         status = lib.nvrtcCompileProgram(prog, len(options), argv)
         log = _read(lib, prog, "log").rstrip(b"\0").decode(errors="replace")

@@ -2,6 +2,7 @@
 import re
 import subprocess
 import sys
+import types
 from functools import lru_cache
 
 import numpy as np
@@ -26,6 +27,33 @@ def test_the_check_uses_the_loaders_options():
     assert kc.NVRTC_OPTIONS is cuda_ops.NVRTC_OPTIONS
     assert FILES and {f.name for f in FILES} >= {"optimizer_update.cu", "bn_forward.cu", "bn_backward.cu",
                                                  "bn_infer.cu", "fp16_pack.cu"}
+
+
+@pytest.mark.parametrize("arch", kc.ARCHS)
+def test_the_check_compiles_with_the_options_cupy_assembles(arch):
+    """CuPy's own RawModule path, stopped at its NVRTC call: ours, between its include dirs,
+    then -ftz=true, the architecture and --device-as-default-execution-space."""
+    options = kc.cupy_options(arch)
+    assert kc.runtime_options(arch) == options
+    ours = options.index(cuda_ops.NVRTC_OPTIONS[0])
+    assert options[ours:ours + len(cuda_ops.NVRTC_OPTIONS)] == cuda_ops.NVRTC_OPTIONS
+    assert options[-3:] == ("-ftz=true", f"-arch={arch}", "--device-as-default-execution-space")
+    # Without CuPy the check re-assembles the same, less the include dirs only CuPy has.
+    assert tuple(o for o in options if not o.startswith("-I")) == kc.reassembled_options(arch)
+
+
+def test_cupy_flushes_denormals_and_an_ftz_false_of_ours_cannot_undo_it(monkeypatch):
+    """Evidence for README's FTZ note: .ftz instructions in the PTX of the run-time options."""
+    source = cuda_ops.kernel_source("optimizer_update.cu")
+    run_time = compiled("optimizer_update.cu", "sm_80").ptx
+    ieee = kc.compile_source(source, "optimizer_update.cu", "sm_80", ("-ftz=false",)).ptx  # after CuPy's
+    assert run_time.count(".ftz") > 100 and ieee.count(".ftz") == 0
+    # Ours come before CuPy's -ftz=true, and NVRTC keeps the last of the two.
+    monkeypatch.setattr(kc, "NVRTC_OPTIONS", (*cuda_ops.NVRTC_OPTIONS, "-ftz=false"))
+    options = kc.cupy_options("sm_80")
+    assert options.index("-ftz=false") < options.index("-ftz=true")
+    ours = kc.compile_source(source, "optimizer_update.cu", "sm_80", options=options)
+    assert ours.ptx.count(".ftz") == run_time.count(".ftz")
 
 
 @pytest.mark.parametrize("arch", kc.ARCHS)
@@ -191,3 +219,26 @@ def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
     x2d = np.random.default_rng().standard_normal((10, 4)).astype(np.float32)
     batchnorm.bn_train_forward(x2d, np.ones(4, np.float32), np.zeros(4, np.float32), 1e-5, False)
     assert seen == {}
+
+
+def test_each_kernel_is_compiled_and_fetched_once(monkeypatch):
+    """_launch looks a kernel up by name only on its first launch (stand-in cupy.RawModule)."""
+    compiled_files, fetched, ran = [], [], []
+
+    class RawModule:
+        def __init__(self, code, options, backend):
+            assert options == cuda_ops.NVRTC_OPTIONS and backend == "nvrtc"
+            compiled_files.append(code)
+
+        def get_function(self, name):
+            fetched.append(name)
+            return lambda grid, block, args: ran.append((name, grid, block, args))
+
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+    monkeypatch.setattr(cuda_ops, "_modules", {})
+    monkeypatch.setattr(cuda_ops, "_functions", {})
+    for step in range(3):
+        cuda_ops._launch("fp16_pack.cu", "pack_fp16", (2,), (256,), (step,))
+        cuda_ops._launch("fp16_pack.cu", "unpack_fp16", (1,), (256,), (step,))
+    assert len(compiled_files) == 1 and fetched == ["pack_fp16", "unpack_fp16"]
+    assert ran[-2:] == [("pack_fp16", (2,), (256,), (2,)), ("unpack_fp16", (1,), (256,), (2,))] and len(ran) == 6
