@@ -1,14 +1,21 @@
 """Data sets: the built-in digits, ImageNet-layout folders, and synthetic images.
 
 A data set is a list of samples: `load(i)` returns image i as uint8 HWC with 3 channels
-(raising on an unreadable file), `labels[i]` its class, `describe(i)` what to name in an
-error message. Each data set also says how it should be augmented (`flip`, `crop_scale`)
-and normalized (`mean`, `std`, per channel, on the 0..255 scale).
+(raising on an unreadable file), `open(i)` a context manager giving what the transforms
+take (the array itself, or a PIL image not yet decoded, so that a JPEG can be decoded at
+the scale its crop needs), `labels[i]` its class, `describe(i)` what to name in an error
+message. Each data set also says how it should be augmented (`flip`, `crop_scale`) and
+normalized (`mean`, `std`, per channel, on the 0..255 scale).
+
+Image folders read every format Pillow opens, skip hidden entries (names starting with a
+dot: `.ipynb_checkpoints`, `.DS_Store`), scale 16-bit images to 8 bits, and ignore EXIF
+orientation (pixels as stored, as torchvision does).
 
 Nothing here imports MPI: loader worker processes import this module.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -16,8 +23,8 @@ import numpy as np
 
 DATASETS = ("digits", "imagefolder", "synthetic")
 
-# Extensions accepted in ImageNet-layout folders (compared case-insensitively).
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# Modes of 16-bit (and 32-bit integer) images; their values are read as 0..65535.
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -51,6 +58,9 @@ class ArrayDataset:
     def load(self, i: int) -> np.ndarray:
         return self.images[i]
 
+    def open(self, i: int):
+        return contextlib.nullcontext(self.images[i])
+
     def describe(self, i: int) -> str:
         return f"{self.name} image {i}"
 
@@ -76,12 +86,38 @@ class FolderDataset:
         return len(self.labels)
 
     def load(self, i: int) -> np.ndarray:
+        with self.open(i) as im:
+            return np.asarray(to_rgb(im))
+
+    def open(self, i: int):
+        """The file's PIL image, header read, pixels not yet decoded; closes its file on exit."""
         from PIL import Image
-        with Image.open(self.paths[i]) as im:
-            return np.asarray(im.convert("RGB"))
+        return Image.open(self.paths[i])
 
     def describe(self, i: int) -> str:
         return self.paths[i]
+
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB. 16-bit gray (and 32-bit integer) images are scaled from
+    0..65535 to 0..255 (PIL's convert would clip every value above 255 to white)."""
+    from PIL import Image
+    if im.mode in WIDE_INTEGER_MODES:
+        wide = np.clip(np.asarray(im, np.int64), 0, 65535)
+        im = Image.fromarray(((wide + 128) // 257).astype(np.uint8))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def image_extensions() -> frozenset:
+    """Lower-case file extensions of every format this Pillow can open (not only save)."""
+    from PIL import Image
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _visible(entries):
+    """Directory entries whose names do not start with a dot (hidden files and folders)."""
+    return [e for e in entries if not e.name.startswith(".")]
 
 
 def _to_rgb_uint8(gray: np.ndarray, size: int) -> np.ndarray:
@@ -141,7 +177,7 @@ def _list_split(split_dir: str, classes: list | None) -> tuple[list, np.ndarray,
     if not os.path.isdir(split_dir):
         raise DataError(f"{split_dir}: not a directory (expected ImageNet layout "
                         f"<data>/train/<class>/*.JPEG and <data>/val/<class>/*.JPEG)")
-    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    found = sorted(e.name for e in _visible(os.scandir(split_dir)) if e.is_dir())
     if not found:
         raise DataError(f"{split_dir}: no class directories (expected {split_dir}/<class>/*.JPEG)")
     if classes is None:
@@ -150,13 +186,16 @@ def _list_split(split_dir: str, classes: list | None) -> tuple[list, np.ndarray,
     if unknown:
         raise DataError(f"{split_dir}: class directories not present in train: {', '.join(unknown[:5])}")
     index = {c: k for k, c in enumerate(classes)}
+    extensions = image_extensions()
     paths, labels = [], []
     for c in found:
         class_dir = os.path.join(split_dir, c)
-        files = sorted(e.path for e in os.scandir(class_dir)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        entries = [e for e in _visible(os.scandir(class_dir)) if e.is_file()]
+        files = sorted(e.path for e in entries if os.path.splitext(e.name)[1].lower() in extensions)
         if not files:
-            raise DataError(f"{class_dir}: no images ({'/'.join(IMAGE_EXTENSIONS)})")
+            others = sorted({os.path.splitext(e.name)[1] or e.name for e in entries})
+            found_note = f"; found only {', '.join(others[:5])}" if others else ""
+            raise DataError(f"{class_dir}: no images (no file in a format Pillow reads{found_note})")
         paths += files
         labels += [index[c]] * len(files)
     return paths, np.asarray(labels, np.int64), classes

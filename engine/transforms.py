@@ -6,6 +6,13 @@ Val: resize the shorter side to size * 256/224, center crop size x size (224 -> 
 Both work on uint8 HWC arrays and return uint8 HWC; normalization to float happens later,
 on the training device, so only bytes travel between processes.
 
+Both take either a uint8 HWC array or a PIL image whose pixels are not decoded yet. The
+crop box is drawn from the image's full size, then a JPEG is decoded at the smallest DCT
+scale (1/2, 1/4, 1/8: libjpeg's scaled IDCT, through PIL's `draft`) that still leaves the
+box at least as large as the output, and resampled once. So a crop downscaled 2x or more
+costs a fraction of a full decode, and the box, hence the augmentation, is the same
+whichever way the pixels were decoded.
+
 Randomness comes from a Generator the caller seeds per sample (seed, epoch, index), so an
 image's augmentation does not depend on which worker or which resumed run produced it.
 """
@@ -16,13 +23,40 @@ import math
 import numpy as np
 from PIL import Image
 
+from engine.data import to_rgb
+
 RESIZE_RATIO = 256 / 224
 ASPECT_RANGE = (3 / 4, 4 / 3)
+DCT_SCALES = (8, 4, 2)     # the reductions libjpeg decodes directly
 
 
-def _resize_box(img: np.ndarray, box: tuple, out_w: int, out_h: int) -> np.ndarray:
-    """Bilinear resample of the (x0, y0, x1, y1) region of img to out_w x out_h."""
-    im = Image.fromarray(img)
+def source_size(src) -> tuple:
+    """(height, width) of a uint8 HWC array or of a PIL image (from its header alone)."""
+    if isinstance(src, np.ndarray):
+        return src.shape[:2]
+    return src.size[1], src.size[0]
+
+
+def _decode_for(im, box: tuple, out_w: int, out_h: int):
+    """(RGB image, box in its pixels): decoded at the largest DCT reduction that keeps the
+    box at least out_w x out_h (none for formats other than JPEG: draft returns None)."""
+    shrink = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
+    k = next((k for k in DCT_SCALES if k <= shrink), 1)
+    if k > 1:
+        w, h = im.size
+        drafted = im.draft("RGB", (w // k, h // k))
+        if drafted is not None:
+            scale = w / drafted[1][2]       # the reduction libjpeg will apply
+            box = tuple(c / scale for c in box)
+    return to_rgb(im), box
+
+
+def _resize_box(src, box: tuple, out_w: int, out_h: int) -> np.ndarray:
+    """Bilinear resample of the (x0, y0, x1, y1) region of src to out_w x out_h, as uint8 HWC."""
+    if isinstance(src, np.ndarray):
+        im = Image.fromarray(src)
+    else:
+        im, box = _decode_for(src, box, out_w, out_h)
     return np.asarray(im.resize((out_w, out_h), Image.BILINEAR, box=box))
 
 
@@ -51,29 +85,33 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple,
 class TrainTransform:
     def __init__(self, size: int, scale: tuple = (0.08, 1.0), flip: bool = True):
         self.size, self.scale, self.flip = size, tuple(scale), flip
+        self.output_shape = (size, size, 3)
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        h, w = img.shape[:2]
+    def plan(self, h: int, w: int, rng: np.random.Generator) -> tuple:
+        """(crop box, flip?) for an h x w image: every random draw of one sample."""
         box = random_crop_box(h, w, rng, self.scale)
-        out = _resize_box(img, box, self.size, self.size)
-        if self.flip and rng.random() < 0.5:
-            out = out[:, ::-1]
-        return out
+        return box, bool(self.flip and rng.random() < 0.5)
+
+    def __call__(self, src, rng: np.random.Generator) -> np.ndarray:
+        box, flip = self.plan(*source_size(src), rng)
+        out = _resize_box(src, box, self.size, self.size)
+        return out[:, ::-1] if flip else out
 
 
 class ValTransform:
     def __init__(self, size: int):
         self.size = size
         self.resize = int(round(size * RESIZE_RATIO))
+        self.output_shape = (size, size, 3)
 
-    def __call__(self, img: np.ndarray, rng=None) -> np.ndarray:
-        h, w = img.shape[:2]
+    def __call__(self, src, rng=None) -> np.ndarray:
+        h, w = source_size(src)
         # Shorter side -> self.resize, then the central size x size window of that image,
         # done as one resample of the matching source box.
         s = self.resize / min(h, w)
         crop = self.size / s                      # the crop's side in source pixels
         x0, y0 = (w - crop) / 2, (h - crop) / 2
-        return _resize_box(img, (x0, y0, x0 + crop, y0 + crop), self.size, self.size)
+        return _resize_box(src, (x0, y0, x0 + crop, y0 + crop), self.size, self.size)
 
 
 def normalize(batch_uint8, mean, std, xp=np):

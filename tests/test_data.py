@@ -1,4 +1,6 @@
-"""Data sets and transforms: the digits split, ImageNet-layout folders, crops."""
+"""Data sets and transforms: the digits split, ImageNet-layout folders, crops, decoding."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -104,12 +106,17 @@ def test_random_crop_box_respects_scale_and_aspect():
         assert 0.27 < area < 0.85 and 0.7 < aspect < 1.4
 
 
+def smooth_image(rng, h, w, period=20.0, noise=0.0):
+    """Random low-frequency waves per channel (plus Gaussian noise), uint8 HWC."""
+    yy, xx = np.mgrid[0:h, 0:w] / period
+    phase = rng.uniform(0, 6, size=(3, 2))
+    img = np.stack([127 + 100 * np.sin(xx + p[0]) * np.cos(yy + p[1]) for p in phase], -1)
+    return np.clip(img + rng.normal(0, noise, img.shape) if noise else img, 0, 255).astype(np.uint8)
+
+
 def test_val_transform_is_resize_then_center_crop():
     # A smooth random image (low-frequency waves), so sub-pixel offsets change little.
-    rng = np.random.default_rng()
-    yy, xx = np.mgrid[0:60, 0:80] / 20.0
-    phase = rng.uniform(0, 6, size=(3, 2))
-    img = np.stack([127 + 100 * np.sin(xx + p[0]) * np.cos(yy + p[1]) for p in phase], -1).astype(np.uint8)
+    img = smooth_image(np.random.default_rng(), 60, 80)
     out = transforms.ValTransform(28)(img)
     # Reference: the two-step torchvision recipe done literally with PIL.
     short = 32  # round(28 * 256 / 224)
@@ -144,3 +151,122 @@ def test_normalize_matches_float64_reference():
     ref = (x.astype(np.float64) - np.asarray(mean)) / np.asarray(std)
     assert got.dtype == np.float32
     assert np.max(np.abs(got - ref) / (np.abs(ref) + 1)) < 1e-6
+
+
+# ---- decoding only what the crop needs (DCT scaling), and the same augmentation ----------
+
+@pytest.fixture
+def count_dct_reductions(monkeypatch):
+    """Counts the decodes that libjpeg was asked to do at a reduced scale."""
+    from PIL import JpegImagePlugin
+    seen = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original(self, mode, size)
+        if result is not None and self.decoderconfig[0] > 1:
+            seen.append(self.decoderconfig[0])
+        return result
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["train", "val"])
+def test_dct_scaled_decode_keeps_the_crop_box_and_the_pixels(tmp_path, kind, count_dct_reductions):
+    rng = np.random.default_rng()
+    path = tmp_path / "big.JPEG"
+    Image.fromarray(smooth_image(rng, 600, 800, period=40.0, noise=6.0)).save(path, quality=90)
+    full = np.asarray(Image.open(path).convert("RGB"))
+    tf = transforms.TrainTransform(64) if kind == "train" else transforms.ValTransform(64)
+    diffs = []
+    for seed in rng.integers(1 << 30, size=12):
+        if kind == "train":     # the box comes from the header's size: same draws, same box
+            with Image.open(path) as im:
+                assert tf.plan(*transforms.source_size(im), np.random.default_rng(seed)) == \
+                    tf.plan(*full.shape[:2], np.random.default_rng(seed))
+        with Image.open(path) as im:
+            scaled = tf(im, np.random.default_rng(seed))
+        reference = tf(full, np.random.default_rng(seed))
+        assert scaled.shape == reference.shape == (64, 64, 3)
+        diffs.append(np.abs(scaled.astype(float) - reference).mean())
+    # Crops of >= 128 px shrunk to 64 are decoded at 1/2 or less; the image matches the
+    # full decode to about a grey level (a wrong box would differ by tens of levels).
+    assert len(count_dct_reductions) >= 6
+    assert np.mean(diffs) < 1.5 and max(diffs) < 4, diffs
+
+
+def test_crops_not_shrunk_twofold_decode_exactly_as_before(tmp_path, count_dct_reductions):
+    rng = np.random.default_rng()
+    path = tmp_path / "small.JPEG"
+    Image.fromarray(smooth_image(rng, 90, 120, noise=10.0)).save(path, quality=85)
+    full = np.asarray(Image.open(path).convert("RGB"))
+    for tf in (transforms.TrainTransform(48), transforms.ValTransform(48)):
+        for seed in rng.integers(1 << 30, size=5):
+            with Image.open(path) as im:
+                assert np.array_equal(tf(im, np.random.default_rng(seed)), tf(full, np.random.default_rng(seed)))
+    assert count_dct_reductions == []
+
+
+# ---- fidelity of image folders -------------------------------------------------------------
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng()
+    wide = rng.integers(0, 65536, (24, 32)).astype(np.uint16)
+    d = tmp_path / "train" / "a"
+    d.mkdir(parents=True)
+    Image.fromarray(wide).save(d / "deep.png")
+    assert Image.open(d / "deep.png").mode.startswith("I;16")
+    ds = data.FolderDataset([str(d / "deep.png")], np.zeros(1, np.int64), ["a"], name="x")
+    img = ds.load(0)
+    expected = np.round(wide.astype(np.float64) * 255 / 65535)
+    assert img.shape == (24, 32, 3) and np.array_equal(img, np.repeat(expected[:, :, None], 3, axis=2))
+    # The transforms decode through the same conversion.
+    with ds.open(0) as im:
+        out = transforms.ValTransform(16)(im)
+    assert np.array_equal(out, transforms.ValTransform(16)(img))
+
+
+def test_hidden_entries_are_neither_classes_nor_images(tmp_path):
+    rng = np.random.default_rng()
+    make_imagefolder(tmp_path, rng)
+    for split in ("train", "val"):
+        (tmp_path / split / ".ipynb_checkpoints").mkdir()
+        _write_jpeg(tmp_path / split / ".ipynb_checkpoints" / "x.JPEG", rng)
+        (tmp_path / split / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        _write_jpeg(tmp_path / split / "cat" / "._cat_0.JPEG", rng)   # macOS resource fork name
+    train, val = data.imagefolder(str(tmp_path))
+    assert train.classes == ["cat", "dog", "eel"] and len(train) == len(val) == 12
+    assert not any("/." in p for p in train.paths + val.paths)
+
+
+def test_every_format_pillow_reads_is_an_image_and_other_files_are_not(tmp_path):
+    rng = np.random.default_rng()
+    make_imagefolder(tmp_path, rng, per_class=1)
+    formats = {".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF", ".gif": "GIF", ".PNG": "PNG"}
+    pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    for ext, fmt in formats.items():
+        Image.fromarray(pixels).save(tmp_path / "train" / "dog" / f"more{ext}", fmt)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    train, _ = data.imagefolder(str(tmp_path))
+    dogs = [p for p, y in zip(train.paths, train.labels) if train.classes[y] == "dog"]
+    assert sorted(os.path.splitext(p)[1] for p in dogs) == sorted([".JPEG", *formats])
+    for i, p in enumerate(train.paths):
+        if p.endswith((".bmp", ".tif", ".PNG")):    # lossless: the pixels themselves
+            assert np.array_equal(train.load(i), pixels)
+        assert train.load(i).shape[2] == 3
+    # A class with nothing readable names what it found.
+    (tmp_path / "train" / "fox").mkdir()
+    (tmp_path / "train" / "fox" / "readme.txt").write_text("")
+    with pytest.raises(data.DataError, match=r"fox: no images .*\.txt"):
+        data.imagefolder(str(tmp_path))
+
+
+def test_exif_orientation_is_ignored_as_torchvision_does(tmp_path):
+    rng = np.random.default_rng()
+    exif = Image.Exif()
+    exif[0x0112] = 6            # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "rotated.JPEG"
+    Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(path, exif=exif)
+    ds = data.FolderDataset([str(path)], np.zeros(1, np.int64), ["a"], name="x")
+    assert Image.open(path).getexif()[0x0112] == 6
+    assert ds.load(0).shape == (20, 40, 3)      # as stored: 40 wide, not turned to 20 wide
