@@ -99,6 +99,21 @@ RM_FN float rm_half_to_float(unsigned short h)
     unsigned int bits = (special & (em | 0x7f800000u)) | (~special & rm_float_bits(finite));
     return rm_bits_float(bits | ((unsigned int)(h & 0x8000u) << 16));
 }
+
+/* Round to nearest even, overflow to infinity, as cvt.rn.f16.f32 and NumPy. The host-emulated
+ * kernels (engine/kernel_emulation.py) take this path; the CPU path itself packs with NumPy. */
+RM_FN unsigned short rm_float_to_half(float f)
+{
+    const unsigned int u = rm_float_bits(f), a = u & 0x7fffffffu;
+    const unsigned short sign = (unsigned short)((u >> 16) & 0x8000u);
+    if (a > 0x7f800000u) return sign | 0x7e00u | (unsigned short)((a >> 13) & 0x3ffu);  /* quiet nan */
+    if (a >= 0x477ff000u) return sign | 0x7c00u;          /* 65520 and above round to inf */
+    if (a < 0x38800000u)                                  /* below 2^-14: subnormal half or zero, */
+        return sign | (unsigned short)rintf(rm_bits_float(a) * 0x1p24f);   /* in units of 2^-24 */
+    const unsigned int r = a - 0x38000000u;               /* exponent rebased from 127 to 15 */
+    const unsigned int rest = r & 0x1fffu, h = r >> 13;
+    return sign | (unsigned short)(h + ((rest > 0x1000u) | ((rest == 0x1000u) & (h & 1u))));
+}
 #endif
 
 /* ---- batch norm ------------------------------------------------------------------ */

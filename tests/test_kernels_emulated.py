@@ -1,0 +1,325 @@
+"""The CUDA kernels executed on the host (engine.kernel_emulation), through the real launchers.
+
+engine/cuda_ops.py's launchers run unchanged with `_launch` replaced by the emulated one, on
+NumPy buffers placed at chosen offsets from a 64-byte boundary, between guard bytes that a
+write out of bounds would change. Results are checked against engine.hostmath and
+engine.precision (the CPU path) and against float64 NumPy. The grids are made small so that
+several blocks run and every grid-stride loop wraps. A misaligned vector access aborts the
+process (-fsanitize=alignment), and so does a divergent __syncthreads.
+"""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from engine import cuda_ops, hostmath, kernel_check, kernel_emulation, precision
+
+SEED = np.random.SeedSequence().entropy % 2**32
+print(f"test_kernels_emulated seed {SEED}")
+
+OFFSETS = range(9)      # elements past a 64-byte boundary, as bucket slices start
+HYPER = dict(eta=0.8, a_sgd=0.6, a_rms=0.3, mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64)
+GUARD_BYTE = 0xA5
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(SEED)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Emulated launches on small grids; yields the list of (file, kernel, grid) launched."""
+    seen = []
+
+    def launch(filename, kernel, grid, block, args):
+        seen.append((filename, kernel, grid))
+        kernel_emulation.emulated_launch(filename, kernel, grid, block, args)
+    monkeypatch.setattr(cuda_ops, "_launch", launch)
+    monkeypatch.setattr(cuda_ops, "MAX_BLOCKS", 3)
+    monkeypatch.setattr(cuda_ops, "BN_MAX_BLOCKS", 4)
+    monkeypatch.setattr(cuda_ops, "BN_ROWS_PER_THREAD", 2)
+    return seen
+
+
+def placed(values, offset):
+    """A copy of `values` starting `offset` elements past a 64-byte boundary, with guard
+    bytes on both sides (see untouched)."""
+    values = np.asarray(values)
+    raw = np.full(values.nbytes + offset * values.itemsize + 256, GUARD_BYTE, np.uint8)
+    start = -raw.ctypes.data % 64 + 64 + offset * values.itemsize
+    view = raw[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
+    view[...] = values
+    return view
+
+
+def untouched(view):
+    """The guard bytes around a `placed` array still hold their pattern."""
+    raw = view.base
+    lo = view.ctypes.data - raw.ctypes.data
+    outside = np.concatenate([raw[:lo], raw[lo + view.nbytes:]])
+    return bool(np.all(outside == GUARD_BYTE))
+
+
+def rel_err(got, ref, floor=1e-30):
+    """Largest error over the largest |ref|, or over `floor` where the result is smaller than
+    the terms it was computed from (a sum that cancels: an error relative to it means nothing)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if ref.size == 0:
+        return 0.0
+    return np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), floor)
+
+
+# ---- every kernel runs -------------------------------------------------------------------
+
+def test_every_kernel_of_every_file_is_launched(launches, rng):
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
+    y, mean, var, inv_std = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True)
+    cuda_ops.bn_backward(x.copy(), x, y, gamma, mean, inv_std, True)
+    cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
+    cuda_ops.unpack_fp16(cuda_ops.pack_fp16(x.ravel(), 2.0), 0.5)
+    flat = [x.ravel().copy() for _ in range(3)]
+    for g in (x.ravel(), x.ravel().astype(np.float16)):
+        cuda_ops.hybrid_update(*flat, g, None, *HYPER.values())
+        cuda_ops.sgd_update(flat[0], flat[1], g, None, 0.1, 0.9, 0.0, 1.0)
+    every = {(f.name, k) for f in kernel_check.kernel_files()
+             for k in kernel_check.kernel_signatures(f.read_text())}
+    assert {(f, k) for f, k, _ in launches} == every
+
+
+# ---- optimizer ---------------------------------------------------------------------------
+
+def _reference_update(w, d, m, g, mask, hybrid, h):
+    """The recipe's update in float64 NumPy; returns (w, d, m)."""
+    w, d, g = (np.asarray(a, np.float64) for a in (w, d, g))
+    decay = 1.0 if mask is None else mask.astype(np.float64)
+    g = g * h["gscale"] + h["wd"] * decay * w
+    if hybrid:
+        m = h["mu2"] * np.asarray(m, np.float64) + (1 - h["mu2"]) * g * g
+        step = h["a_sgd"] + h["a_rms"] / (np.sqrt(m) + h["eps"])
+    else:
+        step = 1.0
+    d = h["mu1"] * d - step * g
+    return w + h["eta"] * d, d, m
+
+
+@pytest.mark.parametrize("hybrid", [True, False], ids=["hybrid", "sgd"])
+@pytest.mark.parametrize("gdtype", [np.float32, np.float16])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("n", [1, 7, 4 * 3 * 256 + 5])
+def test_update_at_every_offset(launches, rng, hybrid, gdtype, with_mask, n):
+    h = dict(HYPER) if hybrid else dict(HYPER, a_sgd=1.0, a_rms=0.0, mu2=0.0, eps=0.0)
+    for offset in OFFSETS:
+        w = rng.standard_normal(n).astype(np.float32)
+        d = (0.01 * rng.standard_normal(n)).astype(np.float32)
+        m = (1e-3 * rng.random(n)).astype(np.float32)
+        g = (64 * rng.standard_normal(n)).astype(gdtype)
+        mask = (rng.random(n) < 0.6).astype(np.uint8) if with_mask else None
+        ref = _reference_update(w, d, m, g, mask, hybrid, h)
+        dev = [placed(a, offset) for a in (w, d, m, g)]
+        dmask = None if mask is None else placed(mask, offset)
+        host = [a.copy() for a in (w, d, m)]
+        if hybrid:
+            cuda_ops.hybrid_update(*dev, dmask, *h.values())
+            hostmath.hybrid_update(*host, g, mask, *h.values())
+        else:
+            cuda_ops.sgd_update(dev[0], dev[1], dev[3], dmask, h["eta"], h["mu1"], h["wd"], h["gscale"])
+            hostmath.sgd_update(host[0], host[1], g, mask, h["eta"], h["mu1"], h["wd"], h["gscale"])
+        # w + eta*d and mu1*d - step*g may cancel; their terms are of order 1
+        for got, cpu, want, floor in zip(dev[:3] if hybrid else dev[:2], host, ref, (1, 1, 0)):
+            assert rel_err(got, cpu, floor) < 1e-6, offset
+            assert rel_err(got, want, floor) < 1e-5, offset
+        assert all(untouched(a) for a in dev + ([dmask] if with_mask else []))
+    assert len({grid for *_, grid in launches}) == 1 and launches[-1][2][0] <= cuda_ops.MAX_BLOCKS
+
+
+def test_update_with_one_operand_misaligned(launches, rng):
+    """Each pointer alone off its vector alignment sends the whole range down the scalar path."""
+    n = 1030
+    for odd in range(5):
+        arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(2)] + [rng.random(n, np.float32)]
+        g = rng.standard_normal(n).astype(np.float16)
+        mask = (rng.random(n) < 0.5).astype(np.uint8)
+        ref = _reference_update(*arrays, g, mask, True, HYPER)
+        dev = [placed(a, 1 if k == odd else 0) for k, a in enumerate([*arrays, g, mask])]
+        cuda_ops.hybrid_update(*dev, *HYPER.values())
+        for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
+            assert rel_err(got, want, floor) < 1e-5, odd
+
+
+# ---- FP16 --------------------------------------------------------------------------------
+
+def _every_rounding_case():
+    """Every finite half, and the float32 midway between each pair of neighbours (ties),
+    with both signs, plus values that overflow to infinity."""
+    h = np.arange(0x7c00, dtype=np.uint16).view(np.float16).astype(np.float64)
+    mid = (h[:-1] + h[1:]) / 2
+    top = np.array([65504.0, 65519.0, 65520.0, 65536.0, 1e30, np.inf])
+    pos = np.concatenate([h, mid, np.nextafter(mid, 0), np.nextafter(mid, 1e9), top])
+    return np.concatenate([pos, -pos]).astype(np.float32)
+
+
+def test_pack_rounds_as_numpy_bit_for_bit(launches):
+    x = _every_rounding_case()
+    got = cuda_ops.pack_fp16(placed(x, 0), 1.0)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    nan = cuda_ops.pack_fp16(np.array([np.nan, -np.nan], np.float32), 1.0)
+    assert np.isnan(nan).all()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 1031])
+def test_pack_unpack_at_every_alignment(launches, rng, n):
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-30, 20, n))).astype(np.float32)
+    scale = np.float32(rng.uniform(0.5, 4))
+    for xo in OFFSETS:
+        for ho in OFFSETS:
+            src, out = placed(x, xo), placed(np.zeros(n, np.float16), ho)
+            cuda_ops.pack_fp16(src, scale, out=out)
+            want = precision.pack_fp16(x, scale)
+            assert np.array_equal(out.view(np.uint16), want.view(np.uint16)), (xo, ho)
+            back = placed(np.zeros(n, np.float32), xo)
+            cuda_ops.unpack_fp16(out, 1 / scale, out=back)
+            assert np.array_equal(back, precision.unpack_fp16(want, 1 / scale)), (xo, ho)
+            assert untouched(src) and untouched(out) and untouched(back)
+
+
+def test_unpack_every_half(launches):
+    h = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    got = cuda_ops.unpack_fp16(placed(h, 3), 1.0)
+    want = h.astype(np.float32)
+    finite = ~np.isnan(want)
+    assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+    assert np.isnan(got[~finite]).all()
+
+
+# ---- batch norm --------------------------------------------------------------------------
+
+SHAPES = [(0, 8), (1, 5), (1, 64), (7, 3), (37, 12), (300, 37), (130, 64)]
+
+
+def _bn_inputs(rng, rows, C):
+    x = (rng.standard_normal((rows, C)) * rng.uniform(0.5, 3, C) + rng.uniform(-2, 2, C)).astype(np.float32)
+    return x, rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+
+
+def _reference_forward(x, gamma, beta, eps, relu):
+    x = x.astype(np.float64)
+    mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
+    var = x.var(0) if len(x) else np.zeros(x.shape[1])
+    y = (x - mean) / np.sqrt(var + eps) * gamma + beta
+    return (np.maximum(y, 0) if relu else y), mean, var
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize("rows,C", SHAPES)
+def test_bn_forward(launches, rng, relu, rows, C):
+    for offset in (0, 1, 4, 5):
+        x, gamma, beta = _bn_inputs(rng, rows, C)
+        xd, out = placed(x, offset), placed(np.zeros_like(x), (offset + 3) % 9)
+        y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, relu, out=out)
+        ry, rmean, rvar = _reference_forward(x, gamma, beta, 1e-5, relu)
+        hy, hmean, hvar, _ = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
+        assert y is out and untouched(xd) and untouched(out)
+        # y = x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
+        floor = np.max(np.abs(x) * gamma / np.sqrt(rvar + 1e-5), initial=0)
+        assert rel_err(y, ry, floor) < 1e-5 and rel_err(mean, rmean) < 1e-5 and rel_err(var, rvar) < 1e-5
+        assert rel_err(inv_std, 1 / np.sqrt(rvar + 1e-5)) < 1e-5
+        assert rel_err(y, hy, floor) < 1e-5 and rel_err(mean, hmean) < 1e-5 and rel_err(var, hvar) < 1e-5
+    stats_grid = next(grid for _, k, grid in launches if k == "bn_stats_partial")
+    assert rows < 100 or stats_grid[1] > 1       # several block rows, each walking several rows
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize("rows,C", SHAPES)
+def test_bn_backward(launches, rng, relu, rows, C):
+    for offset in (0, 2, 4):
+        x, gamma, beta = _bn_inputs(rng, rows, C)
+        dy = rng.standard_normal((rows, C)).astype(np.float32)
+        y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
+        hdx, hdg, hdb = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
+        # float64 reference from the same saved statistics
+        g = np.where(y > 0, dy, 0.0) if relu else dy.astype(np.float64)
+        xhat = (x - mean.astype(np.float64)) * inv_std
+        rdb, rdg = g.sum(0), (g * xhat).sum(0)
+        rdx = gamma * inv_std.astype(np.float64) * (g - rdb / max(rows, 1) - xhat * rdg / max(rows, 1))
+        dyd = placed(dy, offset)      # dx written over dy, as the model does
+        dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x, offset), placed(y, offset), gamma, mean,
+                                                 inv_std, relu, out=dyd)
+        assert dx is dyd and untouched(dyd)
+        assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < 1e-5
+        assert rel_err(dx, hdx) < 1e-5 and rel_err(dgamma, hdg) < 1e-5 and rel_err(dbeta, hdb) < 1e-5
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
+@pytest.mark.parametrize("rows,C", SHAPES)
+def test_bn_infer(launches, rng, relu, rows, C):
+    for offset in OFFSETS:
+        x, gamma, beta = _bn_inputs(rng, rows, C)
+        mean, var = rng.standard_normal(C).astype(np.float32), rng.uniform(0.1, 3, C).astype(np.float32)
+        xd, out = placed(x, offset), placed(np.zeros_like(x), offset)
+        y = cuda_ops.bn_infer_forward(xd, gamma, beta, mean, var, 1e-5, relu, out=out)
+        ref = (x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta
+        assert rel_err(y, np.maximum(ref, 0) if relu else ref) < 1e-5
+        assert rel_err(y, hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)) < 1e-5
+        assert untouched(xd) and untouched(out)
+
+
+# ---- launch checks and barrier faults -----------------------------------------------------
+
+def test_launch_refuses_what_a_gpu_refuses():
+    x = np.zeros(4, np.float32)
+    h = np.zeros(4, np.float16)
+    with pytest.raises(ValueError, match="grid"):
+        kernel_emulation.emulated_launch("fp16_pack.cu", "pack_fp16", (0,), (32,), (x, h, np.int64(4), np.float32(1)))
+    with pytest.raises(ValueError, match="more than 1024 threads"):
+        kernel_emulation.emulated_launch("fp16_pack.cu", "pack_fp16", (1,), (64, 32), (x, h, np.int64(4), np.float32(1)))
+    with pytest.raises(TypeError, match="pack_fp16: scale"):
+        kernel_emulation.emulated_launch("fp16_pack.cu", "pack_fp16", (1,), (32,), (x, h, np.int64(4), 1.0))
+
+
+DIVERGENT = r"""
+extern "C" __global__ void early_return(float* x)
+{
+    __shared__ float s[64];
+    if (threadIdx.x == 5) return;            // one thread leaves; the others wait for it
+    s[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    x[threadIdx.x] = s[63 - threadIdx.x];
+}
+
+extern "C" __global__ void stuck(float* x)
+{
+    __shared__ volatile int flag;
+    if (threadIdx.x == 0) flag = 0;
+    __syncthreads();
+    if (threadIdx.x < 32) { __syncthreads(); flag = 1; }   // half the block waits at a barrier
+    else while (!flag) {}                                  // the other half spins on the first
+    x[threadIdx.x] = 1.0f;
+}
+"""
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("early_return", "a thread returned from the kernel before a barrier the others reach"),
+    ("stuck", r"\d+ threads still wait at a barrier after 1 s"),   # those the spinning half let run
+])
+def test_divergent_syncthreads_stops_with_a_message(tmp_path, kernel, message):
+    cu = tmp_path / "divergent.cu"
+    cu.write_text(DIVERGENT)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from engine import kernel_emulation
+        kernel_emulation.launch({str(cu)!r}, {kernel!r}, (2,), (64,), (np.zeros(64, np.float32),))
+    """)
+    env = dict(os.environ, EMU_BARRIER_TIMEOUT_S="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=kernel_emulation.ROOT)
+    assert res.returncode == 86, res.stderr
+    assert re.search(rf"{kernel}: divergent __syncthreads in block \(0,0,0\) of 64 threads: {message}", res.stderr)
