@@ -18,12 +18,15 @@ the same sequence of calls on all ranks never crosses collectives.
   100-500 us polled alike). poll_s=0 restores blocking waits. MPI has no
   half-precision sum, so FP16 buffers are reduced as reduce-scatter (Alltoallv of 2-byte
   words), a float32 sum of the N contributions rounded once to float16, and Allgatherv.
-- `NcclCommunicator` enqueues NCCL calls on a communication stream that first waits on an
-  event recorded on the compute stream; `Work.wait()` makes the compute stream wait for
-  the collective, it never blocks the host.
+- `NcclCommunicator` enqueues NCCL calls on a communication stream of the greatest
+  priority that first waits on an event recorded on the compute stream; `Work.wait()`
+  makes the compute stream wait for the collective, it never blocks the host. Each
+  enqueue drops the works already finished, so their CUDA events do not pile up when no
+  watchdog polls `progress()`.
 
 Progress counters (`progress()`) let engine.guard find collectives stuck on one rank
-because another rank never reached them.
+because another rank never reached them. `progress()` and `check_async_error()` may be
+called from another thread (the watchdog's), which calls `bind_thread()` first.
 """
 from __future__ import annotations
 
@@ -91,6 +94,9 @@ class Communicator(ABC):
     @abstractmethod
     def progress(self) -> tuple[int, int, Work | None]:
         """(collectives started, collectives finished, oldest unfinished Work or None)."""
+
+    def bind_thread(self) -> None:
+        """Prepare a thread other than the creator's to call progress(): nothing on the CPU."""
 
     def close(self) -> None:
         pass
@@ -290,8 +296,19 @@ class NcclWork(Work):
             self.finished_at = self._comm._host_time(self._done)
 
 
+# cudaStreamCreateWithPriority clamps a priority outside the device's range to its nearest
+# end, and lower numbers mean higher priority (0 is the default, the greatest is a small
+# negative number). CuPy 14.2 does not wrap cudaDeviceGetStreamPriorityRange, so a number
+# below every range asks for the greatest priority.
+STREAM_PRIORITY_GREATEST = -(1 << 30)
+
+
 class NcclCommunicator(Communicator):
-    """Collectives on CuPy arrays through engine.nccl, on a dedicated stream."""
+    """Collectives on CuPy arrays through engine.nccl, on a dedicated stream.
+
+    The pending list is shared with the watchdog's thread (progress() prunes it there) and
+    guarded by a lock; works on the one communication stream finish in launch order, so
+    the finished ones are always a prefix of it."""
 
     def __init__(self, backend, mpi_comm=None):
         from mpi4py import MPI
@@ -303,8 +320,12 @@ class NcclCommunicator(Communicator):
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.world.bcast(uid, root=0)
         self._nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
-        self._stream = backend.stream()
+        # The greatest priority: the SMs go to NCCL's kernels as soon as they free up,
+        # before the queued backward kernels, which would otherwise delay the all-reduce
+        # that the other ranks are waiting in.
+        self._stream = backend.xp.cuda.Stream(non_blocking=True, priority=STREAM_PRIORITY_GREATEST)
         self._seq = itertools.count()
+        self._lock = threading.Lock()
         self._started = 0
         self._pending: list[NcclWork] = []
         # The clock reference: an event the host has seen complete, and when it saw it.
@@ -328,9 +349,20 @@ class NcclCommunicator(Communicator):
         call(self._stream)
         done = self._timing_event()
         work = NcclWork(next(self._seq), name, buf.size, self, start, done)
-        self._started += 1
-        self._pending.append(work)
+        with self._lock:
+            self._drop_finished()
+            self._started += 1
+            self._pending.append(work)
         return work
+
+    def _drop_finished(self) -> None:
+        """Forget the finished prefix of the pending works (the caller holds the lock)."""
+        finished = 0
+        for work in self._pending:
+            if not work.done():
+                break
+            finished += 1
+        del self._pending[:finished]
 
     def allreduce_async(self, buf, op: str = "sum") -> Work:
         _check_buffer(buf, "cupy")
@@ -354,9 +386,15 @@ class NcclCommunicator(Communicator):
             self.world.Abort(code)
 
     def progress(self):
-        self._pending = [w for w in self._pending if not w.done()]
-        finished = self._started - len(self._pending)
-        return self._started, finished, (self._pending[0] if self._pending else None)
+        with self._lock:
+            self._drop_finished()
+            return self._started, self._started - len(self._pending), (self._pending[0] if self._pending else None)
+
+    def bind_thread(self) -> None:
+        """Make this rank's GPU the calling thread's device. A new thread starts on device 0:
+        its first CUDA call (an event query, or destroying the events of a work it drops)
+        would create a context there, about 0.5 GB on GPU 0 for every rank of the node."""
+        self._backend.xp.cuda.Device(self._backend.device_id).use()
 
     def check_async_error(self) -> None:
         self._nccl.check_async_error()

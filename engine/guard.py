@@ -103,6 +103,7 @@ class Watchdog:
         return np.array([started, finished, oldest.seq, int(age * 1e3)], np.int64), oldest
 
     def _run(self):
+        self.comm.bind_thread()             # this thread queries the GPU rank's CUDA events
         while not self._stop.wait(self.interval):
             now = time.perf_counter()
             beat, oldest = self._snapshot(now)

@@ -1,0 +1,232 @@
+"""NcclCommunicator without a GPU, on stand-ins for cupy.cuda and engine.nccl that log
+every CUDA event call with the calling thread and that thread's current device:
+the watchdog's thread works on the rank's own device, the pending list shared with it
+loses no work, finished works are dropped without a watchdog, and the communication
+stream asks for the greatest priority."""
+import bisect
+import collections
+import math
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import engine
+from engine.backend import Backend
+from engine.comm import NcclCommunicator
+from engine.guard import Watchdog
+
+GREATEST, LEAST = -5, 0          # the stand-in device's stream priority range
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array that the communicator's buffer check takes for a CuPy array."""
+    __module__ = "cupy"
+
+
+class StandInCuda:
+    """cupy.cuda as far as NcclCommunicator and engine.backend use it. `calls` counts
+    (verb, thread id, current device) of every event call; `live_events` counts events not
+    yet destroyed. Like events on one stream, events complete in the order they were
+    recorded: `records` counts the records so far, and the first `completed` of them are
+    complete (math.inf: all, 0: none)."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+        self.records = 0
+        self.completed = math.inf
+        self.live_events = 0
+        self.streams = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        cuda = self
+
+        class Event:
+            def __init__(self, disable_timing=False):
+                cuda.log("create", +1)
+                self.index = None
+
+            def record(self, stream=None):
+                cuda.log("record")
+                with cuda._lock:
+                    self.index, cuda.records = cuda.records, cuda.records + 1
+
+            @property
+            def done(self):
+                cuda.log("query")
+                return self.index < cuda.completed
+
+            def synchronize(self):
+                cuda.log("synchronize")
+
+            def __del__(self):
+                cuda.log("destroy", -1)
+
+        class Stream:
+            def __init__(self, non_blocking=False, priority=None):
+                # what cudaStreamCreateWithPriority keeps: the request clamped to the range
+                self.non_blocking = non_blocking
+                self.priority = None if priority is None else min(max(priority, GREATEST), LEAST)
+                cuda.streams.append(self)
+
+            def wait_event(self, event):
+                cuda.log("stream wait")
+
+        class Device:
+            def __init__(self, device_id):
+                self.id = device_id
+
+            def use(self):
+                cuda._local.device = self.id
+
+            def synchronize(self):
+                pass
+
+        self.Event, self.Stream, self.Device = Event, Stream, Device
+        self._compute = Stream()
+
+    def current_device(self) -> int:
+        return getattr(self._local, "device", 0)      # a new thread starts on device 0
+
+    def log(self, verb, live=0):
+        with self._lock:
+            self.calls[verb, threading.get_ident(), self.current_device()] += 1
+            self.live_events += live
+
+    def get_elapsed_time(self, start, end):
+        self.log("elapsed")
+        return 0.0
+
+    def get_current_stream(self):
+        return self._compute
+
+
+class StandInNccl:
+    """engine.nccl: a one-rank communicator whose calls only log (device-bound) activity."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def get_unique_id(self):
+        return b"id"
+
+    def NcclCommunicator(self, size, uid, rank):
+        cuda = self.cuda
+        return SimpleNamespace(all_reduce=lambda send, recv, op, stream: None,
+                               broadcast=lambda send, recv, root, stream: None,
+                               check_async_error=lambda: cuda.log("nccl async error"),
+                               destroy=lambda: None, abort=lambda: None)
+
+
+@pytest.fixture
+def gpu_comm(monkeypatch):
+    """make(device_id) -> (stand-in cuda, NcclCommunicator of one rank on that device),
+    the main thread bound to the device as engine.backend.get_backend binds it."""
+    from mpi4py import MPI
+    made = []
+
+    def make(device_id):
+        cuda = StandInCuda()
+        nccl = StandInNccl(cuda)
+        monkeypatch.setitem(sys.modules, "engine.nccl", nccl)
+        monkeypatch.setattr(engine, "nccl", nccl, raising=False)
+        cuda.Device(device_id).use()
+        comm = NcclCommunicator(Backend("gpu", SimpleNamespace(cuda=cuda), device_id), MPI.COMM_SELF)
+        made.append(comm)
+        return cuda, comm
+    yield make
+    for comm in made:
+        comm.close()
+
+
+def _buffer(n=256):
+    return np.zeros(n, np.float32).view(DeviceArray)
+
+
+def _wait_for(condition, what, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_watchdog_thread_calls_cuda_only_on_the_ranks_device(gpu_comm):
+    from mpi4py import MPI
+    cuda, comm = gpu_comm(device_id=1)
+    cuda.completed = 0                    # in flight until the watchdog has seen them
+    buf = _buffer()
+    dog = Watchdog(comm, timeout=600, interval=0.01, world=MPI.COMM_SELF).start()
+    for _ in range(20):
+        comm.allreduce_async(buf)
+    cuda.completed = math.inf             # the watchdog finds them finished and drops them
+    dog_id = dog._thread.ident
+
+    def dog_did(verb):
+        return any(v == verb and t == dog_id for v, t, _ in list(cuda.calls))
+    _wait_for(lambda: dog_did("destroy"), "the watchdog to drop the finished works")
+    dog.stop()
+    for verb in ("query", "elapsed", "destroy", "nccl async error"):
+        assert dog_did(verb), f"the watchdog thread never made a {verb!r} call: {cuda.calls}"
+    on_other_devices = {(v, t, d) for v, t, d in cuda.calls if d != 1}
+    assert not on_other_devices, f"CUDA calls off the rank's device 1: {on_other_devices}"
+    assert comm.progress()[:2] == (20, 20)
+
+
+def test_concurrent_enqueue_and_progress_lose_no_work(gpu_comm):
+    """The main thread enqueues, and drops finished works as it goes, while another thread
+    polls progress() (which drops them too) in a loop, thread switches forced every
+    microsecond and works finishing in bursts meanwhile. Every snapshot must count as
+    finished only works that had finished, with the oldest unfinished one next."""
+    cuda, comm = gpu_comm(device_id=0)
+    cuda.completed = 0
+    ends = []                             # records made once work i was enqueued
+    stop, wrong = threading.Event(), []
+
+    def poll():
+        while not stop.is_set():
+            started, finished, oldest = comm.progress()
+            really = bisect.bisect_right(ends, cuda.completed)     # read after: an upper bound
+            if finished > really or (oldest is not None and oldest.seq != finished):
+                wrong.append((started, finished, oldest and oldest.seq, really))
+    poller = threading.Thread(target=poll)
+    buf, n, behind = _buffer(), 3000, 3
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        poller.start()
+        for i in range(n):
+            comm.allreduce_async(buf)
+            ends.append(cuda.records)
+            if i % 10 == 9:               # all but the last few works have finished
+                cuda.completed = ends[i - behind]
+    finally:
+        stop.set()
+        poller.join()
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} snapshots (started, finished, oldest, really finished): {wrong[:5]}"
+    assert comm.progress()[:2] == (n, n - behind)
+    cuda.completed = math.inf
+    assert comm.progress() == (n, n, None)
+
+
+def test_finished_works_are_dropped_without_a_watchdog(gpu_comm):
+    """Nothing calls progress(): each enqueue drops the finished works, so the live CUDA
+    events are the clock reference plus the last work's start and done events."""
+    cuda, comm = gpu_comm(device_id=0)
+    buf = _buffer()
+    for _ in range(500):
+        comm.allreduce_async(buf)
+    assert cuda.live_events == 3, cuda.live_events
+    cuda.completed = 0
+    for _ in range(10):
+        comm.allreduce_async(buf)
+    assert cuda.live_events == 3 + 2 * 10      # works in flight are kept
+
+
+def test_communication_stream_is_non_blocking_at_the_greatest_priority(gpu_comm):
+    cuda, comm = gpu_comm(device_id=0)
+    (stream,) = [s for s in cuda.streams if s is not cuda.get_current_stream()]
+    assert stream.non_blocking and stream.priority == GREATEST
