@@ -230,3 +230,22 @@ def test_communication_stream_is_non_blocking_at_the_greatest_priority(gpu_comm)
     cuda, comm = gpu_comm(device_id=0)
     (stream,) = [s for s in cuda.streams if s is not cuda.get_current_stream()]
     assert stream.non_blocking and stream.priority == GREATEST
+
+
+@pytest.mark.gpu
+def test_real_communication_stream_gets_a_raised_priority():
+    """On a device with stream priorities, CUDA reports the clamped request: below the
+    default 0 (the device's greatest priority)."""
+    import cupy
+    from mpi4py import MPI
+    from engine.backend import get_backend
+    from engine.comm import create_communicator
+    be = get_backend("gpu")
+    runtime = cupy.cuda.runtime
+    if not runtime.deviceGetAttribute(runtime.cudaDevAttrStreamPrioritiesSupported, be.device_id):
+        pytest.skip("this device has no stream priorities")
+    comm = create_communicator(be, MPI.COMM_SELF)
+    try:
+        assert comm._stream.priority < 0
+    finally:
+        comm.close()
