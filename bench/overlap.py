@@ -20,6 +20,16 @@ fraction two ways (README "Reading the overlap figures"):
     hidden (trace) = from the timeline: all-reduce time covered by compute / all-reduce time
 
 A table goes to stdout, the numbers to OUT.json and a plot to OUT.png.
+
+--predict validates engine.simulate against this machine, in the same MPI job: besides the
+compute, serial and per-bucket steps it measures (1) the all-reduce time of a sweep of
+sizes (fit T = a + b * bytes, hence the ring's alpha and bandwidth), (2) the per-layer
+profile of compute-only steps (a trace with engine.trace.instrument, OUT.rank0.json),
+(3) contention: how much slower compute runs while all-reduces are in flight and how much
+slower all-reduces run while compute runs. It then predicts the compute, serial and
+per-bucket step times from those alone and prints the error per configuration:
+
+    .venv/bin/python bench/overlap.py --predict --np 2 --arch resnet50 --px 64 --batch 8 --buckets 0,4,25 --steps 4
 """
 from __future__ import annotations
 
@@ -52,6 +62,8 @@ def parse(argv=None):
                    help="MPI communication thread: test interval in us, 0 = blocking waits (default 200)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration (round-robin)")
     p.add_argument("--out", default="runs/overlap", help="OUT.json and OUT.png are written")
+    p.add_argument("--predict", action="store_true",
+                   help="also fit engine.simulate's inputs in this run and predict the measured steps")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.bucket_list = [float(b) for b in a.buckets.split(",")]
@@ -112,10 +124,17 @@ def worker(a) -> None:
 
     # Configurations are timed round-robin, one step each per round, so that drift in the
     # machine's load (other processes, caches) spreads over all of them alike.
-    configs = [("compute", None)] + [(m, b) for b in a.bucket_list for m in MODES[1:]]
+    modes = ("serial", "per-bucket") if a.predict else MODES[1:]
+    configs = [("compute", None)] + [(m, b) for b in a.bucket_list for m in modes]
     runs = []
+    profile_tl = None
+    if a.predict:       # per-layer spans of the compute-only steps, timed among the others
+        from engine.trace import instrument
+        profile_tl = Timeline(f"{a.out}.rank{comm.rank}.json", rank=comm.rank)
+        instrument(model, profile_tl)
+        profile_tl.instant("profile", {"batch": a.batch})
     for mode, bucket_mb in configs:
-        tl = Timeline(None, rank=comm.rank)
+        tl = profile_tl if mode == "compute" and profile_tl else Timeline(None, rank=comm.rank)
         reducer = Reducer(model.layout, model.grads, comm, bucket_mb=bucket_mb or 0.0,
                           first_bucket_mb=a.first_bucket_mb, fp16=a.fp16, timeline=tl,
                           early_update=(mode == "early"))
@@ -136,14 +155,119 @@ def worker(a) -> None:
         exposed = world.allreduce(float(np.median([f["exposed_s"] for f in figures])), op=MPI.MAX)
         results.append({"mode": mode, "bucket_mb": bucket_mb, "buckets": len(reducer.buckets) or None,
                         "step_s": slowest, "comm_s": comm_s, "exposed_s": exposed})
+    fitted = measure_model_inputs(a, world, comm, model) if a.predict else None
+    if profile_tl:
+        profile_tl.close()
     comm.close()
     if comm.rank == 0:
         print("RESULTS " + json.dumps(results), flush=True)
+        if fitted:
+            print("FITTED " + json.dumps(fitted), flush=True)
+
+
+# ------------------------------------------------------------- --predict: the model's inputs ----
+
+def measure_model_inputs(a, world, comm, model) -> dict:
+    """All-reduce sweep and contention (module docstring), after the timed steps."""
+    from mpi4py import MPI
+
+    def slowest(seconds):
+        return world.allreduce(float(seconds), op=MPI.MAX)
+
+    sizes, times = [4 << (2 * k) for k in range(3, 12)], []      # 256 B .. 16 MB
+    for nbytes in sizes:
+        buf = np.zeros(nbytes // 4, np.float32)
+        runs = []
+        for _ in range(5):
+            world.Barrier()
+            t0 = time.perf_counter()
+            comm.allreduce_async(buf, "sum").wait()
+            runs.append(time.perf_counter() - t0)
+        times.append(slowest(np.median(runs)))
+    b, a0 = np.polyfit(sizes, times, 1, w=1 / np.asarray(times))     # relative residuals
+    # Contention: a queue of all-reduces, alone, then with backward passes running beside it.
+    x = np.random.default_rng(comm.rank).standard_normal((a.batch, a.px, a.px, 3)).astype(np.float32)
+
+    def pass_():
+        from engine.loss import softmax_cross_entropy
+        _, d = softmax_cross_entropy(model.forward(x, train=True), np.zeros(a.batch, np.int64))
+        model.backward(d)
+
+    pass_()
+    world.Barrier()
+    t0 = time.perf_counter()
+    pass_()
+    alone = slowest(time.perf_counter() - t0)
+    buf = np.zeros(4 << 20, np.float32)
+    count = int(np.ceil(4 * alone / (a0 + b * buf.nbytes)))
+
+    def queue(compute: bool):
+        world.Barrier()
+        works = [comm.allreduce_async(buf, "sum") for _ in range(count)]
+        passes = []
+        while compute and not works[-1].done():
+            t = time.perf_counter()
+            pass_()
+            if not works[-1].done():           # the pass ran entirely beside communication
+                passes.append(time.perf_counter() - t)
+        for w in works:
+            w.wait()
+        return works[-1].finished_at - works[0].started_at, passes
+
+    comm_alone, _ = queue(False)
+    comm_shared, passes = queue(True)
+    return {"sizes": sizes, "times": times, "a": float(a0), "b": float(b),
+            "contention": max(0.0, slowest(np.median(passes) if passes else alone) / alone - 1),
+            "comm_contention": max(0.0, slowest(comm_shared) / slowest(comm_alone) - 1),
+            "passes_beside_comm": len(passes)}
+
+
+def predict(results, fitted, a) -> list:
+    """engine.simulate's step times for the measured configurations, with and without
+    contention, beside the measured ones. Collectives make every rank wait for the slowest,
+    so the profile is the slowest rank's (largest compute-only total)."""
+    from engine.simulate import Link, Network, buckets_of, schedule, step_tasks, trace_profile
+    profiles = [trace_profile(f"{a.out}.rank{r}.json", a.arch, a.classes) for r in range(a.np)]
+    profile = max(profiles, key=lambda p: sum(l.forward_s + l.backward_s for l in p.layers) + p.other_s)
+    p = a.np     # ring on one node: T = 2(p-1) alpha + 2(p-1)/p n / B  ==  a + b n
+    link = Link(max(0.0, fitted["a"]) / (2 * (p - 1)), 2 * (p - 1) / p / fitted["b"])
+    rows = []
+    for r in results:
+        mode = {"compute": "compute", "serial": "serial", "per-bucket": "overlap"}[r["mode"]]
+        row = {"mode": r["mode"], "bucket_mb": r["bucket_mb"], "measured_s": r["step_s"]}
+        for key, (kc, km) in (("predicted_s", (fitted["contention"], fitted["comm_contention"])),
+                              ("no_contention_s", (0.0, 0.0))):
+            net = Network(p, p, link, link, "ring", "fp16" if a.fp16 else "fp32", r["bucket_mb"] or 0.0,
+                          a.first_bucket_mb, kc, km)
+            compute, comm = step_tasks(profile, buckets_of(profile, net.bucket_mb, net.first_bucket_mb,
+                                                           2 if a.fp16 else 4), net, mode)
+            row[key] = max(e for _, _, _, e, _ in schedule(compute, comm, kc, km))
+        row["error"] = row["predicted_s"] / row["measured_s"] - 1
+        rows.append(row)
+    return rows
+
+
+def prediction_table(rows, fitted, a) -> str:
+    errors = [abs(r["error"]) for r in rows if r["mode"] != "compute"]   # compute: the profile itself
+    lines = [f"engine.simulate against the measured steps ({a.arch} {a.px}px, {a.batch}/rank, {a.np} ranks; "
+             f"fp16 packing is not modelled)" if a.fp16 else
+             f"engine.simulate against the measured steps ({a.arch} {a.px}px, {a.batch}/rank, {a.np} ranks)",
+             f"all-reduce fit: T = {fitted['a'] * 1e6:.0f} us + bytes / {1 / fitted['b'] / 1e9:.2f} GB/s; "
+             f"contention: compute x{1 + fitted['contention']:.2f} beside comm "
+             f"({fitted['passes_beside_comm']} passes), comm x{1 + fitted['comm_contention']:.2f} beside compute",
+             f"{'bucket MB':>9} {'mode':>10} {'measured ms':>11} {'predicted ms':>12} {'error':>7} {'no contention':>13}"]
+    for r in rows:
+        b = "-" if r["bucket_mb"] is None else ("layer" if r["bucket_mb"] == 0 else f"{r['bucket_mb']:g}")
+        lines.append(f"{b:>9} {r['mode']:>10} {r['measured_s'] * 1e3:11.1f} {r['predicted_s'] * 1e3:12.1f} "
+                     f"{r['error']:+7.1%} {r['no_contention_s'] * 1e3:13.1f}")
+    lines.append(f"serial and per-bucket rows: median absolute error {np.median(errors):.1%}, largest "
+                 f"{max(errors):.1%} (the compute row is the profile's own median step)")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------- driver: launch, report ----
 
-def launch(a) -> list:
+def launch(a) -> tuple[list, dict | None]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, str(max(1, (os.cpu_count() or 1) // a.np)))
@@ -153,7 +277,8 @@ def launch(a) -> list:
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULTS ")]
     if out.returncode != 0 or not lines:
         sys.exit(f"bench/overlap.py: the MPI job failed (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    fitted = [l for l in out.stdout.splitlines() if l.startswith("FITTED ")]
+    return json.loads(lines[-1][len("RESULTS "):]), (json.loads(fitted[-1][len("FITTED "):]) if fitted else None)
 
 
 def summarize(results) -> list:
@@ -195,7 +320,8 @@ def plot(rows, a, path) -> None:
     labels = ["layer" if b == 0 else f"{b:g}" for b in a.bucket_list]
     xs = np.arange(len(a.bucket_list))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in MODES[1:]:
+    ran = [m for m in MODES[1:] if any(r["mode"] == m for r in rows)]
+    for mode in ran:
         ys = [next(r["step_s"] for r in rows if r["mode"] == mode and r["bucket_mb"] == b) * 1e3
               for b in a.bucket_list]
         ax1.plot(xs, ys, marker="o", label=mode)
@@ -203,7 +329,7 @@ def plot(rows, a, path) -> None:
     ax1.set(xticks=xs, xticklabels=labels, xlabel="bucket size (MB)", ylabel="step time (ms, slowest rank)",
             title=f"{a.arch} {a.px}px, {a.batch}/rank, {a.np} ranks")
     ax1.legend()
-    for mode in MODES[2:]:
+    for mode in ran[1:]:
         ys = [next(r.get("hidden_steps", np.nan) for r in rows if r["mode"] == mode and r["bucket_mb"] == b)
               for b in a.bucket_list]
         line, = ax2.plot(xs, ys, marker="o", label=f"{mode} (steps)")
@@ -224,11 +350,16 @@ def main(argv=None) -> None:
         worker(a)
         return
     t0 = time.perf_counter()
-    rows = summarize(launch(a))
-    print(table(rows, a))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    results, fitted = launch(a)
+    rows = summarize(results)
+    print(table(rows, a))
+    report = {"args": vars(a), "rows": rows}
+    if fitted:
+        report["fitted"], report["prediction"] = fitted, predict(results, fitted, a)
+        print(prediction_table(report["prediction"], fitted, a))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(rows, a, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} ({time.perf_counter() - t0:.0f} s)")
 

@@ -17,7 +17,8 @@ Compute profile (per layer, in forward order; backward runs it in reverse, which
 flat layout's order), from either
   * a measured trace with per-layer spans (`engine.trace.instrument`): each layer's time is
     from the end of the previous layer's span to the end of its own (so the glue between
-    layers, e.g. the residual add, is kept), median over the trace's compute-only steps; or
+    layers, e.g. the residual add, is kept), median over the trace's compute-only steps,
+    scaled together so that forward + backward + the rest + update is the median step; or
   * an analytical roofline from the real layer shapes (`layer_costs`), per op and direction
         t = max(flops / peak, bytes / mem_bw) / efficiency + overhead
     with `efficiency` calibrated so that one device at the calibration batch runs at the
@@ -332,11 +333,17 @@ def trace_profile(path: str, arch: str, classes: int = 1000) -> Profile:
     if missing:
         raise ValueError(f"{path}: no forward or backward span for {len(missing)} layer(s) of {arch} "
                          f"(e.g. {missing[0]}): is it a trace of {arch}?")
-    batch = _trace_batch(events)
-    out = tuple(LayerTime(l.name, statistics.median(fwd[l.name]), statistics.median(bwd[l.name]),
-                          getattr(l, "grad_range", None)) for l in layers)
-    return Profile(out, model.layout, statistics.median(upd) / model.layout.total, batch,
-                   f"{path} ({arch}, {len(quiet)} step(s))", statistics.median(other) if other else 0.0)
+    fwd_s, bwd_s = ({n: statistics.median(t) for n, t in store.items()} for store in (fwd, bwd))
+    other_s, update_s = (statistics.median(other) if other else 0.0), statistics.median(upd)
+    # Medians per layer sum to less than the median step when the machine is noisy: scale
+    # the compute (not the update) so that the profile's step is the trace's median step.
+    steps_s = [(hi - lo) * 1e-6 for lo, hi in quiet if math.isfinite(hi)]
+    parts = sum(fwd_s.values()) + sum(bwd_s.values()) + other_s
+    k = (statistics.median(steps_s) - update_s) / parts if steps_s else 1.0
+    out = tuple(LayerTime(l.name, k * fwd_s[l.name], k * bwd_s[l.name], getattr(l, "grad_range", None))
+                for l in layers)
+    return Profile(out, model.layout, update_s / model.layout.total, _trace_batch(events),
+                   f"{path} ({arch}, {len(quiet)} step(s), layer medians x{k:.3f} to the median step)", k * other_s)
 
 
 def _trace_batch(events) -> int:
