@@ -167,8 +167,9 @@ def test_simulated_trace_reads_like_a_measured_one(tmp_path, r18, capsys):
                                                                                 "communication"}
     (fig,) = trace.step_figures(events)
     expected = sim.simulate(r18, net)
-    assert fig["hidden_fraction"] == pytest.approx(expected["hidden_trace"], abs=1e-4)   # ~0.25 us ticks
-    assert fig["step_s"] == pytest.approx(expected["step_s"], rel=1e-6)
+    # the trace keeps times in ~0.25 us ticks (wall-clock microseconds in a float64)
+    assert fig["hidden_fraction"] == pytest.approx(expected["hidden_trace"], abs=1e-3)
+    assert fig["step_s"] == pytest.approx(expected["step_s"], abs=1e-6)
     assert trace.main(["figures", path]) == 0
     assert "hidden" in capsys.readouterr().out
 

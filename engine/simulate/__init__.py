@@ -505,7 +505,7 @@ def simulate(profile: Profile, net: Network, *, decode_s: float = 0.0, workers: 
     ips = net.ranks * profile.batch / step
     return {"step_s": step, "compute_s": compute_only, "serial_s": max(serial, load_s),
             "comm_s": fig["comm_s"], "exposed_s": fig["exposed_s"], "hidden_trace": fig["hidden_fraction"],
-            "hidden_steps": (serial - end(spans)) / (serial - compute_only) if serial > compute_only else math.nan,
+            "hidden_steps": (serial - end(spans)) / (serial - compute_only) if fig["comm_s"] > 0 else math.nan,
             "latency_s": latency, "bandwidth_s": bandwidth, "load_s": load_s, "buckets": len(comms),
             "images_s": ips, "scaling": max(compute_only, load_s) / step,
             "train_s": epochs * images / ips if ips > 0 else math.nan, "bound": bound}

@@ -71,8 +71,8 @@ def system_from_args(a) -> System:
                    workers=pick(a.workers, s.workers))
 
 
-def _cell(v, fmt):
-    return "-" if isinstance(v, float) and math.isnan(v) else format(v, fmt)
+def _cell(v, width):
+    return f"{'-' if math.isnan(v) else format(v, '.0%'):>{width}}"
 
 
 def table(rows) -> str:
@@ -82,8 +82,8 @@ def table(rows) -> str:
     lines = [head]
     for label, r in rows:
         lines.append(f"{label:<34} {r['buckets']:>7} {r['step_s'] * 1e3:8.1f} {r['compute_s'] * 1e3:8.1f} "
-                     f"{r['exposed_s'] * 1e3:8.1f} {_cell(r['hidden_steps'], '10.0%')} "
-                     f"{_cell(r['hidden_trace'], '10.0%')} {r['images_s']:9.0f} {r['scaling']:7.0%} "
+                     f"{r['exposed_s'] * 1e3:8.1f} {_cell(r['hidden_steps'], 10)} "
+                     f"{_cell(r['hidden_trace'], 10)} {r['images_s']:9.0f} {r['scaling']:7.0%} "
                      f"{r['train_s'] / 60:7.1f}m  {r['bound']}")
     return "\n".join(lines)
 
