@@ -226,11 +226,11 @@ def predict(results, fitted, a) -> list:
     """engine.simulate's step times for the measured configurations, with and without
     contention, beside the measured ones. Collectives make every rank wait for the slowest,
     so the profile is the slowest rank's (largest compute-only total)."""
-    from engine.simulate import Link, Network, buckets_of, schedule, step_tasks, trace_profile
+    from engine.simulate import Network, buckets_of, ring_link_from_fit, schedule, step_tasks, trace_profile
     profiles = [trace_profile(f"{a.out}.rank{r}.json", a.arch, a.classes) for r in range(a.np)]
     profile = max(profiles, key=lambda p: sum(l.forward_s + l.backward_s for l in p.layers) + p.other_s)
-    p = a.np     # ring on one node: T = 2(p-1) alpha + 2(p-1)/p n / B  ==  a + b n
-    link = Link(max(0.0, fitted["a"]) / (2 * (p - 1)), 2 * (p - 1) / p / fitted["b"])
+    p = a.np
+    link = ring_link_from_fit(fitted["a"], fitted["b"], p)
     rows = []
     for r in results:
         mode = {"compute": "compute", "serial": "serial", "per-bucket": "overlap"}[r["mode"]]

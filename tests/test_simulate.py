@@ -48,6 +48,13 @@ def test_hierarchical():
     assert bw == pytest.approx(2 * 7 / 8 * 6e6 / 50e9 + 2 * 3 / 4 * 6e6 / 10e9, rel=1e-12)
 
 
+def test_ring_link_from_a_fit_gives_back_the_fitted_line():
+    a, b = 7e-4, 1 / 0.9e9
+    link = sim.ring_link_from_fit(a, b, 4)
+    for n in (1e3, 1e6, 3e7):
+        assert sum(allreduce_s(n, 4, 4, link, link)) == pytest.approx(a + b * n, rel=1e-12)
+
+
 def test_one_rank_communicates_nothing():
     assert allreduce_s(1e6, 1, 8, Link(1e-6, 1e9), Link(1e-6, 1e9)) == (0.0, 0.0)
 
@@ -225,6 +232,9 @@ def test_unknown_algorithm_and_ragged_nodes_are_refused():
 
 def test_cli_table_and_trace(tmp_path, capsys):
     out = str(tmp_path / "t.json")
-    assert cli_main(["--preset", "seed", "--gpus", "8,1024", "--bucket-mb", "0,25", "--out-trace", out]) == 0
+    png = tmp_path / "sweep.png"
+    assert cli_main(["--preset", "seed", "--gpus", "8,1024", "--bucket-mb", "0,25", "--out-trace", out,
+                     "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert text.count("devices, bucket") == 4 and math.isfinite(trace.step_figures(trace.load(out))[0]["step_s"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -177,6 +177,14 @@ def allreduce_s(nbytes: float, ranks: int, per_node: int, intra: Link, inter: Li
     return lat, 2 * (g - 1) / g * nbytes / intra.bandwidth + 2 * (m - 1) / m * nbytes / inter.bandwidth
 
 
+def ring_link_from_fit(a: float, b: float, ranks: int) -> Link:
+    """The link of a one-node ring whose all-reduce of n bytes takes a + b n seconds, as
+    fitted by bench/overlap.py --predict: 2(p-1) alpha = a, 2(p-1)/p / B = b."""
+    if ranks < 2 or b <= 0:
+        raise ValueError(f"a ring fit needs >= 2 ranks and a positive slope, got {ranks} ranks, b={b}")
+    return Link(max(0.0, a) / (2 * (ranks - 1)), 2 * (ranks - 1) / ranks / b)
+
+
 # ------------------------------------------------------------------------ profiles ------
 
 @dataclass(frozen=True)

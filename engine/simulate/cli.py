@@ -42,6 +42,7 @@ def parse(argv=None):
     p.add_argument("--epochs", type=float, default=90)
     p.add_argument("--images", type=int, default=1281167, help="images per epoch (ImageNet's by default)")
     p.add_argument("--out-trace", help="write the overlapped step of the first configuration here")
+    p.add_argument("--plot", metavar="PNG", help="plot the sweep: step time and scaling against devices")
     p.add_argument("--study", metavar="PNG", help="print README's study tables and plot them to PNG")
     a = p.parse_args(argv)
     for opt in ("intra_alpha_us", "inter_alpha_us", "decode_ms", "contention", "comm_contention"):
@@ -88,6 +89,29 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def plot(counts, buckets, figures, title, png) -> None:
+    """Step time and scaling efficiency against device count, one line per bucket size;
+    `figures` runs over counts, then buckets (as main builds them)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for j, bucket in enumerate(buckets):
+        runs = figures[j::len(buckets)]
+        label = "per-layer buckets" if bucket == 0 else f"{bucket:g} MB buckets"
+        ax1.plot(counts, [r["step_s"] * 1e3 for r in runs], "o-", label=label)
+        ax2.plot(counts, [r["scaling"] for r in runs], "o-", label=label)
+    ax1.plot(counts, [r["compute_s"] * 1e3 for r in figures[::len(buckets)]], "k--", label="compute only")
+    ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="step (ms)")
+    ax2.set(xscale="log", xlabel="devices", ylabel="scaling efficiency", ylim=(0, 1.05))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     if a.study:
@@ -105,14 +129,18 @@ def main(argv=None) -> int:
         profile = replace(profile, batch=a.batch)
     print(f"profile: {profile.source}\nsystem: {a.preset}, {s.algo} all-reduce, {s.wire} on the wire")
     rows, first = [], None
-    for gpus in ([int(g) for g in a.gpus.split(",")] if a.gpus else [s.gpus]):
-        for bucket in _floats(a.bucket_mb):
+    counts, buckets = ([int(g) for g in a.gpus.split(",")] if a.gpus else [s.gpus]), _floats(a.bucket_mb)
+    for gpus in counts:
+        for bucket in buckets:
             net = Network.of(s, ranks=gpus, bucket_mb=bucket, first_bucket_mb=a.first_bucket_mb,
                              contention=a.contention, comm_contention=a.comm_contention)
             first = first or net
             r = simulate(profile, net, decode_s=s.decode_s, workers=s.workers, epochs=a.epochs, images=a.images)
             rows.append((f"{gpus} devices, bucket {'layer' if bucket == 0 else f'{bucket:g} MB'}", r))
     print(table(rows))
+    if a.plot:
+        plot(counts, buckets, [r for _, r in rows], f"{a.preset}: {profile.source}", a.plot)
+        print(f"wrote {a.plot}")
     if a.out_trace:
         write_trace(run_step(profile, first, "overlap"), a.out_trace)
         print(f"wrote {a.out_trace}")
