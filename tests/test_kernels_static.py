@@ -242,3 +242,55 @@ def test_each_kernel_is_compiled_and_fetched_once(monkeypatch):
         cuda_ops._launch("fp16_pack.cu", "unpack_fp16", (1,), (256,), (step,))
     assert len(compiled_files) == 1 and fetched == ["pack_fp16", "unpack_fp16"]
     assert ran[-2:] == [("pack_fp16", (2,), (256,), (2,)), ("unpack_fp16", (1,), (256,), (2,))] and len(ran) == 6
+
+
+# ---- FTZ: the device flushes float32 subnormals; the host twin does not ------------------
+
+TINY = float(np.finfo(np.float32).tiny)     # 2**-126: under -ftz=true, anything smaller reads as 0
+
+
+def ftz(x):
+    return np.where(np.abs(x) < TINY, 0.0, x)
+
+
+def device_hybrid_step(w, d, m, g, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale):
+    """rm_hybrid_step as the -ftz=true kernel runs it, in float64: subnormal inputs and every
+    intermediate a float32 instruction would leave subnormal read as 0. Returns w, d, m and,
+    for each, the magnitude of the terms it sums (float32 rounding is relative to those:
+    the gradient and weight-decay terms of g can cancel)."""
+    w, d, m, g = (ftz(np.asarray(a, np.float64)) for a in (w, d, m, g))
+    g, g_terms = ftz(ftz(g * gscale) + ftz(wd * w)), np.abs(g * gscale) + np.abs(wd * w)
+    m_terms = mu2 * m + (1 - mu2) * g_terms ** 2
+    m = ftz(ftz(mu2 * m) + ftz(ftz((1 - mu2) * g) * g))
+    step = a_sgd + a_rms / (np.sqrt(m) + eps)
+    d_terms = np.abs(mu1 * d) + step * g_terms
+    d = ftz(ftz(mu1 * d) - ftz(step * g))
+    return (ftz(w + ftz(eta * d)), np.abs(w) + eta * d_terms), (d, d_terms), (m, m_terms)
+
+
+def test_host_twin_agrees_with_the_flushing_device_within_the_stated_bound():
+    """README's FTZ bound: per step, w, d and m of the IEEE host build differ from the flushing
+    kernel by float32 rounding plus at most a few 2**-126 (m), (a_sgd + a_rms/eps) * 2**-126 (d)
+    and eta times that (w), for tiny second moments and subnormal gradients alike."""
+    from engine import hostmath
+    rng = np.random.default_rng()
+    n = 4096
+    scale = rng.choice([1e-3, 1e-20, 1e-40, 0.0], n)            # normal, g*g underflows, subnormal, zero
+    g = (rng.standard_normal(n) * scale).astype(np.float32)
+    w = (rng.standard_normal(n) * np.where(scale < 1e-10, 1e-35, 0.1)).astype(np.float32)   # wd*w subnormal too
+    m = (rng.random(n) * rng.choice([1e-6, 1e-37, 1e-40, 0.0], n)).astype(np.float32)
+    d = (rng.standard_normal(n) * rng.choice([1e-3, 1e-41], n)).astype(np.float32)
+    hp = dict(eta=0.1, a_sgd=0.5, a_rms=0.01, mu1=0.9, mu2=0.99, eps=1e-8, wd=1e-4, gscale=0.25)
+    # The kernel's coefficients are float32 (0.99f is not 0.99): the reference takes the same.
+    (w_dev, w_terms), (d_dev, d_terms), (m_dev, m_terms) = device_hybrid_step(
+        w, d, m, g, **{k: float(np.float32(v)) for k, v in hp.items()})
+    hostmath.hybrid_update(w, d, m, g, None, **hp)
+
+    assert np.count_nonzero((m_dev == 0) & (m != 0)) > n // 8, "the inputs must make the device flush m"
+    assert np.count_nonzero((d_dev == 0) & (d != 0)) > 0
+    flush_d = (hp["a_sgd"] + hp["a_rms"] / hp["eps"]) * 4 * TINY
+    rtol = 8 * float(np.finfo(np.float32).eps)     # float32 rounding of the 4-6 operations of each value
+    for name, host, dev, terms, atol in (("m", m, m_dev, m_terms, 4 * TINY), ("d", d, d_dev, d_terms, flush_d),
+                                         ("w", w, w_dev, w_terms, hp["eta"] * flush_d + 4 * TINY)):
+        excess = np.abs(host.astype(np.float64) - dev) - (rtol * terms + atol)
+        assert excess.max() <= 0, (name, int(excess.argmax()), host[excess.argmax()], dev[excess.argmax()])
