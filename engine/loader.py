@@ -1,4 +1,4 @@
-"""Per-rank shards, batches, and JPEG decoding in worker processes with prefetch.
+"""Per-rank shards, batches, and image decoding in worker processes with prefetch.
 
 Sharding. Every epoch has one permutation of the training set, seeded by (seed, epoch)
 and identical on every rank. Step s of the epoch is the global batch
@@ -11,13 +11,16 @@ training is (epoch, step): resuming there needs nothing but the seed.
 Augmentation randomness of image i in epoch e is seeded by (seed, e, i), so the batches
 do not depend on the number of workers nor on where a run was resumed.
 
-Workers. With workers > 0, decoding and augmentation run in fresh interpreters started
-with subprocess (`python -m engine.loader`), fed pickled tasks on stdin, answering on
-stdout; a reader thread per worker drains its answers into a queue, so up to `prefetch`
-batches per worker are ready before the step asks. They are not forked from the MPI rank
-and their environment is stripped of the launcher's PMI/MPI variables: a worker can
+Workers. With workers > 0, one pool of worker processes per rank decodes and augments
+both splits (training and validation tasks name their split). Workers are fresh
+interpreters started with subprocess (`python -m engine.loader`), never forked from the
+MPI rank, their environment stripped of the launcher's PMI/MPI variables: a worker can
 never join, or corrupt, the job's MPI state. They import only engine.data and
-engine.transforms.
+engine.transforms. Each worker shares an anonymous memory file with its rank (a ring of
+batch-sized regions): a task names the indices and the region, the worker writes the
+pixels there, and only the labels and the names of unreadable files come back through
+its stdout, so no batch of pixels is ever pickled. Up to `prefetch` batches per worker
+per pass are in flight before the step asks for them.
 
 A file that cannot be read or decoded is reported (its path and the error) and skipped:
 in training its slot is filled with another image of the same batch, so batch shapes
@@ -25,12 +28,12 @@ stay fixed; in evaluation it is left out of the counts.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
-import queue
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,8 +44,7 @@ from engine.data import DataError
 
 # Environment variables by which MPI launchers hand a process its place in a job.
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "HYDRA_", "OMPI_", "MV2_", "I_MPI_", "SLURM_")
-
-
+_REGION_ALIGN = 4096        # ring regions start on page boundaries
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, int(index)))
 
@@ -79,31 +81,35 @@ def eval_shard(n: int, rank: int, world: int) -> np.ndarray:
     return np.arange(rank * n // world, (rank + 1) * n // world)
 
 
-def load_batch(dataset, transform, indices, seed: int, epoch: int, fill: bool):
+def load_batch(dataset, transform, indices, seed: int, epoch: int, fill: bool, out=None):
     """(uint8 NHWC images, int64 labels, [(file, error)]) for `indices`.
 
-    Unreadable images are skipped; with fill=True their slots repeat readable images of
-    the same batch so the batch keeps its size.
+    The images are written into `out`, a (len(indices), *transform.output_shape) uint8
+    array (a fresh one if None), and returned as its first rows. Unreadable images are
+    skipped; with fill=True their slots repeat readable images of the same batch so the
+    batch keeps its size.
     """
-    images, labels, failures = [], [], []
+    if out is None:
+        out = np.empty((len(indices),) + transform.output_shape, np.uint8)
+    labels, failures = [], []
     for i in indices:
         try:
-            img = dataset.load(i)
+            with dataset.open(i) as src:
+                img = transform(src, sample_rng(seed, epoch, i))
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
             failures.append((dataset.describe(i), f"{type(e).__name__}: {e}"))
             continue
-        images.append(transform(img, sample_rng(seed, epoch, i)))
+        out[len(labels)] = img
         labels.append(dataset.labels[i])
-    if not images and len(indices):
+    readable = len(labels)
+    if not readable and len(indices):
         names = ", ".join(f for f, _ in failures[:3])
         raise DataError(f"every image of a batch is unreadable ({names}, ...)")
     if fill:
-        for k in range(len(indices) - len(images)):
-            images.append(images[k])
+        for k in range(len(indices) - readable):
+            out[readable + k] = out[k]
             labels.append(labels[k])
-    if not images:
-        return np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0, np.int64), failures
-    return np.stack(images), np.asarray(labels, np.int64), failures
+    return out[:len(labels)], np.asarray(labels, np.int64), failures
 
 
 @dataclass
@@ -113,66 +119,124 @@ class Batch:
     failures: list = field(default_factory=list)
 
 
+def _anonymous_file() -> int:
+    """A file descriptor of memory with no name to leak (memfd; else an unlinked temp file)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("engine-loader-ring")
+    fd, path = tempfile.mkstemp(prefix="engine-loader-ring-")
+    os.unlink(path)
+    return fd
+
+
+class _Ring:
+    """The rank's side of one worker's shared memory: regions of one anonymous file.
+
+    A task takes a free region large enough for its batch; the region is free again once
+    the rank has copied the batch out. When none fits, the file grows by a new region
+    (the worker maps the new size when a task names it), so the ring ends up as large as
+    the number of batches in flight at once (both splits' passes), and then stays.
+    """
+
+    def __init__(self):
+        self.fd = _anonymous_file()
+        self.size = 0
+        self.map = None
+        self.free: list = []        # (offset, capacity)
+
+    def acquire(self, nbytes: int) -> tuple:
+        for k, (_, capacity) in enumerate(self.free):
+            if capacity >= nbytes:
+                return self.free.pop(k)
+        capacity = max(_REGION_ALIGN, -(-nbytes // _REGION_ALIGN) * _REGION_ALIGN)
+        region = (self.size, capacity)
+        self.size += capacity
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size)   # the old map closes with its last view
+        return region
+
+    def release(self, region: tuple) -> None:
+        self.free.append(region)
+
+    def copy_out(self, offset: int, shape: tuple) -> np.ndarray:
+        return np.ndarray(shape, np.uint8, buffer=self.map, offset=offset).copy()
+
+    def close(self) -> None:
+        self.map = None
+        os.close(self.fd)
+
+
 class _Worker:
-    """One decoding process and the thread that drains its answers."""
+    """One decoding process: its pipes, its ring, and how many of its tasks are uncollected."""
 
     def __init__(self, wid: int, setup: bytes):
         env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV_PREFIXES)}
         env["OMP_NUM_THREADS"] = "1"
-        self.wid = wid
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.loader"], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.answers: queue.Queue = queue.Queue()
+        self.wid, self.pending = wid, 0
+        self.ring = _Ring()
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.loader", str(self.ring.fd)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.ring.fd,))
         self.proc.stdin.write(setup)
         self.proc.stdin.flush()
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
 
-    def _drain(self):
+    def send(self, task) -> None:
         try:
-            while True:
-                self.answers.put(pickle.load(self.proc.stdout))
+            pickle.dump(task, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+        except OSError:             # BrokenPipeError: it is gone
+            raise self._died() from None
+        self.pending += 1
+
+    def receive(self) -> tuple:
+        try:
+            return pickle.load(self.proc.stdout)
         except (EOFError, OSError, pickle.UnpicklingError):
-            self.answers.put(("died", None))
+            raise self._died() from None
 
-    def submit(self, task) -> None:
-        pickle.dump(task, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        self.proc.stdin.flush()
-
-    def result(self):
-        status, payload = self.answers.get()
-        if status == "ok":
-            return payload
-        if status == "error":
-            raise DataError(payload)
+    def _died(self) -> RuntimeError:
         code = self.proc.wait()
-        raise RuntimeError(f"data loader worker {self.wid} died (exit code {code}); see its error above")
+        return RuntimeError(f"data loader worker {self.wid} died (exit code {code}); see its error above")
 
     def close(self):
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
         self.proc.wait(timeout=30)
+        self.ring.close()
+
+
+@dataclass
+class _Ticket:
+    """A task handed to a worker, until its batch is collected."""
+    task_id: int
+    worker: _Worker
+    region: tuple
+    shape: tuple                    # of the full batch; fewer rows come back if files fail
 
 
 class Loader:
-    """Batches of one data set, decoded in-process (workers=0) or by worker processes.
+    """Batches of a training and a validation set, decoded in-process (workers=0) or by one
+    pool of worker processes serving both.
 
-    `wait_s` accumulates the time the caller spent blocked waiting for a batch.
-    `warn(message)` is called once per unreadable file.
+    `val_dataset` (default: `dataset`) is what `eval_batches` indexes. `wait_s`
+    accumulates the time the caller spent blocked waiting for a batch. `warn(message)` is
+    called once per unreadable file.
     """
 
     def __init__(self, dataset, train_transform, val_transform, *, seed: int, workers: int = 0,
-                 prefetch: int = 2, warn=None):
+                 prefetch: int = 2, warn=None, val_dataset=None):
         if workers < 0 or prefetch < 1:
             raise ValueError("--workers must be >= 0 and prefetch >= 1")
-        self.dataset, self.seed, self.prefetch = dataset, seed, prefetch
-        self.transforms = {"train": train_transform, "val": val_transform}
+        self.splits = {"train": (dataset, train_transform),
+                       "val": (dataset if val_dataset is None else val_dataset, val_transform)}
+        self.seed, self.prefetch = seed, prefetch
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.wait_s = 0.0
         self._reported: set = set()
-        setup = pickle.dumps((dataset, self.transforms, seed), protocol=pickle.HIGHEST_PROTOCOL)
+        self._answers: dict = {}    # task id -> answer read while waiting for an earlier task
+        self._next_task = 0
+        setup = pickle.dumps((self.splits, seed), protocol=pickle.HIGHEST_PROTOCOL)
         self.workers = [_Worker(k, setup) for k in range(workers)]
 
     def train_batches(self, sampler: ShardSampler, epoch: int, start_step: int = 0):
@@ -182,7 +246,7 @@ class Loader:
         return zip(steps, self._run(tasks))
 
     def eval_batches(self, indices: np.ndarray, batch: int):
-        """Yields Batch objects covering `indices` once, in chunks of `batch`."""
+        """Yields Batch objects covering `indices` of the validation set once, in chunks of `batch`."""
         chunks = (indices[k:k + batch] for k in range(0, len(indices), batch))
         return self._run(("val", c, 0, False) for c in chunks)
 
@@ -190,37 +254,59 @@ class Loader:
         if not self.workers:
             for kind, idx, epoch, fill in tasks:
                 t0 = time.perf_counter()
-                batch = Batch(*load_batch(self.dataset, self.transforms[kind], idx, self.seed, epoch, fill))
+                batch = Batch(*load_batch(*self.splits[kind], idx, self.seed, epoch, fill))
                 self.wait_s += time.perf_counter() - t0
                 yield self._report(batch)
             return
         inflight: deque = deque()
         tasks = iter(tasks)
-        turn = 0
         try:
             while True:
                 while len(inflight) < self.prefetch * len(self.workers):
                     task = next(tasks, None)
                     if task is None:
                         break
-                    worker = self.workers[turn % len(self.workers)]
-                    worker.submit(task)
-                    inflight.append(worker)
-                    turn += 1
+                    inflight.append(self._submit(*task))
                 if not inflight:
                     return
                 t0 = time.perf_counter()
-                batch = Batch(*inflight.popleft().result())
+                batch = self._collect(inflight.popleft())
                 self.wait_s += time.perf_counter() - t0
                 yield self._report(batch)
         finally:
-            # Abandoned part-way (end of training, an error): drain what is still in
-            # flight so the next pass starts with empty queues.
+            # Abandoned part-way (end of training, an error): collect what is still in
+            # flight so its regions are free and no stray answer is left for later.
             while inflight:
                 try:
-                    inflight.popleft().result()
+                    self._collect(inflight.popleft())
                 except (DataError, RuntimeError):
                     pass
+
+    def _submit(self, kind: str, idx, epoch: int, fill: bool) -> _Ticket:
+        """Hands the task to the worker with the fewest uncollected tasks."""
+        worker = min(self.workers, key=lambda w: w.pending)
+        shape = (len(idx),) + self.splits[kind][1].output_shape
+        region = worker.ring.acquire(int(np.prod(shape)))
+        ticket = _Ticket(self._next_task, worker, region, shape)
+        self._next_task += 1
+        worker.send((ticket.task_id, kind, np.asarray(idx), epoch, fill, region[0], worker.ring.size))
+        return ticket
+
+    def _collect(self, ticket: _Ticket) -> Batch:
+        """Waits for the ticket's answer (stashing the worker's answers to other passes' tasks)."""
+        worker = ticket.worker
+        try:
+            while ticket.task_id not in self._answers:
+                task_id, status, payload = worker.receive()
+                self._answers[task_id] = (status, payload)
+            status, payload = self._answers.pop(ticket.task_id)
+            if status == "error":
+                raise DataError(payload)
+            count, labels, failures = payload
+            return Batch(worker.ring.copy_out(ticket.region[0], (count,) + ticket.shape[1:]), labels, failures)
+        finally:
+            worker.pending -= 1
+            worker.ring.release(ticket.region)
 
     def _report(self, batch: Batch) -> Batch:
         for name, err in batch.failures:
@@ -230,6 +316,7 @@ class Loader:
         return batch
 
     def close(self):
+        """Stops the workers; safe to call more than once."""
         for w in self.workers:
             w.close()
         self.workers = []
@@ -242,23 +329,35 @@ class Loader:
         return False
 
 
-def _worker_main():
+def _serve(splits, seed: int, ring, task) -> tuple:
+    """One task in a worker: its batch written into the ring, (task id, status, payload) returned."""
+    task_id, kind, idx, epoch, fill, offset, _ = task
+    dataset, transform = splits[kind]
+    out = np.ndarray((len(idx),) + transform.output_shape, np.uint8, buffer=ring, offset=offset)
+    try:
+        images, labels, failures = load_batch(dataset, transform, idx, seed, epoch, fill, out)
+    except DataError as e:
+        return task_id, "error", str(e)
+    return task_id, "ok", (len(images), labels, failures)
+
+
+def _worker_main(ring_fd: int):
     """A decoding process: setup, then tasks on stdin, answers on stdout, until EOF."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed must not corrupt the answer stream
-    dataset, transforms, seed = pickle.load(stdin)
+    splits, seed = pickle.load(stdin)
+    ring, mapped = None, 0
     while True:
         try:
-            kind, idx, epoch, fill = pickle.load(stdin)
+            task = pickle.load(stdin)
         except EOFError:
             return
-        try:
-            answer = ("ok", load_batch(dataset, transforms[kind], idx, seed, epoch, fill))
-        except DataError as e:
-            answer = ("error", str(e))
-        pickle.dump(answer, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        ring_size = task[-1]
+        if ring_size > mapped:      # the rank grew the ring since the last task
+            ring, mapped = mmap.mmap(ring_fd, ring_size), ring_size
+        pickle.dump(_serve(splits, seed, ring, task), stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()
 
 
 if __name__ == "__main__":
-    _worker_main()
+    _worker_main(int(sys.argv[1]))

@@ -1,9 +1,10 @@
 """Sharding, worker processes, corrupt files, resumable positions."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from engine import data, loader, transforms
-from test_data import make_imagefolder
+from test_data import make_imagefolder, smooth_image
 
 
 @pytest.mark.parametrize("n, world, batch", [(1437, 2, 32), (1000, 3, 7), (64, 4, 16)])
@@ -108,3 +109,77 @@ def test_every_unreadable_batch_is_an_error(tmp_path):
     ds = data.FolderDataset([str(p) for p in sorted(d.iterdir())], np.zeros(2, np.int64), ["a"], name="x")
     with pytest.raises(data.DataError, match="unreadable"):
         loader.load_batch(ds, transforms.TrainTransform(8), [0, 1], 0, 0, fill=True)
+
+
+# ---- one shared worker pool, batches through shared memory ---------------------------------
+
+def _photo_folder(root, rng, per_class=4):
+    """JPEGs large enough (240x180) that 24 px crops are decoded at a reduced DCT scale."""
+    for split in ("train", "val"):
+        for c in ("ant", "bee", "cow"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for k in range(per_class):
+                Image.fromarray(smooth_image(rng, 180, 240, noise=8.0)).save(d / f"{k}.JPEG", quality=90)
+    return data.imagefolder(str(root))
+
+
+def _passes(ld, train, val):
+    """Two training epochs with an evaluation in the middle of the first (training batches in
+    flight meanwhile), and a final evaluation in chunks of another size."""
+    sampler = loader.ShardSampler(len(train), 0, 1, 5, seed=3)
+    out = []
+    for epoch in (0, 1):
+        for step, b in ld.train_batches(sampler, epoch):
+            out.append(b)
+            if epoch == 0 and step == 0:
+                out += list(ld.eval_batches(np.arange(len(val)), 7))
+    return out + list(ld.eval_batches(np.arange(len(val)), 4))
+
+
+def test_batches_do_not_depend_on_the_worker_count_and_one_pool_serves_both_splits(tmp_path):
+    train, val = _photo_folder(tmp_path, np.random.default_rng())
+    results = {}
+    for workers in (0, 1, 2):
+        ld = loader.Loader(train, transforms.TrainTransform(24), transforms.ValTransform(24), seed=9,
+                           workers=workers, val_dataset=val)
+        with ld:
+            assert len(ld.workers) == workers
+            results[workers] = _passes(ld, train, val)
+    for workers in (1, 2):
+        assert len(results[workers]) == len(results[0])
+        for a, b in zip(results[0], results[workers]):
+            assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    # Evaluation read the validation files (their labels, in order), not the training set's.
+    val_labels = np.concatenate([b.labels for b in results[0][1:3]])
+    assert np.array_equal(val_labels, val.labels)
+
+
+def test_pixels_travel_through_shared_memory_not_the_pipe(tmp_path):
+    train, val = _photo_folder(tmp_path, np.random.default_rng(), per_class=2)
+    answers = []
+    with loader.Loader(train, transforms.TrainTransform(24), transforms.ValTransform(24), seed=0,
+                       workers=1, val_dataset=val) as ld:
+        worker = ld.workers[0]
+        receive = worker.receive
+
+        def spy():
+            answers.append(receive())
+            return answers[-1]
+        worker.receive = spy
+        batches = _passes(ld, train, val)
+    assert len(answers) == len(batches)
+    for _, status, (count, labels, failures) in answers:
+        assert status == "ok" and labels.ndim == 1 and failures == []
+    assert sum(len(b.labels) for b in batches) == sum(a[2][0] for a in answers)
+
+
+def test_a_dead_worker_is_named_not_a_broken_pipe(tmp_path):
+    train, ld = _digits_loader(2)
+    sampler = loader.ShardSampler(len(train), 0, 1, 8, seed=0)
+    with ld:
+        next(iter(ld.train_batches(sampler, 0)))
+        ld.workers[1].proc.kill()
+        ld.workers[1].proc.wait()
+        with pytest.raises(RuntimeError, match="data loader worker 1 died"):
+            list(ld.train_batches(sampler, 0))
