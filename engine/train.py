@@ -187,9 +187,8 @@ class Trainer:
         self.total_steps = max(1, round(a.epochs * self.steps_per_epoch))
         self.stop_step = min(self.total_steps, a.max_steps) if a.max_steps else self.total_steps
         self.loader = Loader(ts, TrainTransform(a.image_size, ts.crop_scale, ts.flip), ValTransform(a.image_size),
-                             seed=a.seed, workers=a.workers, warn=self._warn)
-        self.val_loader = Loader(self.val_set, None, ValTransform(a.image_size), seed=a.seed,
-                                 workers=a.workers, warn=self._warn)
+                             seed=a.seed, workers=a.workers, warn=self._warn, val_dataset=self.val_set)
+        self.val_loader = self.loader   # one worker pool per rank serves both splits
 
         self.model = build_model(a.arch, ts.num_classes, be, zero_init_residual=a.zero_init_residual,
                                  seed=a.seed, threads=self.threads)
