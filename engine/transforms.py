@@ -104,14 +104,17 @@ class ValTransform:
         self.resize = int(round(size * RESIZE_RATIO))
         self.output_shape = (size, size, 3)
 
-    def __call__(self, src, rng=None) -> np.ndarray:
-        h, w = source_size(src)
-        # Shorter side -> self.resize, then the central size x size window of that image,
-        # done as one resample of the matching source box.
+    def plan(self, h: int, w: int, rng=None) -> tuple:
+        """(crop box, no flip): shorter side -> self.resize, then the central size x size
+        window of that image, done as one resample of the matching source box."""
         s = self.resize / min(h, w)
         crop = self.size / s                      # the crop's side in source pixels
         x0, y0 = (w - crop) / 2, (h - crop) / 2
-        return _resize_box(src, (x0, y0, x0 + crop, y0 + crop), self.size, self.size)
+        return (x0, y0, x0 + crop, y0 + crop), False
+
+    def __call__(self, src, rng=None) -> np.ndarray:
+        box, _ = self.plan(*source_size(src))
+        return _resize_box(src, box, self.size, self.size)
 
 
 def normalize(batch_uint8, mean, std, xp=np):
