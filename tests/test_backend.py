@@ -142,35 +142,35 @@ def test_gpu_backend_binds_device_from_local_rank():
 
 # ---- ranks agree on the backend (mpiexec -n 2) ------------------------------------------
 
-def backend_of_rank(monkeypatch, comm, counts, local_ranks=None):
-    """get_backend("auto") on this rank with `counts[rank]` GPUs visible (stand-in CuPy)."""
+def backend_of_rank(monkeypatch, comm, counts, launcher_sets_local_rank=True):
+    """get_backend("auto") on this rank with `counts[rank]` GPUs visible (stand-in CuPy),
+    its local rank read from the launcher's environment, or 0 when the launcher sets none."""
     count = counts[comm.rank]
     fake_cupy(monkeypatch, count=count, error=None if count else CUDARuntimeError(NO_DEVICE))
-    return get_backend("auto", local_rank=(local_ranks or range(comm.size))[comm.rank])
+    for var in backend._LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    if launcher_sets_local_rank:
+        monkeypatch.setenv("MPI_LOCALRANKID", str(comm.rank))
+    return get_backend("auto")
+
+
+REFUSALS = {
+    "a-rank-without-gpu": ((2, 0), True, r"(?s)ranks chose different backends.*rank 0: gpu 0 of 2 visible"
+                                         r".*rank 1: cpu \(the NVIDIA driver sees no CUDA device"),
+    "more-ranks-than-gpus": ((1, 1), True, r"rank 0 \(local rank 0\), rank 1 \(local rank 1\) would share GPU 0: "
+                                           r"2 ranks run on this host and it shows them 1 GPU\(s\).*Duplicate GPU"),
+    "no-local-rank-from-the-launcher": ((2, 2), False, r"rank 0 \(local rank 0\), rank 1 \(local rank 0\) "
+                                                       r"would share GPU 0.*check that the launcher sets a local rank"),
+}
 
 
 @pytest.mark.mpi
-def test_a_rank_without_gpu_stops_every_rank_with_its_reason(monkeypatch, comm):
+@pytest.mark.parametrize("counts, launcher_sets_local_rank, message", REFUSALS.values(), ids=REFUSALS)
+def test_ranks_that_cannot_work_together_all_stop_with_one_message(monkeypatch, comm, counts,
+                                                                   launcher_sets_local_rank, message):
     assert comm.size == 2
-    be = backend_of_rank(monkeypatch, comm, counts=(2, 0))
-    with pytest.raises(DeviceError, match=r"(?s)ranks chose different backends.*rank 0: gpu 0 of 2 visible"
-                                          r".*rank 1: cpu \(the NVIDIA driver sees no CUDA device"):
-        agree_on_backend(comm, be)
-
-
-@pytest.mark.mpi
-def test_more_ranks_than_gpus_on_a_host_is_refused(monkeypatch, comm):
-    assert comm.size == 2
-    be = backend_of_rank(monkeypatch, comm, counts=(1, 1))
-    with pytest.raises(DeviceError, match=r"rank 0 \(local rank 0\), rank 1 \(local rank 1\) would share GPU 0: "
-                                          r"2 ranks run on this host and it shows them 1 GPU\(s\).*Duplicate GPU"):
-        agree_on_backend(comm, be)
-
-
-@pytest.mark.mpi
-def test_an_unset_local_rank_that_binds_one_device_twice_is_refused(monkeypatch, comm):
-    be = backend_of_rank(monkeypatch, comm, counts=(2, 2), local_ranks=(0, 0))
-    with pytest.raises(DeviceError, match="would share GPU 0.*local rank"):
+    be = backend_of_rank(monkeypatch, comm, counts, launcher_sets_local_rank)
+    with pytest.raises(DeviceError, match=message):
         agree_on_backend(comm, be)
 
 
