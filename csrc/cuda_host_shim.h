@@ -1,12 +1,13 @@
-/* CUDA C++ as host C++: enough of the language for engine/kernels/*.cu to compile unchanged
+/* CUDA C++ as host C++: enough of the language for the .cu files of engine/kernels to compile unchanged
  * with g++ and run on the CPU (engine/kernel_emulation.py force-includes this header).
  *
  * Execution model: the blocks of a grid run one after another; the threads of one block run
  * at the same time as one OpenMP team of blockDim threads, so `__shared__` (a static) is
  * one array per block, common to the block's threads, and __syncthreads() is a real barrier
  * of those threads. A barrier that not every thread of the block reaches (a thread returned,
- * or waits elsewhere past EMU_BARRIER_TIMEOUT_S) stops the process with a message naming
- * the kernel and block, as a hung or faulting launch would stop a GPU job.
+ * or waits elsewhere past EMU_BARRIER_TIMEOUT_S seconds) aborts the process with a message
+ * naming the kernel and block, as a hung or faulting launch would stop a GPU job; so does a
+ * vector access the GPU would refuse as misaligned (-fsanitize=alignment).
  * Not modelled: warps and their lockstep, the memory model, caches, speed.
  */
 #ifndef CUDA_HOST_SHIM_H
@@ -64,12 +65,28 @@ static double emu_barrier_timeout_s()
     return s ? atof(s) : 20.0;
 }
 
+/* Every fault ends in abort(): SIGABRT, on which pytest's faulthandler prints the Python stack
+ * (the test, the launcher) to the terminal; what is printed here and the sanitizer's report go
+ * to stderr, which pytest captures (-s shows them). */
 [[noreturn]] static void emu_divergent(const char *why)
 {
     fprintf(stderr, "kernel emulation: %s: divergent __syncthreads in block (%u,%u,%u) of %u threads: %s\n",
             emu_current.kernel, blockIdx.x, blockIdx.y, blockIdx.z, emu_current.size, why);
     fflush(stderr);
-    _Exit(86);
+    abort();
+}
+
+/* -fsanitize=alignment: after its report the sanitizer would exit(1), which pytest's
+ * faulthandler does not see; this makes it an abort naming the launch. The sanitizer keeps
+ * one callback per process and each kernel file is its own library, so every launch sets it. */
+extern "C" void __sanitizer_set_death_callback(void (*callback)(void));
+
+static void emu_sanitizer_fault()
+{
+    fprintf(stderr, "kernel emulation: %s: misaligned access in block (%u,%u,%u) (report above)\n",
+            emu_current.kernel, blockIdx.x, blockIdx.y, blockIdx.z);
+    fflush(stderr);
+    abort();
 }
 
 /* Whichever comes first, the return or the other threads' barrier, it is the same fault. */
@@ -112,6 +129,7 @@ static void emu_thread_returned()
 template <typename Body>
 static void emu_launch(const char *kernel, const unsigned int *grid, const unsigned int *block, Body body)
 {
+    __sanitizer_set_death_callback(emu_sanitizer_fault);
     gridDim = uint3{grid[0], grid[1], grid[2]};
     blockDim = uint3{block[0], block[1], block[2]};
     const unsigned int size = block[0] * block[1] * block[2];

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "csrc" / "cuda_host_shim.h"
 CACHE_DIR = ROOT / "build" / "kernel_emulation"
 FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-fopenmp", "-fsanitize=alignment",
-         "-fno-sanitize-recover=all", "-Wall", "-Wno-unused-function")
+         "-fno-sanitize-recover=all")
 
 # CUDA's launch limits: a grid or block outside them fails on a GPU before any thread runs.
 MAX_GRID = (2**31 - 1, 65535, 65535)
