@@ -11,7 +11,9 @@ from engine.backend import array_module
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
-    """(loss, dlogits): loss a Python float (batch mean), dlogits like logits."""
+    """(loss, dlogits): loss the batch mean as a 0-d array (a NumPy scalar on the CPU) on the
+    logits' device, dlogits like logits. The loss stays on the device: reading it (float())
+    is a host synchronisation on a GPU, which the caller does when it can afford one."""
     xp = array_module(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, classes), got shape {tuple(logits.shape)}")
@@ -31,4 +33,4 @@ def softmax_cross_entropy(logits, labels, label_smoothing=0.0):
     dlogits[rows, labels] -= 1.0 - label_smoothing
     dlogits -= label_smoothing / k
     dlogits /= n
-    return float(loss.mean()), dlogits
+    return loss.mean(), dlogits

@@ -27,10 +27,11 @@ def check_finite(loss: float, step: int, epoch: float) -> None:
 
 
 def format_train(r: dict) -> str:
+    # exposed_comm_s only under --trace: measuring it costs host synchronisations
+    exposed = f" exposed-comm {1000 * r['exposed_comm_s']:.1f} ms" if "exposed_comm_s" in r else ""
     return (f"epoch {r['epoch']:.2f} step {r['step']}/{r['total_steps']} loss {r['loss']:.4f} "
             f"top1 {100 * r['top1']:.1f}% lr {r['lr']:.4g} a_sgd {r['a_sgd']:.3f} "
-            f"{r['images_per_s']:.1f} img/s data-wait {1000 * r['data_wait_s']:.1f} ms "
-            f"exposed-comm {1000 * r['exposed_comm_s']:.1f} ms")
+            f"{r['images_per_s']:.1f} img/s data-wait {1000 * r['data_wait_s']:.1f} ms{exposed}")
 
 
 def format_eval(r: dict) -> str:

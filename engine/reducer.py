@@ -30,10 +30,11 @@ along its ring. Tolerance, stated and tested: relative to the float32 sum, an el
 off by at most about (1 cast + 1 rounding) x 2^-11 on MPI ((N-1) roundings on NCCL), plus
 underflow below 6e-8 (no loss scaling is applied here).
 
-`finish()` waits for every bucket, in order (on a GPU it only orders the streams; with a
-timeline it also synchronizes each bucket to record its all-reduce times). With `update=callback`, each bucket's
-callback(start, stop) runs as soon as that bucket is reduced, while later buckets are still
-in flight; with `early_update=True` the callbacks may even run inside backward (from
+`finish()` waits for every bucket, in order. On a GPU that only orders the streams and
+never blocks the host; only with an enabled timeline (--trace) does it synchronize each
+bucket, to record its all-reduce times; a disabled timeline counts as none. With
+`update=callback`, each bucket's callback(start, stop) runs as soon as that bucket is
+reduced, while later buckets are still in flight; with `early_update=True` the callbacks may even run inside backward (from
 grad_ready), which is safe because a layer reports its range only after its backward has
 computed the input gradient, its last read of its weights in the step (engine.layers), so
 no weight of a launched bucket is read again before the next forward. bench/overlap.py
@@ -133,7 +134,7 @@ class Reducer:
             self.buckets = []
         # The buffer the all-reduce leaves its sums in, which the optimizer reads.
         self.reduced = layout.alloc(array_module(grads), np.float16) if fp16 else grads
-        self.timeline = timeline
+        self.timeline = timeline if timeline is not None and timeline.enabled else None
         self.early_update = early_update
         self._reset()
 

@@ -16,7 +16,15 @@ traces of ranks on one node line up; `merge` also aligns ranks on their "clock_s
 
 Categories: "forward", "backward", "update" count as compute; "comm" is an all-reduce,
 from the moment it ran to its completion; "data" and "wait" are the loader and the main
-thread blocked on communication. Per step:
+thread blocked on communication.
+
+On a GPU the host only enqueues work, so a compute span timed on the host says when the
+work was issued, not when it ran. With a `DeviceClock` the compute spans are timed by CUDA
+events on the compute stream instead, and resolved at `end_step` after one synchronize,
+onto the host clock through the communicator's reference event: the very conversion the
+all-reduce spans get (engine.comm.NcclCommunicator._host_time), so both kinds of span
+share one clock and their overlap means what it says. "data", "wait" and "step" stay host
+times: they are what the host did. Per step:
 
     compute  = length of the union of compute spans
     comm     = length of the union of comm spans
@@ -86,11 +94,34 @@ def overlap_figures(spans) -> dict:
             "hidden_fraction": (comm_time - exposed) / comm_time if comm_time > 0 else float("nan")}
 
 
-class Timeline:
-    """Records spans of one rank; writes them to `path` (None: keep figures only)."""
+class DeviceClock:
+    """Times compute spans with events on the stream compute runs on (see the module docstring).
 
-    def __init__(self, path: str | None = None, rank: int = 0):
-        self.rank = rank
+    new_event() -> an unrecorded timing event (cupy.cuda.Event); stream() -> the compute
+    stream (recorded on explicitly: CuPy's Event.record defaults to the null stream);
+    host_time(event) -> perf_counter seconds of a completed event."""
+
+    def __init__(self, new_event, stream, host_time):
+        self._new_event, self._stream, self.host_time = new_event, stream, host_time
+
+    def mark(self):
+        event = self._new_event()
+        event.record(self._stream())
+        return event
+
+
+class Timeline:
+    """Records spans of one rank; writes them to `path` (None: keep figures only).
+
+    enabled=False: records nothing, end_step() returns None, nothing ever synchronizes; the
+    trainer's timeline without --trace. clock: a DeviceClock times compute spans on a GPU;
+    None times everything on the host (right on a CPU, where work runs as it is issued)."""
+
+    def __init__(self, path: str | None = None, rank: int = 0, *, enabled: bool = True, clock=None):
+        if path is not None and not enabled:
+            raise ValueError(f"timeline: a trace file ({path}) needs enabled=True")
+        self.rank, self.enabled, self._clock = rank, enabled, clock
+        self._deferred: list[tuple] = []   # device-timed spans waiting for end_step
         self._anchor = time.time() - time.perf_counter()
         self._fd = None
         self._end = 0                      # file offset of the closing bracket
@@ -128,6 +159,8 @@ class Timeline:
     # -- recording -------------------------------------------------------------------------
     def record(self, name: str, cat: str, start: float, end: float, args: dict | None = None) -> None:
         """A finished span; start/end are time.perf_counter() seconds."""
+        if not self.enabled:
+            return
         self._spans.append((cat, start, end))
         event = {"name": name, "cat": cat, "ph": "X", "ts": self._us(start),
                  "dur": round((end - start) * 1e6, 3), "pid": self.rank, "tid": _TRACKS.get(cat, 1)}
@@ -135,23 +168,47 @@ class Timeline:
             event["args"] = args
         self._emit(event)
 
+    def _on_device(self, cat: str) -> bool:
+        return self._clock is not None and cat in COMPUTE
+
+    def _now(self, cat: str):
+        return self._clock.mark() if self._on_device(cat) else time.perf_counter()
+
     @contextmanager
     def span(self, name: str, cat: str, args: dict | None = None):
-        start = time.perf_counter()
+        token = self.begin(name, cat, args)
         try:
             yield
         finally:
-            self.record(name, cat, start, time.perf_counter(), args)
+            self.end(token)
 
     def begin(self, name: str, cat: str, args: dict | None = None) -> int:
         """Open a span; returns the token that `end` takes (for code that cannot use `with`)."""
+        if not self.enabled:
+            return 0
         self._tokens += 1
-        self._open[self._tokens] = (name, cat, time.perf_counter(), args)
+        self._open[self._tokens] = (name, cat, self._now(cat), args)
         return self._tokens
 
     def end(self, token: int) -> None:
+        if not self.enabled:
+            return
         name, cat, start, args = self._open.pop(token)
-        self.record(name, cat, start, time.perf_counter(), args)
+        if self._on_device(cat):
+            self._deferred.append((name, cat, start, self._clock.mark(), args))
+        else:
+            self.record(name, cat, start, time.perf_counter(), args)
+
+    def _resolve(self) -> None:
+        """Device-timed spans onto the host clock. Compute runs on one stream, so the span
+        that ended last completes last: one synchronize on its end event covers them all."""
+        if not self._deferred:
+            return
+        self._deferred[-1][3].synchronize()
+        host_time = self._clock.host_time
+        for name, cat, start, end, args in self._deferred:
+            self.record(name, cat, host_time(start), host_time(end), args)
+        self._deferred = []
 
     def instant(self, name: str, args: dict | None = None) -> None:
         event = {"name": name, "ph": "i", "s": "p", "ts": self._us(time.perf_counter()),
@@ -167,12 +224,21 @@ class Timeline:
 
     # -- steps -----------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self._resolve()          # spans recorded between steps (an evaluation) go to the file
         self._step, self._step_start = step, time.perf_counter()
         self._spans = []
 
-    def end_step(self) -> dict:
-        """This step's overlap figures (also written to the trace as counters)."""
-        end = time.perf_counter()
+    def end_step(self) -> dict | None:
+        """This step's overlap figures (also written to the trace as counters); None when
+        the timeline is disabled."""
+        if not self.enabled:
+            return None
+        self._resolve()
+        # A device span's host time can trail the synchronize's return by the reference
+        # event's own host latency: the step span covers its spans all the same.
+        end = max([time.perf_counter()] + [e for _, _, e in self._spans])
         figures = overlap_figures(self._spans)
         figures["step"] = self._step
         figures["step_s"] = end - self._step_start
@@ -190,11 +256,8 @@ class Timeline:
 
 def _timed(fn, timeline, name, cat):
     def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
+        with timeline.span(name, cat):
             return fn(*args, **kwargs)
-        finally:
-            timeline.record(name, cat, start, time.perf_counter())
     return timed
 
 

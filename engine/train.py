@@ -7,6 +7,11 @@ parameters are broadcast anyway), reads its own shard of each global batch, and 
     buckets to the reducer -> the reducer's all-reduces overlap the rest of backward ->
     wait for them -> optimizer update over the flat buffers (1/N folded into grad_scale)
 
+Nothing in a step blocks the host (on a GPU the host runs ahead of the device): the loss
+and top-1 stay on the device, are summed over ranks asynchronously and read one step
+late (engine.stepstats), so step s's progress line and its NaN check come after step s+1
+is enqueued, and the last step's after the loop. Only --trace synchronizes inside a step.
+
 Then the progress line and the metrics file (rank 0), checkpoints (rank 0 writes, every
 --checkpoint-every steps and at the end), evaluation every --eval-every epochs and at the
 end. With the defaults this trains ResNet-50 on the built-in digits.
@@ -170,7 +175,8 @@ class Trainer:
         from engine.model import build_model
         from engine.optimizer import make_optimizer
         from engine.reducer import Reducer
-        from engine.trace import Timeline, instrument
+        from engine.stepstats import StepStats
+        from engine.trace import DeviceClock, Timeline, instrument
         from engine.transforms import TrainTransform, ValTransform
 
         self.args = a = args
@@ -195,7 +201,11 @@ class Trainer:
         self.optimizer = make_optimizer(a.optimizer, self.model.params, self.model.layout, be,
                                         mu1=a.momentum, weight_decay=a.weight_decay, team=self.model.ws.team)
         self.coefficients = self._schedule()
-        self.timeline = Timeline(self._trace_path(), rank=self.rank)
+        # Without --trace the timeline is disabled: no span, no figure, no synchronize. On a
+        # GPU, compute spans are timed by events on the compute stream, on the same reference
+        # event as the communicator's all-reduce times (comm._host_time).
+        clock = DeviceClock(be.xp.cuda.Event, be.current_stream, comm._host_time) if a.trace and be.is_gpu else None
+        self.timeline = Timeline(self._trace_path(), rank=self.rank, enabled=bool(a.trace), clock=clock)
         if a.trace:     # per-layer forward/backward spans; none of their cost without --trace
             instrument(self.model, self.timeline)
         self.reducer = Reducer(self.model.layout, self.model.grads, comm, bucket_mb=a.bucket_mb,
@@ -207,6 +217,7 @@ class Trainer:
         self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
                                  resume=bool(a.resume))
         self.global_step = 0
+        self.stats = StepStats(be, comm)
         self.watchdog = Watchdog(comm, a.watchdog).start() if a.watchdog > 0 else None
 
     # ---- set-up helpers --------------------------------------------------------------------
@@ -289,8 +300,9 @@ class Trainer:
 
     # ---- training ------------------------------------------------------------------------------
 
-    def train_step(self, batch, coef) -> tuple[float, float]:
-        """One step on this rank's shard; returns the global batch's (mean loss, top-1)."""
+    def train_step(self, batch, coef):
+        """Enqueue one step on this rank's shard; returns its (mean loss, top-1 hits), both
+        left on the device (see engine.stepstats for reading them)."""
         from engine.loss import softmax_cross_entropy
         from engine.transforms import normalize
         be, tl, model = self.backend, self.timeline, self.model
@@ -299,18 +311,22 @@ class Trainer:
             x = normalize(batch.images, self.train_set.mean, self.train_set.std, be.xp)
             logits = model.forward(x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, labels, self.args.label_smoothing)
-            hits = float((logits.argmax(axis=1) == labels).sum())
+            hits = (logits.argmax(axis=1) == labels).sum()
         with tl.span("backward", "backward"):
             model.backward(dlogits, grad_ready=self.reducer.grad_ready)
         # Each bucket's update runs as soon as its all-reduce lands; 1/N folded into grad_scale.
         reduced, opt, scale = self.reducer.reduced, self.optimizer, 1.0 / self.world
         self.reducer.finish(update=lambda a, b: opt.update(reduced, a, b, coef=coef, grad_scale=scale))
-        # Loss and accuracy of the global batch: every rank sees the same numbers, so a
-        # non-finite loss stops all ranks at the same step.
-        n = len(batch.labels)
-        stats = be.asarray(be.xp.asarray([loss * n, hits, n], dtype=be.xp.float32))
-        stats = be.asnumpy(self.comm.allreduce(stats, op="sum"))
-        return float(stats[0] / stats[2]), float(stats[1] / stats[2])
+        return loss, hits
+
+    def _report(self, pending: int = 0) -> None:
+        """Read the global loss and top-1 of all but the `pending` newest steps, stop on a
+        non-finite loss (at the same step on every rank), and report them."""
+        from engine.metrics import check_finite
+        while len(self.stats) > pending:
+            r = self.stats.pop()
+            check_finite(r["loss"], r["step"], r["epoch"])
+            self.progress.train(r)
 
     def evaluate(self) -> dict:
         from engine.evaluate import evaluate
@@ -320,7 +336,6 @@ class Trainer:
         return r
 
     def run(self) -> dict:
-        from engine.metrics import check_finite
         a = self.args
         self.progress.message(self.describe())
         if a.resume:
@@ -336,26 +351,33 @@ class Trainer:
                 epoch_f = self.global_step / self.steps_per_epoch
                 coef = self.coefficients(epoch_f)
                 self.timeline.begin_step(self.global_step)
-                loss, top1 = self.train_step(batch, coef)
+                loss, hits = self.train_step(batch, coef)
                 figures = self.timeline.end_step()
-                check_finite(loss, self.global_step, epoch_f)
                 self.global_step += 1
                 now = time.perf_counter()
                 window = (window + [now - t_prev])[-a.print_every:]
-                t_prev, waited = now, self.loader.wait_s
-                self.progress.train(dict(
+                record = dict(
                     epoch=self.global_step / self.steps_per_epoch, step=self.global_step,
-                    total_steps=self.total_steps, loss=loss, top1=top1, lr=coef.eta, a_sgd=coef.a_sgd,
+                    total_steps=self.total_steps, lr=coef.eta, a_sgd=coef.a_sgd,
                     a_rms=coef.a_rms, images_per_s=self.sampler.global_batch * len(window) / sum(window),
-                    step_s=window[-1], data_wait_s=self.loader.wait_s - waited,
-                    exposed_comm_s=figures["exposed_s"], comm_s=figures["comm_s"]))
-                if ckpt_interval and self.global_step % ckpt_interval == 0:
+                    step_s=window[-1], data_wait_s=self.loader.wait_s - waited)
+                if figures is not None:
+                    record.update(exposed_comm_s=figures["exposed_s"], comm_s=figures["comm_s"])
+                t_prev, waited = now, self.loader.wait_s
+                self.stats.submit(record, loss, hits, len(batch.labels))
+                checkpoint = ckpt_interval and self.global_step % ckpt_interval == 0
+                evaluation = eval_interval and self.global_step % eval_interval == 0
+                # The previous step's numbers; all of them before a checkpoint or an
+                # evaluation, so a non-finite loss stops the job before either.
+                self._report(pending=0 if checkpoint or evaluation else 1)
+                if checkpoint:
                     self.save_checkpoint()
-                if eval_interval and self.global_step % eval_interval == 0:
+                if evaluation:
                     result = self.evaluate()
                     t_prev = time.perf_counter()
                 if self.global_step >= self.stop_step:
                     break
+        self._report()
         if result is None or result["step"] != self.global_step:
             result = self.evaluate()
         if not (ckpt_interval and self.global_step % ckpt_interval == 0):

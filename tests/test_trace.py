@@ -142,3 +142,110 @@ def test_instrumented_model_records_each_layer_once_per_phase(tmp_path):
     assert len(fwd) == len(set(fwd)) == n and sorted(fwd) == sorted(bwd)
     assert param_layers <= set(fwd) and {"maxpool", "avgpool"} <= set(fwd)
     assert fwd[0] == "conv1" and fwd[-1] == "fc" and bwd[0] == "fc" and bwd[-1] == "conv1"
+
+
+# ---- compute spans on a GPU: device events, resolved at end_step --------------------------
+
+class _FakeStream:
+    """Device time in seconds, advanced by the test as if kernels ran."""
+    def __init__(self):
+        self.t = 0.0
+
+
+class _FakeEvent:
+    """A timing event of the stand-in stream; counts host synchronisations."""
+    synced = []
+
+    def record(self, stream):
+        self.t = stream.t
+
+    def synchronize(self):
+        _FakeEvent.synced.append(self)
+
+
+def test_device_clock_times_compute_spans_by_events_on_the_comm_clock(tmp_path):
+    from engine.trace import DeviceClock
+    stream = _FakeStream()
+    _FakeEvent.synced = []
+    path = tmp_path / "gpu.json"
+    tl = Timeline(str(path), clock=DeviceClock(_FakeEvent, lambda: stream, lambda ev: base + ev.t))
+    tl.begin_step(4)
+    base = time.perf_counter()            # the device clock's zero on the host clock
+    with tl.span("forward", "forward"):
+        stream.t += 0.010                 # 10 ms of forward kernels, enqueued in no host time
+    token = tl.begin("backward", "backward")
+    stream.t += 0.020
+    tl.end(token)
+    tl.record("allreduce b0", "comm", base + 0.015, base + 0.040)   # as NcclWork resolves it
+    with tl.span("data wait", "data"):    # host work stays on the host clock
+        time.sleep(0.002)
+    names = [e.get("name") for e in json.loads(path.read_text())]
+    assert "forward" not in names and "data wait" in names, "device spans wait for end_step"
+    assert _FakeEvent.synced == []
+    figures = tl.end_step()
+    tl.close()
+    assert len(_FakeEvent.synced) == 1 and _FakeEvent.synced[0].t == pytest.approx(0.030)
+    assert figures["compute_s"] == pytest.approx(0.030)
+    assert figures["comm_s"] == pytest.approx(0.025)
+    assert figures["exposed_s"] == pytest.approx(0.010)
+    events = {e["name"]: e for e in json.loads(path.read_text()) if e.get("ph") == "X"}
+    # microseconds near 1.7e15 keep ~0.25 us in a double
+    assert events["forward"]["dur"] == pytest.approx(10_000, abs=0.5)
+    assert events["backward"]["ts"] - events["forward"]["ts"] == pytest.approx(10_000, abs=0.5)
+    assert events["allreduce b0"]["ts"] - events["forward"]["ts"] == pytest.approx(15_000, abs=0.5)
+    assert events["data wait"]["dur"] >= 2_000
+    again = step_figures(json.loads(path.read_text()))[0]       # the step span covers them all
+    assert again["exposed_s"] == pytest.approx(figures["exposed_s"], abs=2e-6)
+    assert again["compute_s"] == pytest.approx(figures["compute_s"], abs=2e-6)
+
+
+class _TickingStream:
+    """Every event recorded on it lands 1 ms after the previous one."""
+    def __init__(self):
+        self.n = 0
+
+    @property
+    def t(self):
+        self.n += 1
+        return self.n * 1e-3
+
+
+def test_instrumented_layers_are_timed_on_the_device_clock_too(tmp_path):
+    from engine.backend import get_backend
+    from engine.model import build_model
+    from engine.trace import DeviceClock, instrument
+    model = build_model("resnet18", 3, get_backend("cpu"))
+    stream = _TickingStream()
+    _FakeEvent.synced = []
+    path = tmp_path / "layers.json"
+    tl = Timeline(str(path), clock=DeviceClock(_FakeEvent, lambda: stream, lambda ev: base + ev.t))
+    n = instrument(model, tl)
+    tl.begin_step(0)
+    base = time.perf_counter()
+    model.forward(np.random.default_rng().standard_normal((2, 32, 32, 3)).astype(np.float32), train=True)
+    assert not [e for e in json.loads(path.read_text()) if e.get("cat") == "forward"]
+    tl.end_step()
+    layers = [e for e in json.loads(path.read_text()) if e.get("cat") == "forward"]
+    assert len(layers) == n and len(_FakeEvent.synced) == 1
+    # a start and an end event per layer, each 1 ms after the previous: the layers ran one
+    # after another, 1 ms each, in the order of the calls
+    layers.sort(key=lambda e: e["ts"])
+    assert [e["dur"] for e in layers] == pytest.approx([1000] * n, abs=0.5)
+    assert layers[-1]["ts"] - layers[0]["ts"] == pytest.approx(2000 * (n - 1), abs=0.5)
+    assert layers[0]["name"] == "forward conv1" and layers[-1]["name"] == "forward fc"
+
+
+def test_a_disabled_timeline_records_and_synchronizes_nothing(tmp_path):
+    from engine.trace import DeviceClock
+
+    def no_event():
+        raise AssertionError("a disabled timeline made an event")
+    tl = Timeline(None, enabled=False, clock=DeviceClock(no_event, lambda: None, lambda ev: 0.0))
+    tl.begin_step(0)
+    with tl.span("forward", "forward"):
+        pass
+    tl.end(tl.begin("backward", "backward"))
+    tl.record("allreduce b0", "comm", 0.0, 1.0)
+    assert tl.end_step() is None
+    with pytest.raises(ValueError, match="enabled"):
+        Timeline(str(tmp_path / "t.json"), enabled=False)
