@@ -1,4 +1,6 @@
 # One virtualenv in .venv holds everything, MPI included (the mpich wheel's mpiexec).
+# `make train` installs the core dependencies only; `make test` and `make bench` add their
+# extras (pyproject.toml [project.optional-dependencies]) on top, without rebuilding.
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
@@ -11,10 +13,20 @@ PYTEST   := $(PY) -m pytest -p no:cacheprovider
 .PHONY: venv build train test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h engine/kernels/*)
+	@echo "== creating $(VENV) and installing the engine with its core dependencies (numpy, mpi4py, the"
+	@echo "== MPICH wheel, scikit-learn, Pillow, threadpoolctl), then compiling its C extensions"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install --progress-bar off --upgrade pip
+	$(PY) -m pip install --progress-bar off -e .
 	touch $(STAMP)
+	@echo "== ready: run the job with $(MPIEXEC) -n 2 $(PY) -m engine.train, or source $(VENV)/bin/activate first"
+
+# An extra's packages, read from pyproject.toml; the stamp file keeps the list it installed.
+$(VENV)/.extra-%: $(STAMP) pyproject.toml
+	@echo "== installing the '$*' extras into $(VENV) (for test: pytest, torch CPU, NVIDIA wheels: about 2 GB)"
+	$(PY) -c "import sys, tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))" $* > $@.txt
+	$(PY) -m pip install --progress-bar off -r $@.txt
+	mv $@.txt $@
 
 venv: $(STAMP)
 
@@ -26,17 +38,17 @@ train: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m engine.train $(ARGS)
 
 # The whole suite: one process for the plain tier, then the mpi tier under mpiexec -n 2.
-test: $(STAMP)
+test: $(VENV)/.extra-test
 	$(PYTEST) -q -m "not mpi" tests
 	$(MPIEXEC) -n 2 $(PY) tests/mpi_pytest.py -q -m "mpi and not slow" tests
 	$(MPIEXEC) -n 2 $(PY) tests/mpi_pytest.py -q -m "mpi and slow and not np4" tests
 	$(MPIEXEC) -n 4 $(PY) tests/mpi_pytest.py -q -m "mpi and np4" tests
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.extra-test
 	$(PYTEST) -q -m "not mpi and not slow" tests
 	$(MPIEXEC) -n 2 $(PY) tests/mpi_pytest.py -q -m "mpi and not slow" tests
 
-bench: $(STAMP)
+bench: $(VENV)/.extra-test $(VENV)/.extra-bench
 	$(PY) bench/step.py
 	$(PY) bench/kernels.py
 	$(PY) bench/overlap.py

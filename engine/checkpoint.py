@@ -12,7 +12,10 @@ the final name, then the directory fsync'ed; a crash at any point leaves either 
 file or the new one, never a torn one. Older checkpoints are pruned only after the new
 one is durable, so the previous good checkpoint always survives a failed write.
 
-Reading: a truncated, corrupt or foreign file raises CheckpointError naming the file.
+Reading: a truncated, corrupt or foreign file raises CheckpointError naming the file;
+resuming from a directory takes the newest checkpoint that verifies and names the ones it
+skipped. Pruning keeps the newest checkpoints of one run, recognised by the run identity
+in each header (not by file name), so runs sharing a directory never delete each other's.
 """
 from __future__ import annotations
 
@@ -98,33 +101,58 @@ def list_checkpoints(directory: str) -> list:
     return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if _NAME.match(n)]
 
 
-def resolve(resume: str) -> str:
-    """--resume FILE, or --resume DIR meaning its newest checkpoint."""
-    if os.path.isdir(resume):
-        found = list_checkpoints(resume)
-        if not found:
-            raise CheckpointError(f"{resume}: --resume names a directory without checkpoints (ckpt-*.npz)")
-        return found[-1]
-    if not os.path.exists(resume):
-        raise CheckpointError(f"{resume}: --resume names no file or directory")
-    return resume
-
-
-def load_for_resume(resume: str) -> tuple[str, dict, dict]:
-    """(path, arrays, meta) of --resume; a bad newest file is refused, naming the intact one before it."""
-    path = resolve(resume)
+def read_meta(path: str) -> dict | None:
+    """The JSON header of a checkpoint, reading only that member; None if it has none."""
     try:
-        arrays, meta = load(path)
-    except CheckpointError as e:
-        earlier = [p for p in list_checkpoints(os.path.dirname(path)) if p < path]
-        if earlier:
-            raise CheckpointError(f"{e}; the previous checkpoint {earlier[-1]} is kept: "
-                                  f"resume from it with --resume {earlier[-1]}") from e
-        raise
-    return path, arrays, meta
+        with zipfile.ZipFile(path) as z, z.open("__meta__.npy") as f:
+            meta = json.loads(np.lib.format.read_array(f, allow_pickle=False).tobytes().decode())
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-def prune(directory: str, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (called after a save is durable)."""
-    for p in list_checkpoints(directory)[:-keep]:
+def same_run(meta: dict | None, identity: dict) -> bool:
+    return meta is not None and all(meta.get(k) == v for k, v in identity.items())
+
+
+def newest_intact(resume: str) -> tuple[str, dict, dict, list]:
+    """(path, arrays, meta, skipped) of --resume FILE, or of the newest checkpoint of --resume
+    DIR that verifies; `skipped` holds the CheckpointError of each newer one that did not."""
+    if os.path.isdir(resume):
+        candidates = list_checkpoints(resume)[::-1]
+        if not candidates:
+            raise CheckpointError(f"{resume}: --resume names a directory without checkpoints (ckpt-*.npz)")
+    elif os.path.exists(resume):
+        candidates = [resume]
+    else:
+        raise CheckpointError(f"{resume}: --resume names no file or directory")
+    skipped = []
+    for path in candidates:
+        try:
+            arrays, meta = load(path)
+        except CheckpointError as e:
+            skipped.append(e)
+            continue
+        return path, arrays, meta, skipped
+    if len(candidates) == 1:
+        raise skipped[0]
+    raise CheckpointError(f"{resume}: no checkpoint there verifies:" + "".join(f"\n  {e}" for e in skipped))
+
+
+def remove_stale_temps(directory: str) -> list:
+    """Delete the temporary files (.tmp-*) a killed save left; call it only while holding the
+    run directory's lock, so no live save of another job is touched. Returns their paths."""
+    if not os.path.isdir(directory):
+        return []
+    stale = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(".tmp-")]
+    for p in stale:
+        os.unlink(p)
+    return stale
+
+
+def prune(directory: str, keep: int, identity: dict) -> None:
+    """Delete all but the newest `keep` checkpoints of the run `identity` (called after a save
+    is durable). Files of other runs, and files whose header cannot be read, are left alone."""
+    ours = [p for p in list_checkpoints(directory) if same_run(read_meta(p), identity)]
+    for p in ours[:-keep]:
         os.unlink(p)

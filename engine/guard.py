@@ -21,6 +21,7 @@ twice the timeout reports that and aborts. An asynchronous NCCL error ends the j
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -30,6 +31,9 @@ import traceback
 import numpy as np
 
 STUCK_EXIT_CODE = 3
+# Stopped on request (SIGTERM, SIGINT) after a checkpoint: EX_TEMPFAIL, "try again later",
+# which a scheduler's requeue rule can match.
+STOPPED_EXIT_CODE = 75
 _FORWARD_GRACE_S = 0.5
 _HEARTBEAT_TAG = 0x4842
 
@@ -43,16 +47,42 @@ def _who(world) -> str:
     return f"rank {world.rank}/{world.size} {socket.gethostname()} pid {os.getpid()}"
 
 
-def abort_job(message: str, code: int = 1, world=None) -> None:
-    """Print `message` with this rank's identity and end every process of the job."""
+def abort_job(message: str, code: int = 1, world=None, quiet: bool = False) -> None:
+    """Print `message` with this rank's identity and end every process of the job.
+
+    quiet: for an error every rank meets alike, which rank 0 reports: this rank prints
+    nothing and gives rank 0's report time to get out before it aborts."""
     world = world or _world()
-    sys.stderr.write(f"\n[{_who(world)}] {message}\n[{_who(world)}] aborting the whole job (MPI_Abort {code})\n")
+    if not quiet:
+        sys.stderr.write(f"\n[{_who(world)}] {message}\n[{_who(world)}] aborting the whole job (MPI_Abort {code})\n")
     sys.stderr.flush()
     sys.stdout.flush()
     # mpiexec forwards each rank's output through a proxy that MPI_Abort kills at once:
     # without a pause the report above is lost in about a third of aborts.
-    time.sleep(_FORWARD_GRACE_S)
+    time.sleep(_FORWARD_GRACE_S * (4 if quiet else 1))
     world.Abort(code)
+
+
+class StopSignals:
+    """The first SIGTERM or SIGINT is remembered (`received`): the job stops at the next step
+    boundary agreed by all ranks and saves a checkpoint. The handler then restores the
+    default action for that signal, so a second one ends the process at once. (Under
+    mpiexec, hydra forwards the first Ctrl-C to every rank and kills the job on the second.)"""
+
+    def __init__(self, notice: str | None = None):
+        self.received = 0          # signal number, 0: none
+        self.notice = notice       # printed when the first signal arrives (by one rank only)
+
+    def install(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        if not self.received and self.notice:
+            os.write(2, f"{signal.Signals(signum).name}: {self.notice}\n".encode())
+        self.received = self.received or signum
 
 
 def _on_exception(exc_type, exc, tb, where: str, world) -> None:

@@ -42,7 +42,10 @@ class NvrtcError(RuntimeError):
 
 
 def _find_nvrtc() -> str:
-    spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    except ModuleNotFoundError:     # no nvidia-* wheel at all (a core-only install)
+        spec = None
     if spec is not None and spec.submodule_search_locations:
         for where in spec.submodule_search_locations:
             libs = sorted(Path(where, "lib").glob("libnvrtc.so*"))

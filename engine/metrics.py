@@ -1,15 +1,25 @@
 """What rank 0 tells the user: progress lines (or a bar on a terminal) and a JSONL file.
 
-Every training step appends one JSON object to metrics.jsonl ({"kind": "train", ...}),
-every evaluation one {"kind": "eval", ...}; the file is line-buffered so it can be
-followed while the run goes on. On a terminal the progress bar is redrawn in place; in a
-pipe or log file, a plain line is printed every `print_every` steps.
+metrics.jsonl, one JSON object per line, appended (one file per run directory):
+    {"kind": "start", "step", "time", "unix", "world", "resumed_from"}   each job of the run
+    {"kind": "train", "step", "time", "epoch", "total_steps", "loss", "top1", "lr", "a_sgd",
+     "a_rms", "images_per_s", "step_s", "data_wait_s", "exposed_comm_s", "comm_s"}
+    {"kind": "eval", "step", "time", "epoch", "top1", "top5", "loss", "count", "seconds"}
+`time` is seconds since the job started, `step` the global step after the update. A
+resumed job first drops the rows after its checkpoint's step (they belong to the lost part
+of the interrupted job, which the resumed job replays) and any torn last line, so every
+step has exactly one train row. A failed write (full disk) is reported once and never
+stops training: the row is lost and the file cut back to its last whole line.
+
+Display: a bar redrawn in place when the user's terminal is a terminal (see
+`launcher_terminal`), else a plain line every `print_every` steps.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -39,33 +49,132 @@ def format_eval(r: dict) -> str:
             f"top5 {100 * r['top5']:.2f}% loss {r['loss']:.4f} ({r['count']} images, {r['seconds']:.1f} s)")
 
 
+def launcher_terminal(pid: int | None = None) -> str | None:
+    """The terminal the job was launched from, when this process's output reaches it only
+    through mpiexec: under MPICH's hydra a rank's stdout is a pipe to hydra_pmi_proxy, whose
+    output goes through mpiexec, whose stdout may be the user's terminal. Walks up through
+    those launcher processes only (a pipe to `tee` or a log file means lines, not a bar)."""
+    pid = os.getppid() if pid is None else pid
+    for _ in range(3):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+            if not name.startswith(("hydra_pmi_proxy", "mpiexec")):
+                return None
+            out = os.readlink(f"/proc/{pid}/fd/1")
+            if out.startswith(("/dev/pts/", "/dev/tty")):
+                return out
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
+
+
+def _columns(stream, tty_path: str | None) -> int:
+    """Width of the terminal the bar is drawn on (the bar must never wrap)."""
+    try:
+        if hasattr(stream, "fileno") and os.isatty(stream.fileno()):
+            return os.get_terminal_size(stream.fileno()).columns
+        if tty_path:
+            fd = os.open(tty_path, os.O_RDONLY | os.O_NOCTTY)
+            try:
+                return os.get_terminal_size(fd).columns
+            finally:
+                os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return shutil.get_terminal_size().columns
+
+
+class MetricsFile:
+    """metrics.jsonl, appended one whole line per write; see the module docstring."""
+
+    def __init__(self, path: str, resume_step: int | None, warn):
+        self.path, self.warn, self.failed = path, warn, False
+        if os.path.exists(path):
+            self._drop_after(resume_step or 0)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.good = os.fstat(self.fd).st_size
+
+    def _drop_after(self, step: int) -> None:
+        path = self.path
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:              # a torn line of a job that was killed mid-write
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if kept != lines:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+    def write(self, row: dict) -> None:
+        data = (json.dumps(row) + "\n").encode()
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(28, "short write (disk full?)")
+            self.good += len(data)
+            if self.failed:
+                self.failed = False
+                self.warn(f"writing {self.path} works again")
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, self.good)    # never leave half a line
+            except OSError:
+                pass
+            if not self.failed:
+                self.failed = True
+                self.warn(f"cannot write {self.path} ({e.strerror or e}); training goes on, "
+                          f"rows are lost until writes succeed again")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Progress:
-    """Rank 0's reporter; on other ranks every method is a no-op (active=False)."""
+    """Rank 0's reporter; on other ranks every method is a no-op (active=False).
+
+    mode: "bar" (redrawn in place), "lines", or "auto": a bar if the stream is a terminal or
+    the job's launcher writes to one (launcher_terminal), else lines."""
 
     def __init__(self, active: bool, log_dir: str | None, total_steps: int, print_every: int = 10,
-                 stream=None, resume: bool = False):
+                 stream=None, resume_step: int | None = None, mode: str = "auto"):
         self.active, self.total, self.every = active, total_steps, max(1, print_every)
         self.stream = stream or sys.stdout
-        self.tty = active and hasattr(self.stream, "isatty") and self.stream.isatty()
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        launcher = None if tty or mode != "auto" else launcher_terminal()
+        self.tty = active and (mode == "bar" or (mode == "auto" and (tty or launcher is not None)))
+        self.columns = _columns(self.stream, launcher) if self.tty else 0
         self.file = None
         self.t0 = time.time()
         if active and log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a" if resume else "w", buffering=1)
+            self.file = MetricsFile(os.path.join(log_dir, "metrics.jsonl"), resume_step, self.warn)
 
     def _record(self, kind: str, r: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(dict(kind=kind, time=round(time.time() - self.t0, 3), **r)) + "\n")
+            self.file.write(dict(kind=kind, time=round(time.time() - self.t0, 3), **r))
+
+    def start(self, step: int, world: int, resumed_from: str | None) -> None:
+        if self.active:
+            self._record("start", dict(step=step, unix=round(time.time(), 3), world=world,
+                                       resumed_from=resumed_from))
 
     def train(self, r: dict) -> None:
         if not self.active:
             return
         self._record("train", r)
         if self.tty:
-            done = r["step"] / max(1, self.total)
-            fill = int(BAR_WIDTH * done)
-            bar = "#" * fill + "." * (BAR_WIDTH - fill)
-            self.stream.write(f"\r[{bar}] {format_train(r)}\x1b[K")
+            fill = int(BAR_WIDTH * r["step"] / max(1, self.total))
+            line = f"[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] {format_train(r)}"
+            self.stream.write(f"\r{line[:max(BAR_WIDTH + 2, self.columns - 1)]}\x1b[K")
             self.stream.flush()
         elif r["step"] % self.every == 0 or r["step"] == self.total:
             self.message(format_train(r))
@@ -80,6 +189,11 @@ class Progress:
         if self.active:
             prefix = "\r\x1b[K" if self.tty else ""
             print(prefix + text, file=self.stream, flush=True)
+
+    def warn(self, text: str) -> None:
+        """A line on stderr (rank 0's only reporter of trouble that does not stop the job)."""
+        if self.active:
+            print(f"[rank 0] engine.train: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.file:

@@ -1,4 +1,4 @@
-"""The training job: `mpirun -np N python -m engine.train [options]` (see --help).
+"""The training job: `.venv/bin/mpiexec -n N .venv/bin/python -m engine.train [options]` (--help).
 
 One process per rank. Every rank builds the same model from the same seed (rank 0's
 parameters are broadcast anyway), reads its own shard of each global batch, and per step:
@@ -12,17 +12,27 @@ and top-1 stay on the device, are summed over ranks asynchronously and read one 
 late (engine.stepstats), so step s's progress line and its NaN check come after step s+1
 is enqueued, and the last step's after the loop. Only --trace synchronizes inside a step.
 
-Then the progress line and the metrics file (rank 0), checkpoints (rank 0 writes, every
---checkpoint-every steps and at the end), evaluation every --eval-every epochs and at the
-end. With the defaults this trains ResNet-50 on the built-in digits.
+Then the progress line and the metrics file (rank 0), the step-boundary agreement of all
+ranks (engine.control: stop on SIGTERM/SIGINT, periodic checkpoint due), checkpoints (rank 0
+writes, every --checkpoint-minutes, every --checkpoint-every steps, on a stop and at the
+end), evaluation every --eval-every epochs and at the end. With the defaults this trains
+ResNet-50 on the built-in digits, in a run directory of its own (engine.rundir).
 
 Options are parsed and checked before MPI starts, so --help and a bad option answer at
-once, naming the option.
+once, naming the option, printed by rank 0 only.
+
+Exit status: 0 done (or the run was already complete); 1 an error (its message says which
+rank and why); 2 a usage error or a start-up refusal (locked, unwritable or full directory,
+unusable checkpoint); 3 the watchdog found a stuck collective; 75 (STOPPED_EXIT_CODE)
+stopped by SIGTERM/SIGINT after saving a checkpoint: resubmit with --resume auto.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import shlex
 import sys
 import time
 
@@ -36,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.train",
         description="Data-parallel ResNet training with the large-minibatch recipe of Akiba et al. "
                     "(RMSprop warm-up, slow-start learning rate, batch norm without moving averages). "
-                    "Run it under MPI: mpirun -np N python -m engine.train [options].",
+                    "Run it under MPI: .venv/bin/mpiexec -n N .venv/bin/python -m engine.train [options] "
+                    "(or `source .venv/bin/activate` first, then mpiexec -n N python -m engine.train).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", choices=DATASETS,
@@ -95,17 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds the initialization, the per-epoch shuffles and every augmentation")
     g.add_argument("--eval-every", type=float, default=1.0,
                    help="evaluate every this many epochs (0: only at the end)")
-    g.add_argument("--checkpoint-dir", default="runs/train/checkpoints",
-                   help="where checkpoints go (written by rank 0, atomically)")
+    g.add_argument("--runs-dir", default="runs", help="where run directories are made")
+    g.add_argument("--run-name", metavar="NAME",
+                   help="the run directory is RUNS_DIR/NAME (default: the start time, or with --resume auto "
+                        "a name derived from the run's settings, so a resubmitted command finds its run)")
+    g.add_argument("--checkpoint-dir",
+                   help="where checkpoints go (written by rank 0, atomically; default: RUN_DIR/checkpoints)")
+    g.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="save a checkpoint every this many minutes of the job, by rank 0's clock (0: off)")
     g.add_argument("--checkpoint-every", type=int, default=0,
-                   help="save a checkpoint every this many steps (0: only at the end)")
+                   help="also save a checkpoint every this many steps (0: off); one is always saved at "
+                        "the end and when SIGTERM or SIGINT stops the job")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
-    g.add_argument("--resume", metavar="PATH",
-                   help="continue from a checkpoint file, or from the newest one in a directory")
+    g.add_argument("--resume", metavar="auto|PATH",
+                   help="auto: continue this run (--run-name) from its newest intact checkpoint, or start it "
+                        "if it has none; PATH: a checkpoint file, or the newest intact one in a directory")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many global steps (the schedule still spans --epochs)")
-    g.add_argument("--log-dir", default="runs/train", help="where metrics.jsonl goes")
+    g.add_argument("--log-dir", help="where metrics.jsonl goes (default: the run directory)")
+    g.add_argument("--progress", default="auto", choices=("auto", "bar", "lines"),
+                   help="auto: a bar redrawn in place when the launching terminal is a terminal "
+                        "(also under mpiexec), else plain lines")
     g.add_argument("--print-every", type=int, default=5,
                    help="print a progress line every this many steps (when not on a terminal)")
     return p
@@ -115,6 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parsed options; a bad value exits with usage and a message naming the option."""
     p = build_parser()
     args = p.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.data and args.dataset == "digits":
         args.dataset = "imagefolder"
     if args.dataset == "imagefolder" and not args.data:
@@ -129,10 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{name} must be positive, got {value}")
     nonneg = {"--eta-rms": args.eta_rms, "--weight-decay": args.weight_decay, "--eval-every": args.eval_every,
               "--checkpoint-every": args.checkpoint_every, "--workers": args.workers or 0,
-              "--max-steps": args.max_steps or 0, "--watchdog": args.watchdog}
+              "--checkpoint-minutes": args.checkpoint_minutes, "--watchdog": args.watchdog}
     for name, value in nonneg.items():
         if value < 0:
             p.error(f"{name} must be >= 0, got {value}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max-steps must be at least 1 (leave it out to train for all of --epochs), got {args.max_steps}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     if args.image_size < 32:
@@ -141,8 +168,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--momentum must be in [0, 1), got {args.momentum}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.resume and not os.path.exists(args.resume):
+    if args.run_name is not None and (not args.run_name or os.sep in args.run_name or args.run_name in (".", "..")):
+        p.error(f"--run-name must be a plain directory name, got {args.run_name!r}")
+    if args.resume and args.resume != "auto" and not os.path.exists(args.resume):
         p.error(f"--resume {args.resume}: no such file or directory")
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # for the command that resumes the run
     if args.workers is None:
         args.workers = 2 if args.dataset == "imagefolder" else 0
     return args
@@ -161,11 +191,16 @@ def limit_blas_threads(threads: int | None) -> int:
 
 
 class Trainer:
-    """One rank of the job: set up from the options, then `run()`."""
+    """One rank of the job: set up from the options, then `run()`.
 
-    def __init__(self, args):
+    `signals`: the job's engine.guard.StopSignals (main installs them); without, no signal
+    stops the run early. Start-up refusals raise engine.rundir.Refused on every rank."""
+
+    def __init__(self, args, signals=None):
         from mpi4py import MPI
 
+        from engine.control import StepControl
+        from engine.guard import StopSignals
         from engine.backend import agree_on_backend, get_backend
         from engine.comm import create_communicator
         from engine.data import build_datasets
@@ -180,6 +215,8 @@ class Trainer:
         from engine.transforms import TrainTransform, ValTransform
 
         self.args = a = args
+        self.locks = []
+        self._prepare_run_dir(MPI.COMM_WORLD)
         self.backend = be = get_backend(a.device)
         agree_on_backend(MPI.COMM_WORLD, be)    # before any communicator: all ranks on one backend
         self.comm = comm = create_communicator(be)
@@ -214,9 +251,12 @@ class Trainer:
         self.reducer.startup(self.model.params, {k: v for k, v in vars(a).items()})
         if a.trace:     # a common mark on every rank's clock, so `trace merge` lines ranks up
             self.timeline.sync(comm)
+        self.resume_from = self._choose_checkpoint(MPI.COMM_WORLD)
         self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
-                                 resume=bool(a.resume))
-        self.global_step = 0
+                                 resume_step=self.resume_from and self.resume_from["step"], mode=a.progress)
+        self.global_step = self.saved_step = 0
+        self.saved_path, self.save_failing, self.stopped_by, self.exit_status = None, False, 0, 0
+        self.control = StepControl(MPI.COMM_WORLD, signals or StopSignals(), 60 * a.checkpoint_minutes)
         self.stats = StepStats(be, comm)
         self.watchdog = Watchdog(comm, a.watchdog).start() if a.watchdog > 0 else None
 
@@ -251,7 +291,68 @@ class Trainer:
                 f"schedule, device {self.backend.name}, {self.threads} BLAS thread(s) and {a.workers} data "
                 f"worker(s) per rank")
 
-    # ---- checkpoints ---------------------------------------------------------------------------
+    # ---- run directory and checkpoints ---------------------------------------------------------
+
+    def _settings(self, world_size: int) -> dict:
+        """The options that define a run: a resubmittable job's default name is made from them."""
+        a = self.args
+        keys = ("arch", "dataset", "data", "image_size", "batch_per_rank", "seed", "epochs", "schedule",
+                "optimizer", "lr", "eta_rms", "momentum", "weight_decay", "label_smoothing")
+        return dict({k: getattr(a, k) for k in keys}, world_size=world_size)
+
+    def _prepare_run_dir(self, world) -> None:
+        """Rank 0 names the run, locks its directories, checks they are writable and removes
+        the temporary files of a killed save; every rank gets the resulting paths."""
+        from engine import checkpoint, rundir
+        a = self.args
+
+        def decide():
+            name = a.run_name or rundir.default_run_name(self._settings(world.size) if a.resume == "auto" else None)
+            run_dir = os.path.join(a.runs_dir, name)
+            if not (a.log_dir and (a.checkpoint_dir or a.no_checkpoint)) and not a.run_name and a.resume != "auto":
+                run_dir = rundir.claim_new(a.runs_dir, name)
+            log_dir, ckpt_dir = a.log_dir or run_dir, a.checkpoint_dir or os.path.join(run_dir, "checkpoints")
+            outputs = [(log_dir, "--log-dir")] + ([] if a.no_checkpoint else [(ckpt_dir, "--checkpoint-dir")])
+            locked = set()
+            for path, option in outputs:
+                rundir.check_writable(path, option)
+                if os.path.realpath(path) not in locked:
+                    self.locks.append(rundir.RunLock(path, option))
+                    locked.add(os.path.realpath(path))
+            stale = [] if a.no_checkpoint else checkpoint.remove_stale_temps(ckpt_dir)
+            return os.path.basename(run_dir), log_dir, ckpt_dir, stale
+
+        self.run_name, a.log_dir, a.checkpoint_dir, stale = rundir.decided_by_rank0(world, decide)
+        if stale and world.rank == 0:
+            print(f"engine.train: removed {len(stale)} temporary file(s) of an interrupted save: "
+                  f"{', '.join(stale)}", flush=True)
+
+    def _choose_checkpoint(self, world) -> dict | None:
+        """Rank 0 checks there is room for a checkpoint and picks the one to resume from (the
+        newest that verifies and belongs to this run); None: a fresh start."""
+        from engine import checkpoint, rundir
+        a = self.args
+
+        def decide():
+            found = [] if a.no_checkpoint else checkpoint.list_checkpoints(a.checkpoint_dir)
+            if not a.no_checkpoint:     # parameters, two optimizer buffers, a little header
+                rundir.check_room(a.checkpoint_dir, 3 * self.model.params.nbytes + 2**20, "--checkpoint-dir")
+            if a.resume == "auto":
+                source = a.checkpoint_dir if found else None
+            else:
+                source = a.resume
+            if source is None:
+                mine = [p for p in found if checkpoint.same_run(checkpoint.read_meta(p), self._run_identity())]
+                if mine:
+                    raise rundir.Refused(f"{a.checkpoint_dir} already holds checkpoints of this run (newest "
+                                         f"{mine[-1]}): continue it with --resume auto, or start another run "
+                                         f"with another --run-name")
+                return None
+            path, _, meta, skipped = checkpoint.newest_intact(source)
+            checkpoint.check_compatible(path, meta, self._run_identity())
+            return dict(path=path, step=int(meta["global_step"]), skipped=[str(e) for e in skipped])
+
+        return rundir.decided_by_rank0(world, decide)
 
     def _run_identity(self) -> dict:
         """What must match for a checkpoint to continue this run's trajectory."""
@@ -262,8 +363,11 @@ class Trainer:
                     optimizer=a.optimizer, lr=a.lr)
 
     def save_checkpoint(self) -> None:
-        from engine import checkpoint
+        """Rank 0 saves; a failed save (full or read-only disk) is reported once and training
+        goes on: the next interval tries again, and the previous checkpoints stay intact."""
+        from engine import checkpoint, rundir
         a = self.args
+        self.control.checkpointed()
         if a.no_checkpoint or self.rank != 0:
             return
         asnp = self.backend.asnumpy
@@ -278,14 +382,31 @@ class Trainer:
                     random_state={"seed": a.seed, "position": self.global_step},
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
         path = checkpoint.path_for(a.checkpoint_dir, self.global_step)
-        checkpoint.save(path, arrays, meta)
-        checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints)
+        try:
+            checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
+            checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
+        except OSError as e:
+            if not rundir.is_environment_error(e):
+                raise
+            if not self.save_failing:
+                self.progress.warn(f"checkpoint of step {self.global_step} not saved: {e.strerror or e} "
+                                   f"({a.checkpoint_dir}); training goes on and tries again at the next "
+                                   f"checkpoint" + (f"; the newest saved is {self.saved_path}" if self.saved_path
+                                                    else ""))
+            self.save_failing = True
+            return
+        if self.save_failing:
+            self.progress.warn(f"saving checkpoints works again ({path})")
+        self.saved_step, self.saved_path, self.save_failing = self.global_step, path, False
         self.progress.message(f"checkpoint {path} (step {self.global_step})")
 
-    def load_checkpoint(self, resume: str) -> None:
+    def load_checkpoint(self, chosen: dict) -> None:
+        """Every rank loads the checkpoint rank 0 chose and verified (_choose_checkpoint)."""
         from engine import checkpoint
-        path, arrays, meta = checkpoint.load_for_resume(resume)
-        checkpoint.check_compatible(path, meta, self._run_identity())
+        path = chosen["path"]
+        arrays, meta = checkpoint.load(path)
+        for skipped in chosen["skipped"]:
+            self.progress.warn(f"skipped: {skipped}")
         xp = self.backend.xp
         self.model.params[...] = xp.asarray(arrays["params"])
         opt = dict(meta["optimizer_state"])
@@ -294,7 +415,8 @@ class Trainer:
         for bn in self.model.batchnorms:
             bn.eval_mean[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_mean"])
             bn.eval_var[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_var"])
-        self.global_step = int(meta["global_step"])
+        self.global_step = self.saved_step = int(meta["global_step"])
+        self.saved_path = path
         self.progress.message(f"resumed from {path} at step {self.global_step} "
                               f"(epoch {self.global_step / self.steps_per_epoch:.2f})")
 
@@ -335,15 +457,26 @@ class Trainer:
         self.progress.eval(r)
         return r
 
-    def run(self) -> dict:
+    def run(self) -> dict | None:
+        """Train to the end, or until a stop signal; the final evaluation's result, or None if
+        the run was already complete or was stopped (then exit_status says so)."""
         a = self.args
         self.progress.message(self.describe())
-        if a.resume:
-            self.load_checkpoint(a.resume)
+        self.progress.message(f"run {self.run_name}: metrics in {a.log_dir}, checkpoints in "
+                              f"{'(none)' if a.no_checkpoint else a.checkpoint_dir}")
+        if a.epochs < SHORT_RUN_EPOCHS:
+            self.progress.message(short_schedule_note(a.epochs))
+        if self.resume_from:
+            self.load_checkpoint(self.resume_from)
+        self.progress.start(self.global_step, self.world, self.resume_from and self.resume_from["path"])
+        if self.global_step >= self.stop_step:
+            self.progress.message(f"run {self.run_name} is complete: its checkpoint is at step {self.global_step} "
+                                  f"and this job would stop at step {self.stop_step}; nothing to do")
+            return None
         eval_interval = max(1, round(a.eval_every * self.steps_per_epoch)) if a.eval_every > 0 else None
         ckpt_interval = a.checkpoint_every or None
         window, result, t_start = [], None, time.perf_counter()
-        while self.global_step < self.stop_step:
+        while self.global_step < self.stop_step and not self.stopped_by:
             epoch, first = divmod(self.global_step, self.steps_per_epoch)
             t_prev = time.perf_counter()
             waited = self.loader.wait_s
@@ -365,29 +498,52 @@ class Trainer:
                     record.update(exposed_comm_s=figures["exposed_s"], comm_s=figures["comm_s"])
                 t_prev, waited = now, self.loader.wait_s
                 self.stats.submit(record, loss, hits, len(batch.labels))
-                checkpoint = ckpt_interval and self.global_step % ckpt_interval == 0
+                self.stopped_by, due = self.control.poll()     # the same answers on every rank
+                checkpoint = due or self.stopped_by or (ckpt_interval and self.global_step % ckpt_interval == 0)
                 evaluation = eval_interval and self.global_step % eval_interval == 0
                 # The previous step's numbers; all of them before a checkpoint or an
                 # evaluation, so a non-finite loss stops the job before either.
                 self._report(pending=0 if checkpoint or evaluation else 1)
                 if checkpoint:
                     self.save_checkpoint()
+                if self.stopped_by:
+                    break
                 if evaluation:
                     result = self.evaluate()
                     t_prev = time.perf_counter()
                 if self.global_step >= self.stop_step:
                     break
         self._report()
+        if self.stopped_by:
+            self._report_stop()
+            return None
         if result is None or result["step"] != self.global_step:
             result = self.evaluate()
-        if not (ckpt_interval and self.global_step % ckpt_interval == 0):
+        if self.saved_step != self.global_step:
             self.save_checkpoint()
+            if self.saved_step != self.global_step and self.rank == 0 and not a.no_checkpoint:
+                self.exit_status = 1        # trained, but the model is not on disk: say so by the status
         self.progress.message(f"done: {self.global_step} steps in {time.perf_counter() - t_start:.1f} s, "
                               f"validation top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%")
         return result
 
+    def _report_stop(self) -> None:
+        """One line: why the job stopped, where the work is, the command that continues it."""
+        from engine.control import signal_name
+        from engine.guard import STOPPED_EXIT_CODE
+        self.exit_status = STOPPED_EXIT_CODE
+        why = f"stopped by {signal_name(self.stopped_by)} at step {self.global_step}/{self.total_steps}"
+        if self.args.no_checkpoint:
+            where = "no checkpoint (--no-checkpoint)"
+        elif self.saved_path is None:
+            where = "no checkpoint could be written"
+        else:
+            where = f"checkpoint {self.saved_path} (step {self.saved_step})"
+        self.progress.message(f"engine.train: {why}; {where}; continue with: {resume_command(self.args.argv, self.world, self.run_name)}")
+
     def close(self) -> None:
         """Collective: every rank calls it (the watchdog's shutdown is a barrier)."""
+        self.control.close()
         if self.watchdog is not None:
             self.watchdog.stop()
         self.loader.close()
@@ -395,27 +551,80 @@ class Trainer:
         self.progress.close()
         self.timeline.close()
         self.comm.close()
+        for lock in self.locks:
+            lock.release()
+
+
+# Below this many epochs the compressed 90-epoch recipe is too short to be stable here.
+SHORT_RUN_EPOCHS = 6
+
+
+def short_schedule_note(epochs: float) -> str:
+    return (f"note: --epochs {epochs:g} compresses the recipe's 90 epochs {90 / epochs:.0f}x (the RMSprop warm-up "
+            f"ends at epoch {12.5 * epochs / 90:.2f}); on the digits runs under {SHORT_RUN_EPOCHS} epochs are unstable "
+            f"(--epochs 2 climbed to loss 8 and ended near 64%). --max-steps stops early without compressing.")
+
+
+def resume_command(argv_in: list, world: int, run_name: str) -> str:
+    """This job's command line with --resume auto --run-name NAME: what continues it."""
+    argv, skip = [], False
+    for arg in argv_in:
+        if skip or arg.split("=")[0] in ("--resume", "--run-name"):
+            skip = not skip and "=" not in arg
+            continue
+        argv.append(arg)
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    launcher = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(world)] if world > 1 else []
+    return shlex.join(launcher + [sys.executable, "-m", "engine.train", *argv, "--resume", "auto",
+                                  "--run-name", run_name])
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it, known before MPI starts (0 outside MPI)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from engine import guard
+    rank = launcher_rank()
+    # Every rank parses the same options: only rank 0 prints --help or a usage error.
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null if rank else sys.stdout), \
+            contextlib.redirect_stderr(null if rank else sys.stderr):
+        args = parse_args(argv)
+    from engine import guard, rundir
     from engine.backend import DeviceError
     from engine.checkpoint import CheckpointError
     from engine.data import DataError
     from engine.metrics import NonFiniteLoss
     from engine.reducer import StartupError
+    signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint "
+                                                    "(the same signal again: stop at once)").install()
     guard.install()   # an exception on any rank, in any thread, ends the whole job
     trainer = None
     try:
-        trainer = Trainer(args)
+        trainer = Trainer(args, signals)
         trainer.run()
-    except (DataError, CheckpointError, NonFiniteLoss, DeviceError, StartupError) as e:
+    except rundir.Refused as e:
+        # Decided on rank 0 and raised on every rank alike before training: said once, and
+        # every rank leaves together with nothing collective pending.
+        if rank == 0:
+            print(f"engine.train: {e}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLoss as e:      # the global loss: every rank stops at the same step
+        guard.abort_job(f"engine.train: {e}", quiet=rank != 0)
+    except (DataError, CheckpointError, DeviceError, StartupError) as e:
         # Errors about the user's input or run: the message says it all, no traceback.
         guard.abort_job(f"engine.train: {e}")
-    if trainer is not None:
-        trainer.close()
-    return 0
+    except OSError as e:
+        if not rundir.is_environment_error(e):
+            raise
+        # The machine, not the code: a full or read-only disk, or a dead data-loader worker's pipe.
+        cause = "a data-loader worker died (its pipe broke)" if isinstance(e, BrokenPipeError) else "the system said"
+        guard.abort_job(f"engine.train: {cause}: {e}")
+    trainer.close()
+    return trainer.exit_status
 
 
 if __name__ == "__main__":

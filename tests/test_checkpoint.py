@@ -1,4 +1,5 @@
-"""Atomic checkpoint files: round trip, truncation, corruption, mismatch, pruning."""
+"""Atomic checkpoint files: round trip, truncation, corruption and fallback, mismatch,
+pruning by run identity, stale temporary files."""
 import os
 
 import numpy as np
@@ -26,19 +27,28 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
-def test_truncated_checkpoint_is_refused_and_the_previous_one_named(tmp_path):
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
     rng = np.random.default_rng()
-    good, newest = ck.path_for(str(tmp_path), 10), ck.path_for(str(tmp_path), 20)
-    ck.save(good, _arrays(rng), {"step": 10})
-    ck.save(newest, _arrays(rng), {"step": 20})
-    size = os.path.getsize(newest)
-    with open(newest, "r+b") as f:
-        f.truncate(size // 2)
-    with pytest.raises(ck.CheckpointError, match="truncated") as e:
-        ck.load_for_resume(str(tmp_path))
-    assert newest in str(e.value) and f"--resume {good}" in str(e.value)
-    _, meta = ck.load(good)
-    assert meta["step"] == 10
+    paths = {s: ck.path_for(str(tmp_path), s) for s in (10, 20, 30)}
+    for s, p in paths.items():
+        ck.save(p, _arrays(rng), {"step": s})
+    _truncate(paths[30])
+    _truncate(paths[20])            # the one before the newest is damaged too
+    path, arrays, meta, skipped = ck.newest_intact(str(tmp_path))
+    assert path == paths[10] and meta["step"] == 10 and set(arrays) == set(_arrays(rng))
+    assert [paths[30] in str(e) and "truncated" in str(e) for e in skipped] == [True, False]
+    assert paths[20] in str(skipped[1])
+    _truncate(paths[10])
+    with pytest.raises(ck.CheckpointError, match="no checkpoint there verifies") as e:
+        ck.newest_intact(str(tmp_path))
+    assert all(p in str(e.value) for p in paths.values())
+    with pytest.raises(ck.CheckpointError, match="truncated"):     # a named file: no fallback
+        ck.newest_intact(paths[30])
 
 
 def test_flipped_bytes_are_detected(tmp_path):
@@ -84,12 +94,26 @@ def test_failed_write_keeps_previous_and_leaves_no_temp(tmp_path):
     assert ck.load(good)[1]["step"] == 1
 
 
-def test_prune_keeps_the_newest(tmp_path):
+def test_prune_keeps_the_newest_of_this_run_only(tmp_path):
+    mine, other = {"arch": "resnet18", "seed": 0}, {"arch": "resnet18", "seed": 1}
     for s in (3, 1, 2, 4):
-        ck.save(ck.path_for(str(tmp_path), s), {"a": np.arange(s)}, {"step": s})
-    ck.prune(str(tmp_path), keep=2)
-    assert [os.path.basename(p) for p in ck.list_checkpoints(str(tmp_path))] == ["ckpt-00000003.npz", "ckpt-00000004.npz"]
-    assert ck.resolve(str(tmp_path)).endswith("ckpt-00000004.npz")
+        ck.save(ck.path_for(str(tmp_path), s), {"a": np.arange(s)}, dict(mine, step=s))
+    for s in (40, 50):              # another run's newer checkpoints in the same folder
+        ck.save(ck.path_for(str(tmp_path), s), {"a": np.arange(s)}, dict(other, step=s))
+    (tmp_path / "ckpt-00000060.npz").write_bytes(b"not a checkpoint")
+    ck.prune(str(tmp_path), keep=2, identity=mine)
+    assert [os.path.basename(p) for p in ck.list_checkpoints(str(tmp_path))] == [
+        "ckpt-00000003.npz", "ckpt-00000004.npz", "ckpt-00000040.npz", "ckpt-00000050.npz", "ckpt-00000060.npz"]
+    assert ck.read_meta(ck.path_for(str(tmp_path), 40))["seed"] == 1
+    assert ck.read_meta(str(tmp_path / "ckpt-00000060.npz")) is None
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ck.CheckpointError, match="without checkpoints"):
-        ck.resolve(str(tmp_path / "empty"))
+        ck.newest_intact(str(tmp_path / "empty"))
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    ck.save(ck.path_for(str(tmp_path), 1), {"a": np.arange(3)}, {})
+    (tmp_path / ".tmp-abc.npz").write_bytes(b"half a checkpoint")
+    assert ck.remove_stale_temps(str(tmp_path)) == [str(tmp_path / ".tmp-abc.npz")]
+    assert os.listdir(tmp_path) == ["ckpt-00000001.npz"]
+    assert ck.remove_stale_temps(str(tmp_path / "missing")) == []

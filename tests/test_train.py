@@ -45,6 +45,12 @@ def test_defaults_train_resnet50_on_digits_with_the_paper_recipe(tmp_path):
     (["--workers", "-2"], "--workers"),
     (["--lr", "fast"], "--lr"),
     (["--no-such-option"], "--no-such-option"),
+    (["--max-steps", "0"], "--max-steps"),
+    (["--epochs", "inf"], "--epochs"),
+    (["--lr", "nan"], "--lr"),
+    (["--checkpoint-minutes", "-1"], "--checkpoint-minutes"),
+    (["--run-name", "../elsewhere"], "--run-name"),
+    (["--progress", "fancy"], "--progress"),
 ])
 def test_bad_options_are_errors_naming_the_option(argv, named, capsys):
     with pytest.raises(SystemExit) as e:
@@ -115,9 +121,9 @@ def test_resume_reproduces_the_uninterrupted_trajectory(comm, tmp_path):
         for k in pa:
             assert np.array_equal(pa[k], pb[k]), k
     comm.Barrier()
-    # A checkpoint of another run is refused, naming the field that differs.
-    from engine.checkpoint import CheckpointError
-    with pytest.raises(CheckpointError, match=r"lr=0\.1.*lr=0\.3"):
+    # A checkpoint of another run is refused on every rank, naming the field that differs.
+    from engine.rundir import Refused
+    with pytest.raises(Refused, match=r"lr=0\.1.*lr=0\.3"):
         _train(common + ["--lr", "0.3", "--max-steps", "6", "--log-dir", f"{root}/c",
                          "--checkpoint-dir", f"{root}/c/ck", "--resume", f"{root}/b/ck"])
 
@@ -131,7 +137,123 @@ def test_non_finite_loss_stops_every_rank_naming_the_step(comm, tmp_path):
                         "--no-checkpoint", "--log-dir", f"{root}/log"])
 
 
+@pytest.mark.mpi
+def test_a_failing_save_keeps_training_reports_once_and_retries(comm, tmp_path, monkeypatch, capsys):
+    """The disk fills during the first two saves: training goes on, one report, no temp file
+    left, and the third save (a disk with room again) is written."""
+    import errno
+
+    from engine import checkpoint
+    root = _shared_dir(comm, tmp_path)
+    real_savez, calls = checkpoint.np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(1)
+        if len(calls) <= 2:
+            f.write(b"the first bytes of a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(checkpoint.np, "savez", savez)
+    _train(SMALL + ["--max-steps", "6", "--checkpoint-every", "2", "--eval-every", "0",
+                    "--log-dir", f"{root}/log", "--checkpoint-dir", f"{root}/ck"])
+    if comm.rank == 0:
+        err = capsys.readouterr().err
+        assert len(calls) == 3 and err.count("not saved: No space left on device") == 1, err
+        assert err.count("saving checkpoints works again") == 1, err
+        assert sorted(os.listdir(f"{root}/ck")) == [".lock", "ckpt-00000006.npz"]
+        assert sorted(_losses(f"{root}/log")) == [1, 2, 3, 4, 5, 6]
+    comm.Barrier()
+
+
 # ---- logs and evaluation arithmetic ----------------------------------------------------------
+
+def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
+    """The rows after the checkpoint's step (replayed by the resumed job) and a torn last
+    line are dropped; the file is then appended to."""
+    from engine.metrics import Progress
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(kind="train", step=s, loss=1.0) for s in range(1, 9)] + [dict(kind="eval", step=8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')
+    resumed = Progress(True, str(tmp_path), total_steps=20, stream=_Stream(False), resume_step=6)
+    resumed.start(6, 2, "ck/ckpt-00000006.npz")
+    for s in (7, 8):
+        resumed.train(_record(s, loss=0.5))
+    resumed.close()
+    got = [json.loads(line) for line in open(path)]
+    assert [(r["kind"], r["step"]) for r in got] == [("train", s) for s in range(1, 7)] + [
+        ("start", 6), ("train", 7), ("train", 8)]
+    assert got[-1]["loss"] == 0.5 and got[6]["resumed_from"] == "ck/ckpt-00000006.npz"
+
+
+def test_a_failing_log_write_never_stops_training(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from engine import metrics
+    real_write, failing = os.write, {"on": False}
+
+    def write(fd, data):
+        if failing["on"] and fd == progress.file.fd:
+            real_write(fd, data[:10])       # a torn line, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(metrics.os, "write", write)
+    progress = metrics.Progress(True, str(tmp_path), total_steps=20, print_every=100, stream=_Stream(False))
+    progress.train(_record(1))
+    failing["on"] = True
+    for s in (2, 3, 4):
+        progress.train(_record(s))
+    failing["on"] = False
+    progress.train(_record(5))
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.count("No space left on device") == 1 and err.count("works again") == 1, err
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 5]
+
+
+def test_run_directory_checks_name_the_option_and_the_holder(tmp_path, monkeypatch):
+    import errno
+    import socket
+
+    from engine import rundir
+    lock = rundir.RunLock(str(tmp_path), "--log-dir")
+    with pytest.raises(rundir.RunDirError, match=rf"--log-dir {tmp_path} is in use by another job "
+                                                 rf"\(host {socket.gethostname()} pid {os.getpid()} since "):
+        rundir.RunLock(str(tmp_path), "--log-dir")
+    lock.release()
+    rundir.RunLock(str(tmp_path), "--log-dir").release()      # free again once released
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", read_only)
+    with pytest.raises(rundir.RunDirError, match=rf"--checkpoint-dir {tmp_path}/ck: cannot write there "
+                                                 r"\(Read-only file system\)"):
+        rundir.check_writable(str(tmp_path / "ck"), "--checkpoint-dir")
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    rundir.check_room(str(tmp_path), free // 2, "--checkpoint-dir")
+    with pytest.raises(rundir.RunDirError, match="MiB free, a checkpoint needs about"):
+        rundir.check_room(str(tmp_path), 2 * free + 2**30, "--checkpoint-dir")
+
+
+def test_default_run_names(tmp_path):
+    from engine import rundir
+    settings = dict(arch="resnet50", dataset="digits", seed=0, epochs=6.0)
+    name = rundir.default_run_name(settings)
+    assert name.startswith("resnet50-digits-") and name == rundir.default_run_name(dict(settings))
+    assert name != rundir.default_run_name(dict(settings, seed=1))
+    stamp = rundir.default_run_name(None)
+    assert rundir.claim_new(str(tmp_path), stamp) == str(tmp_path / stamp)
+    assert rundir.claim_new(str(tmp_path), stamp) == str(tmp_path / f"{stamp}-2")
+
+
+def test_resume_command_replaces_resume_and_run_name():
+    from engine.train import resume_command
+    cmd = resume_command(["--epochs", "3", "--resume", "runs/x/ck", "--run-name=old", "--seed", "1"], 4, "new")
+    assert cmd.endswith("-m engine.train --epochs 3 --seed 1 --resume auto --run-name new")
+    assert " -n 4 " in cmd and cmd.split()[0].endswith("mpiexec")
+
 
 def _record(step, loss=1.25):
     return dict(epoch=step / 10, step=step, total_steps=20, loss=loss, top1=0.5, lr=0.1, a_sgd=0.3,
@@ -154,7 +276,7 @@ class _Stream:
 
 def test_progress_plain_lines_bar_on_a_terminal_and_jsonl(tmp_path):
     from engine.metrics import Progress
-    plain = Progress(True, str(tmp_path), total_steps=20, print_every=5, stream=_Stream(False))
+    plain = Progress(True, str(tmp_path), total_steps=20, print_every=5, stream=_Stream(False), mode="auto")
     for s in range(1, 21):
         plain.train(_record(s))
     plain.eval(dict(top1=0.9, top5=1.0, loss=0.3, count=359, seconds=1.0, step=20, epoch=2.0))
@@ -166,8 +288,16 @@ def test_progress_plain_lines_bar_on_a_terminal_and_jsonl(tmp_path):
     assert [r["kind"] for r in records] == ["train"] * 20 + ["eval"]
     assert [r["step"] for r in records[:20]] == list(range(1, 21))
     bar = Progress(True, None, total_steps=20, stream=_Stream(True))
+    bar.columns = 60                # the bar never wraps: cut to the terminal's width
     bar.train(_record(10))
     assert bar.stream.text.startswith("\r[" + "#" * 12 + "." * 12 + "]")
+    assert bar.stream.text.endswith("\x1b[K") and len(bar.stream.text) == 1 + 59 + 3
+    forced = Progress(True, None, total_steps=20, stream=_Stream(False), mode="bar")
+    forced.train(_record(5))
+    assert forced.stream.text.startswith("\r[######")
+    lines = Progress(True, None, total_steps=20, print_every=5, stream=_Stream(True), mode="lines")
+    lines.train(_record(5))
+    assert lines.stream.text.startswith("epoch 0.50 step 5/20")
     silent = Progress(False, str(tmp_path / "other"), total_steps=20, stream=_Stream(False))
     silent.train(_record(5))
     assert silent.stream.text == "" and not os.path.exists(tmp_path / "other")

@@ -1,0 +1,131 @@
+"""The training job as a user or a scheduler meets it: a real `mpiexec -n 2 python -m
+engine.train` on the digits (ResNet-18, 32 px, 8 images per rank), signalled, run twice on
+one directory, given bad options; every job bounded by a timeout."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.guard import STOPPED_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+TINY = ["--arch", "resnet18", "--image-size", "32", "--batch-per-rank", "8", "--eval-every", "0",
+        "--watchdog", "0", "--print-every", "1", "--progress", "lines"]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCALRANKID", "HYDRA"))}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+class Job:
+    """`mpiexec -n 2 python -m engine.train ARGS` in `cwd`, its output collected line by line."""
+
+    def __init__(self, cwd, args, ranks=2):
+        self.proc = subprocess.Popen([str(MPIEXEC), "-n", str(ranks), sys.executable, "-m", "engine.train", *args],
+                                     cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines, self._new = [], threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append(line.rstrip("\n"))
+                self._new.notify_all()
+
+    def wait_for(self, text, timeout=120):
+        with self._new:
+            assert self._new.wait_for(lambda: any(text in line for line in self.lines), timeout), \
+                f"no {text!r} within {timeout} s:\n" + "\n".join(self.lines)
+
+    def finish(self, timeout=180):
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc, "\n".join(self.lines)
+
+
+def _train_rows(path):
+    rows = [json.loads(line) for line in open(path)]
+    return [r["step"] for r in rows if r["kind"] == "train"], rows
+
+
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_auto_continues(tmp_path):
+    args = TINY + ["--max-steps", "60", "--run-name", "pre", "--resume", "auto"]
+    job = Job(tmp_path, args)
+    job.wait_for("step 3/")
+    job.proc.send_signal(signal.SIGTERM)           # what a scheduler sends before it kills the job
+    rc, out = job.finish()
+    assert rc == STOPPED_EXIT_CODE, out
+    stops = [line for line in out.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stops) == 1, out
+    saved = sorted((tmp_path / "runs/pre/checkpoints").glob("ckpt-*.npz"))
+    assert len(saved) == 1 and str(saved[0].relative_to(tmp_path)) in stops[0], out
+    step = int(saved[0].stem.split("-")[1])
+    assert 3 <= step < 60 and f"at step {step}/" in stops[0] and "--resume auto --run-name pre" in stops[0]
+    # The same command line, resubmitted: continues from that checkpoint and finishes.
+    rc, out = Job(tmp_path, args).finish()
+    assert rc == 0 and f"resumed from runs/pre/checkpoints/ckpt-{step:08d}.npz at step {step}" in out, out
+    steps, rows = _train_rows(tmp_path / "runs/pre/metrics.jsonl")
+    assert steps == list(range(1, 61)), steps                  # no step twice, none missing
+    assert [r["step"] for r in rows if r["kind"] == "start"] == [0, step]
+    # And once more: the run is complete, nothing to do, exit 0.
+    rc, out = Job(tmp_path, args).finish()
+    assert rc == 0 and "run pre is complete" in out and "step 61" not in out, out
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    # ResNet-50: a step and a checkpoint take long enough that the second Ctrl-C lands first.
+    job = Job(tmp_path, TINY + ["--arch", "resnet50", "--max-steps", "2000", "--run-name", "int"])
+    job.wait_for("step 2/")
+    job.proc.send_signal(signal.SIGINT)
+    job.wait_for("Press Ctrl-C again")             # hydra forwarded the first to every rank
+    t0 = time.monotonic()
+    job.proc.send_signal(signal.SIGINT)
+    rc, out = job.finish(timeout=60)
+    assert rc not in (0, STOPPED_EXIT_CODE) and "stopped by" not in out, out
+    assert time.monotonic() - t0 < 30, out
+
+
+def test_a_second_job_on_the_same_run_directory_is_refused_naming_the_holder(tmp_path):
+    first = Job(tmp_path, TINY + ["--max-steps", "2000", "--run-name", "shared"])
+    first.wait_for("step 1/")
+    rc, out = Job(tmp_path, TINY + ["--max-steps", "5", "--run-name", "shared"]).finish(timeout=120)
+    assert rc == 2, out
+    refusals = [line for line in out.splitlines() if "in use by another job" in line]
+    assert len(refusals) == 1, out
+    holder = (tmp_path / "runs/shared/.lock").read_text().split()
+    assert f"host {holder[1]} pid {holder[3]}" in refusals[0], out
+    assert "Traceback" not in out
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish()[0] == STOPPED_EXIT_CODE
+
+
+@pytest.mark.parametrize("argv, once", [
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--epochs", "inf"], "--epochs must be a finite number"),
+    (["--help"], "usage: python -m engine.train"),
+])
+def test_usage_errors_and_help_are_printed_once_per_job(tmp_path, argv, once):
+    rc, out = Job(tmp_path, argv).finish(timeout=120)
+    assert rc == (0 if argv == ["--help"] else 2), out
+    assert out.count(once) == 1, out
+
+
+def test_fresh_runs_get_their_own_directories(tmp_path):
+    for _ in range(2):
+        rc, out = Job(tmp_path, TINY + ["--max-steps", "2", "--keep-checkpoints", "1"]).finish()
+        assert rc == 0, out
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2, runs
+    for name in runs:
+        assert [p.name for p in (tmp_path / "runs" / name / "checkpoints").glob("*.npz")] == ["ckpt-00000002.npz"]
+        assert _train_rows(tmp_path / "runs" / name / "metrics.jsonl")[0] == [1, 2]
