@@ -30,9 +30,10 @@ $(VENV)/.extra-%: $(STAMP) pyproject.toml
 
 venv: $(STAMP)
 
-# Rebuild the Cython extensions in place after editing csrc/ or engine/kernels/.
+# Rebuild the Cython extensions in place after editing csrc/ or engine/kernels/. Through pip,
+# as make venv builds them: Cython comes from the build requirements, not from the venv.
 build: $(STAMP)
-	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m pip install -q --no-deps -e .
 
 train: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m engine.train $(ARGS)
