@@ -73,21 +73,24 @@ extern "C" __global__ void bn_backward_dx(const float* dy, const float* x, const
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (first >= n) return;     // also every thread when n == 0, where C may be 0
     const bool vec = C % 4 == 0 && (((size_t)dy | (size_t)x | (size_t)y | (size_t)dx) & 15) == 0;
     const long long nvec = vec ? n / 4 : 0;
     const float4 ones = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-    for (long long v = first; v < nvec; v += stride) {
+    rm_channel_walk ch = rm_channel_start(first * 4, stride * 4, C);
+    for (long long v = first; v < nvec; v += stride, rm_channel_next(&ch)) {
         const float4 g = reinterpret_cast<const float4*>(dy)[v];
         const float4 a = reinterpret_cast<const float4*>(x)[v];
         const float4 b = relu ? reinterpret_cast<const float4*>(y)[v] : ones;
-        const int c = (int)((v * 4) % C);
+        const int c = ch.c;
         reinterpret_cast<float4*>(dx)[v] = make_float4(
             dx1(g.x, a.x, b.x, c, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu),
             dx1(g.y, a.y, b.y, c + 1, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu),
             dx1(g.z, a.z, b.z, c + 2, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu),
             dx1(g.w, a.w, b.w, c + 3, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu));
     }
-    for (long long i = nvec * 4 + first; i < n; i += stride)
-        dx[i] = dx1(dy[i], x[i], relu ? y[i] : 1.0f, (int)(i % C), gamma, mean, inv_std, dgamma, dbeta,
-                    inv_rows, relu);
+    ch = rm_channel_start(nvec * 4 + first, stride, C);
+    for (long long i = nvec * 4 + first; i < n; i += stride, rm_channel_next(&ch))
+        dx[i] = dx1(dy[i], x[i], relu ? y[i] : 1.0f, ch.c, gamma, mean, inv_std, dgamma, dbeta, inv_rows,
+                    relu);
 }

@@ -164,25 +164,46 @@ RM_FN float rm_bn_apply(float x, float scale, float shift, int relu)
 }
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-/* Device only (templates are C++): y[i] = f(x[i], c) over x seen as (n / C, C) with c the
- * channel of element i, in a grid-stride loop. When C % 4 == 0 and x, y are 16-byte aligned,
- * four elements of one row (channels c..c+3) move per 128-bit load and store; a scalar loop
- * takes the rest. The elementwise BN kernels (bn_forward_apply, bn_infer) are this loop
- * with their own f. */
+/* Device only (C++). The channel of element i = start + k*step of a grid-stride walk over x
+ * seen as (n / C, C): two 64-bit remainders per thread, then per iteration one add and one
+ * wrap (the step is below C) instead of a 64-bit remainder per element. C > 0. */
+struct rm_channel_walk {
+    int c, step, C;
+};
+
+__device__ __forceinline__ rm_channel_walk rm_channel_start(long long start, long long step, int C)
+{
+    rm_channel_walk w = {(int)(start % C), (int)(step % C), C};
+    return w;
+}
+
+__device__ __forceinline__ void rm_channel_next(rm_channel_walk* w)
+{
+    w->c += w->step;
+    if (w->c >= w->C) w->c -= w->C;
+}
+
+/* y[i] = f(x[i], c) over x seen as (n / C, C) with c the channel of element i, in a
+ * grid-stride loop. When C % 4 == 0 and x, y are 16-byte aligned, four elements of one row
+ * (channels c..c+3) move per 128-bit load and store; a scalar loop takes the rest. The
+ * elementwise BN kernels (bn_forward_apply, bn_infer) are this loop with their own f. */
 template <typename F>
 __device__ __forceinline__ void rm_channel_map(const float* x, float* y, long long n, int C, F f)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (first >= n) return;     /* also every thread when n == 0, where C may be 0 */
     const bool vec = C % 4 == 0 && (((size_t)x | (size_t)y) & 15) == 0;
     const long long nvec = vec ? n / 4 : 0;
-    for (long long v = first; v < nvec; v += stride) {
+    rm_channel_walk ch = rm_channel_start(first * 4, stride * 4, C);
+    for (long long v = first; v < nvec; v += stride, rm_channel_next(&ch)) {
         const float4 a = reinterpret_cast<const float4*>(x)[v];
-        const int c = (int)((v * 4) % C);
+        const int c = ch.c;
         reinterpret_cast<float4*>(y)[v] = make_float4(f(a.x, c), f(a.y, c + 1), f(a.z, c + 2), f(a.w, c + 3));
     }
-    for (long long i = nvec * 4 + first; i < n; i += stride)
-        y[i] = f(x[i], (int)(i % C));
+    ch = rm_channel_start(nvec * 4 + first, stride, C);
+    for (long long i = nvec * 4 + first; i < n; i += stride, rm_channel_next(&ch))
+        y[i] = f(x[i], ch.c);
 }
 #endif
 
