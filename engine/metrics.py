@@ -173,7 +173,8 @@ class Progress:
         self._record("train", r)
         if self.tty:
             fill = int(BAR_WIDTH * r["step"] / max(1, self.total))
-            line = f"[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] {format_train(r)}"
+            line = (f"[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] step {r['step']}/{r['total_steps']} loss "
+                    f"{r['loss']:.4f} top1 {100 * r['top1']:.1f}% {r['images_per_s']:.0f} img/s | {format_train(r)}")
             self.stream.write(f"\r{line[:max(BAR_WIDTH + 2, self.columns - 1)]}\x1b[K")
             self.stream.flush()
         elif r["step"] % self.every == 0 or r["step"] == self.total:

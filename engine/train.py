@@ -620,9 +620,8 @@ def main(argv=None) -> int:
     except OSError as e:
         if not rundir.is_environment_error(e):
             raise
-        # The machine, not the code: a full or read-only disk, or a dead data-loader worker's pipe.
-        cause = "a data-loader worker died (its pipe broke)" if isinstance(e, BrokenPipeError) else "the system said"
-        guard.abort_job(f"engine.train: {cause}: {e}")
+        # The machine, not the code: a full or read-only disk, a quota, a broken pipe.
+        guard.abort_job(f"engine.train: {e}")
     trainer.close()
     return trainer.exit_status
 

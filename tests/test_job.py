@@ -1,9 +1,14 @@
 """The training job as a user or a scheduler meets it: a real `mpiexec -n 2 python -m
 engine.train` on the digits (ResNet-18, 32 px, 8 images per rank), signalled, run twice on
 one directory, given bad options; every job bounded by a timeout."""
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
+import termios
 import subprocess
 import sys
 import threading
@@ -113,8 +118,9 @@ def test_a_second_job_on_the_same_run_directory_is_refused_naming_the_holder(tmp
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--epochs", "inf"], "--epochs must be a finite number"),
     (["--help"], "usage: python -m engine.train"),
+    (TINY + ["--log-dir", "/proc/engine-metrics", "--no-checkpoint"], "--log-dir /proc/engine-metrics: cannot write"),
 ])
-def test_usage_errors_and_help_are_printed_once_per_job(tmp_path, argv, once):
+def test_usage_errors_help_and_refusals_are_printed_once_per_job(tmp_path, argv, once):
     rc, out = Job(tmp_path, argv).finish(timeout=120)
     assert rc == (0 if argv == ["--help"] else 2), out
     assert out.count(once) == 1, out
@@ -129,3 +135,30 @@ def test_fresh_runs_get_their_own_directories(tmp_path):
     for name in runs:
         assert [p.name for p in (tmp_path / "runs" / name / "checkpoints").glob("*.npz")] == ["ckpt-00000002.npz"]
         assert _train_rows(tmp_path / "runs" / name / "metrics.jsonl")[0] == [1, 2]
+
+
+def test_the_bar_shows_under_mpiexec_when_the_users_terminal_is_a_terminal(tmp_path):
+    """mpiexec's stdout is an 80-column terminal (a pty); rank 0's own stdout is a pipe to
+    hydra's proxy. The bar is drawn, redrawn in place, and never wider than the terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    args = [a for a in TINY if a not in ("--progress", "lines")] + ["--max-steps", "4", "--no-checkpoint"]
+    proc = subprocess.Popen([str(MPIEXEC), "-n", "2", sys.executable, "-m", "engine.train", *args],
+                            cwd=tmp_path, env=_env(), stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:                 # EIO: every writer of the pty has gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, out.decode(errors="replace")
+    text = out.decode()
+    bars = re.findall(r"\r(\[[#.]{24}\][^\r\n\x1b]*)\x1b\[K", text)
+    assert [b.split()[2] for b in bars] == ["1/534", "2/534", "3/534", "4/534"], text
+    assert all(len(b) == 79 for b in bars), bars     # the full line is longer: cut, never wrapped
+    assert not re.search(r"^epoch \d", text, flags=re.M), text      # no plain progress lines
