@@ -114,13 +114,21 @@ def test_bn_infer_forward(cp, ops, rng, C):
     assert np.max(np.abs(cp.asnumpy(got) - ref)) < 1e-5 * max(1.0, np.max(np.abs(ref)))
 
 
-@pytest.mark.parametrize("offset", [0, 3])
+@pytest.mark.parametrize("offset", [0, 1, 3, 5])
 def test_fp16_pack_unpack_bit_exact(cp, rng, offset):
-    x = (rng.standard_normal(50_001) * np.exp(rng.uniform(-25, 13, 50_001))).astype(np.float32)[offset:]
-    h_ref = precision.pack_fp16(x, 37.5)
-    h = precision.pack_fp16(cp.asarray(x), 37.5)
+    """Bucket slices as the reducer passes them: input and output start `offset` elements into
+    device buffers (sliced ON the device: cp.asarray of a host slice would copy it into a
+    fresh, aligned allocation and the kernel would never see the offset)."""
+    n = 50_001
+    full = (rng.standard_normal(n) * np.exp(rng.uniform(-25, 13, n))).astype(np.float32)
+    x = cp.asarray(full)[offset:]
+    h = cp.zeros(n, cp.float16)[offset:]
+    assert x.data.ptr % 16 == 4 * offset % 16 and h.data.ptr % 8 == 2 * offset % 8
+    h_ref = precision.pack_fp16(full[offset:], 37.5)
+    assert precision.pack_fp16(x, 37.5, out=h) is h
     np.testing.assert_array_equal(cp.asnumpy(h).view(np.uint16), h_ref.view(np.uint16))
-    back = precision.unpack_fp16(h, 1 / 37.5)
+    back = cp.zeros(n, cp.float32)[offset:]
+    precision.unpack_fp16(h, 1 / 37.5, out=back)
     np.testing.assert_array_equal(cp.asnumpy(back), precision.unpack_fp16(h_ref, 1 / 37.5))
 
 
