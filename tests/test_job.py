@@ -63,6 +63,7 @@ def _train_rows(path):
     return [r["step"] for r in rows if r["kind"] == "train"], rows
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_auto_continues(tmp_path):
     args = TINY + ["--max-steps", "60", "--run-name", "pre", "--resume", "auto"]
     job = Job(tmp_path, args)
@@ -87,6 +88,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_auto_continues(tm
     assert rc == 0 and "run pre is complete" in out and "step 61" not in out, out
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     # ResNet-50: a step and a checkpoint take long enough that the second Ctrl-C lands first.
     job = Job(tmp_path, TINY + ["--arch", "resnet50", "--max-steps", "2000", "--run-name", "int"])
@@ -100,6 +102,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert time.monotonic() - t0 < 30, out
 
 
+@pytest.mark.slow
 def test_a_second_job_on_the_same_run_directory_is_refused_naming_the_holder(tmp_path):
     first = Job(tmp_path, TINY + ["--max-steps", "2000", "--run-name", "shared"])
     first.wait_for("step 1/")

@@ -5,6 +5,7 @@ on the digits (small enough for about a minute on two CPU cores).
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -129,18 +130,25 @@ def test_resume_reproduces_the_uninterrupted_trajectory(comm, tmp_path):
 
 
 @pytest.mark.mpi
-def test_non_finite_loss_stops_every_rank_naming_the_step(comm, tmp_path):
+def test_non_finite_loss_stops_every_rank_naming_the_same_step(comm, tmp_path):
+    """The loss is read one step late (engine.stepstats), from the all-reduced stats: every
+    rank stops naming the same step, and rank 0 logged each step before it and none after."""
     from engine.metrics import NonFiniteLoss
     root = _shared_dir(comm, tmp_path)
-    with pytest.raises(NonFiniteLoss, match=r"at step \d+"):
+    with pytest.raises(NonFiniteLoss, match=r"at step \d+") as info:
         _train(SMALL + ["--optimizer", "sgd", "--schedule", "goyal", "--lr", "1e30", "--max-steps", "5",
                         "--no-checkpoint", "--log-dir", f"{root}/log"])
+    step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert comm.allgather(step) == [step] * comm.size
+    if comm.rank == 0:
+        assert sorted(_losses(f"{root}/log")) == list(range(1, step))
 
 
 @pytest.mark.mpi
 def test_a_failing_save_keeps_training_reports_once_and_retries(comm, tmp_path, monkeypatch, capsys):
-    """The disk fills during the first two saves: training goes on, one report, no temp file
-    left, and the third save (a disk with room again) is written."""
+    """Periodic checkpoints fall due at every step (--checkpoint-minutes by rank 0's clock); the
+    disk fills during the first two saves: training goes on, one report, no temp file left,
+    the later saves are written and pruned to the newest two."""
     import errno
 
     from engine import checkpoint
@@ -155,15 +163,38 @@ def test_a_failing_save_keeps_training_reports_once_and_retries(comm, tmp_path, 
         real_savez(f, **arrays)
 
     monkeypatch.setattr(checkpoint.np, "savez", savez)
-    _train(SMALL + ["--max-steps", "6", "--checkpoint-every", "2", "--eval-every", "0",
+    _train(SMALL + ["--max-steps", "6", "--checkpoint-minutes", "1e-6", "--eval-every", "0",
                     "--log-dir", f"{root}/log", "--checkpoint-dir", f"{root}/ck"])
     if comm.rank == 0:
         err = capsys.readouterr().err
-        assert len(calls) == 3 and err.count("not saved: No space left on device") == 1, err
+        assert len(calls) == 6 and err.count("not saved: No space left on device") == 1, err
         assert err.count("saving checkpoints works again") == 1, err
-        assert sorted(os.listdir(f"{root}/ck")) == [".lock", "ckpt-00000006.npz"]
+        assert sorted(os.listdir(f"{root}/ck")) == [".lock", "ckpt-00000005.npz", "ckpt-00000006.npz"]
         assert sorted(_losses(f"{root}/log")) == [1, 2, 3, 4, 5, 6]
     comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_every_rank_gets_the_same_stop_and_checkpoint_answers(comm):
+    """A signal seen by rank 1 only stops both ranks; only rank 0's clock makes a checkpoint due."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from engine.control import StepControl
+    assert comm.size == 2
+    seen = SimpleNamespace(received=0)
+    # Rank 1's interval is tiny, rank 0's an hour: nothing is due.
+    control = StepControl(comm, seen, 3600.0 if comm.rank == 0 else 1e-6)
+    time.sleep(0.01)
+    assert control.poll() == (0, False)
+    seen.received = signal.SIGTERM if comm.rank == 1 else 0
+    control.checkpoint_s = 1e-6 if comm.rank == 0 else 3600.0
+    assert control.poll() == (signal.SIGTERM, True)
+    control.checkpointed()
+    control.checkpoint_s = 3600.0
+    assert control.poll() == (signal.SIGTERM, False)
+    control.close()
 
 
 # ---- logs and evaluation arithmetic ----------------------------------------------------------
@@ -246,6 +277,13 @@ def test_default_run_names(tmp_path):
     stamp = rundir.default_run_name(None)
     assert rundir.claim_new(str(tmp_path), stamp) == str(tmp_path / stamp)
     assert rundir.claim_new(str(tmp_path), stamp) == str(tmp_path / f"{stamp}-2")
+
+
+def test_a_short_run_is_told_what_the_compressed_schedule_does():
+    from engine.train import SHORT_RUN_EPOCHS, short_schedule_note
+    note = short_schedule_note(2)
+    assert "compresses the recipe's 90 epochs 45x" in note and "ends at epoch 0.28" in note
+    assert "--max-steps" in note and SHORT_RUN_EPOCHS <= parse_args([]).epochs
 
 
 def test_resume_command_replaces_resume_and_run_name():
