@@ -165,3 +165,10 @@ def test_the_bar_shows_under_mpiexec_when_the_users_terminal_is_a_terminal(tmp_p
     assert [b.split()[2] for b in bars] == ["1/534", "2/534", "3/534", "4/534"], text
     assert all(len(b) == 79 for b in bars), bars     # the full line is longer: cut, never wrapped
     assert not re.search(r"^epoch \d", text, flags=re.M), text      # no plain progress lines
+
+
+def test_a_non_finite_loss_is_reported_once_without_a_traceback(tmp_path):
+    rc, out = Job(tmp_path, TINY + ["--optimizer", "sgd", "--schedule", "goyal", "--lr", "1e30",
+                                    "--max-steps", "5", "--no-checkpoint"]).finish(timeout=120)
+    assert rc != 0 and len(re.findall(r"engine\.train: loss is \S+ at step \d+", out)) == 1, out
+    assert "Traceback" not in out
