@@ -34,7 +34,7 @@ def rng():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Emulated launches on small grids; yields the list of (file, kernel, grid) launched."""
+    """Emulated launches on small grids; returns the list of (file, kernel, grid) launched."""
     seen = []
 
     def launch(filename, kernel, grid, block, args):
@@ -112,7 +112,7 @@ def _reference_update(w, d, m, g, mask, hybrid, h):
 @pytest.mark.parametrize("hybrid", [True, False], ids=["hybrid", "sgd"])
 @pytest.mark.parametrize("gdtype", [np.float32, np.float16])
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "nomask"])
-@pytest.mark.parametrize("n", [1, 7, 4 * 3 * 256 + 5])
+@pytest.mark.parametrize("n", [1, 7, 4 * 3 * 256 + 5])      # tails of 1 and 3; the last wraps
 def test_update_at_every_offset(launches, rng, hybrid, gdtype, with_mask, n):
     h = dict(HYPER) if hybrid else dict(HYPER, a_sgd=1.0, a_rms=0.0, mu2=0.0, eps=0.0)
     for offset in OFFSETS:
@@ -136,7 +136,7 @@ def test_update_at_every_offset(launches, rng, hybrid, gdtype, with_mask, n):
             assert rel_err(got, cpu, floor) < 1e-6, offset
             assert rel_err(got, want, floor) < 1e-5, offset
         assert all(untouched(a) for a in dev + ([dmask] if with_mask else []))
-    assert len({grid for *_, grid in launches}) == 1 and launches[-1][2][0] <= cuda_ops.MAX_BLOCKS
+    assert n < 3072 or -(-n // 4) > launches[-1][2][0] * cuda_ops.THREADS    # the grid-stride loop wraps
 
 
 def test_update_with_one_operand_misaligned(launches, rng):
@@ -202,7 +202,8 @@ def test_unpack_every_half(launches):
 
 # ---- batch norm --------------------------------------------------------------------------
 
-SHAPES = [(0, 8), (1, 5), (1, 64), (7, 3), (37, 12), (300, 37), (130, 64)]
+# rows 0 and 1; C % 4 != 0; C = 20, 100: the vector loop's channel step (3072 % C) is not 0
+SHAPES = [(0, 8), (1, 5), (1, 64), (7, 3), (37, 12), (300, 37), (130, 64), (200, 20), (53, 100)]
 
 
 def _bn_inputs(rng, rows, C):
@@ -221,9 +222,9 @@ def _reference_forward(x, gamma, beta, eps, relu):
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES)
 def test_bn_forward(launches, rng, relu, rows, C):
-    for offset in (0, 1, 4, 5):
+    for offset, out_offset in ((0, 0), (4, 8), (1, 1), (0, 3), (5, 4)):   # both, neither, one aligned
         x, gamma, beta = _bn_inputs(rng, rows, C)
-        xd, out = placed(x, offset), placed(np.zeros_like(x), (offset + 3) % 9)
+        xd, out = placed(x, offset), placed(np.zeros_like(x), out_offset)
         y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, relu, out=out)
         ry, rmean, rvar = _reference_forward(x, gamma, beta, 1e-5, relu)
         hy, hmean, hvar, _ = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
@@ -240,18 +241,18 @@ def test_bn_forward(launches, rng, relu, rows, C):
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES)
 def test_bn_backward(launches, rng, relu, rows, C):
-    for offset in (0, 2, 4):
+    for dy_at, x_at, y_at in ((0, 0, 0), (4, 8, 4), (2, 2, 2), (0, 0, 1), (0, 3, 0), (5, 0, 0)):
         x, gamma, beta = _bn_inputs(rng, rows, C)
         dy = rng.standard_normal((rows, C)).astype(np.float32)
         y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
         hdx, hdg, hdb = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
         # float64 reference from the same saved statistics
-        g = np.where(y > 0, dy, 0.0) if relu else dy.astype(np.float64)
+        g = (np.where(y > 0, dy, 0) if relu else dy).astype(np.float64)
         xhat = (x - mean.astype(np.float64)) * inv_std
         rdb, rdg = g.sum(0), (g * xhat).sum(0)
         rdx = gamma * inv_std.astype(np.float64) * (g - rdb / max(rows, 1) - xhat * rdg / max(rows, 1))
-        dyd = placed(dy, offset)      # dx written over dy, as the model does
-        dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x, offset), placed(y, offset), gamma, mean,
+        dyd = placed(dy, dy_at)      # dx written over dy, as the model does
+        dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x, x_at), placed(y, y_at), gamma, mean,
                                                  inv_std, relu, out=dyd)
         assert dx is dyd and untouched(dyd)
         assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < 1e-5
@@ -285,6 +286,49 @@ def test_launch_refuses_what_a_gpu_refuses():
         kernel_emulation.emulated_launch("fp16_pack.cu", "pack_fp16", (1,), (32,), (x, h, np.int64(4), 1.0))
 
 
+def _fault(tmp_path, source, kernel, args):
+    """Launch `kernel` of CUDA `source` over 2 blocks of 64 threads in a child process, where a
+    fault may abort; `args` is Python in which at(offset, dtype) is 16 bytes `offset` bytes past
+    a 64-byte boundary. Returns the child's return code and stderr."""
+    cu = tmp_path / "fault.cu"
+    cu.write_text(source)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from engine import kernel_emulation
+        raw = np.zeros(256, np.uint8)
+        def at(offset, dtype):
+            start = -raw.ctypes.data % 64 + offset
+            return raw[start:start + 16].view(dtype)
+        kernel_emulation.launch({str(cu)!r}, {kernel!r}, (2,), (64,), {args})
+    """)
+    env = dict(os.environ, EMU_BARRIER_TIMEOUT_S="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=kernel_emulation.ROOT)
+    return res.returncode, res.stderr
+
+
+VECTOR_LOADS = r"""
+extern "C" __global__ void load_float4(const float* p, float* out)
+{ out[threadIdx.x] = reinterpret_cast<const float4*>(p)[0].y; }
+extern "C" __global__ void load_uint2(const unsigned int* p, float* out)
+{ out[threadIdx.x] = reinterpret_cast<const uint2*>(p)[0].y; }
+extern "C" __global__ void load_uchar4(const unsigned char* p, float* out)
+{ out[threadIdx.x] = reinterpret_cast<const uchar4*>(p)[0].y; }
+"""
+
+
+@pytest.mark.parametrize("vector,dtype,needs", [("float4", "float32", 16), ("uint2", "uint32", 8), ("uchar4", "uint8", 4)])
+def test_misaligned_vector_load_aborts_as_on_a_gpu(tmp_path, vector, dtype, needs):
+    """The shim's vector types carry the GPU's alignment, and the sanitizer enforces it."""
+    args = f"(at({{}}, np.{dtype}), np.zeros(64, np.float32))"
+    code, err = _fault(tmp_path, VECTOR_LOADS, f"load_{vector}", args.format(needs))
+    assert code == 0, err
+    code, err = _fault(tmp_path, VECTOR_LOADS, f"load_{vector}", args.format(needs // 2))
+    assert code == -signal.SIGABRT
+    assert "misaligned address" in err and f"requires {needs} byte alignment" in err, err
+    assert f"kernel emulation: load_{vector}: misaligned access in block (0,0,0)" in err, err
+
+
 DIVERGENT = r"""
 extern "C" __global__ void early_return(float* x)
 {
@@ -310,17 +354,8 @@ extern "C" __global__ void stuck(float* x)
 @pytest.mark.parametrize("kernel,message", [
     ("early_return", "a thread returned from the kernel before a barrier the others reach"),
     ("stuck", r"\d+ threads still wait at a barrier after 1 s"),   # those the spinning half let run
-])
+], ids=["early_return", "stuck"])
 def test_divergent_syncthreads_stops_with_a_message(tmp_path, kernel, message):
-    cu = tmp_path / "divergent.cu"
-    cu.write_text(DIVERGENT)
-    script = textwrap.dedent(f"""
-        import numpy as np
-        from engine import kernel_emulation
-        kernel_emulation.launch({str(cu)!r}, {kernel!r}, (2,), (64,), (np.zeros(64, np.float32),))
-    """)
-    env = dict(os.environ, EMU_BARRIER_TIMEOUT_S="1")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=kernel_emulation.ROOT)
-    assert res.returncode == -signal.SIGABRT, res.stderr
-    assert re.search(rf"{kernel}: divergent __syncthreads in block \(0,0,0\) of 64 threads: {message}", res.stderr)
+    code, err = _fault(tmp_path, DIVERGENT, kernel, "(np.zeros(64, np.float32),)")
+    assert code == -signal.SIGABRT, err
+    assert re.search(rf"{kernel}: divergent __syncthreads in block \(0,0,0\) of 64 threads: {message}", err)
