@@ -51,13 +51,17 @@ def _decode_for(im, box: tuple, out_w: int, out_h: int):
     return to_rgb(im), box
 
 
-def _resize_box(src, box: tuple, out_w: int, out_h: int) -> np.ndarray:
-    """Bilinear resample of the (x0, y0, x1, y1) region of src to out_w x out_h, as uint8 HWC."""
+def _resize_box(src, box: tuple, out_w: int, out_h: int, flip: bool = False) -> np.ndarray:
+    """Bilinear resample of the (x0, y0, x1, y1) region of src to out_w x out_h, mirrored
+    left-right if `flip`, as uint8 HWC."""
     if isinstance(src, np.ndarray):
         im = Image.fromarray(src)
     else:
         im, box = _decode_for(src, box, out_w, out_h)
-    return np.asarray(im.resize((out_w, out_h), Image.BILINEAR, box=box))
+    out = im.resize((out_w, out_h), Image.BILINEAR, box=box)
+    # PIL mirrors in C; copying a negatively strided NumPy view of 3-byte pixels took
+    # ~1 ms per 224 px image, a third of its decode.
+    return np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out)
 
 
 def random_crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple,
@@ -94,8 +98,7 @@ class TrainTransform:
 
     def __call__(self, src, rng: np.random.Generator) -> np.ndarray:
         box, flip = self.plan(*source_size(src), rng)
-        out = _resize_box(src, box, self.size, self.size)
-        return out[:, ::-1] if flip else out
+        return _resize_box(src, box, self.size, self.size, flip)
 
 
 class ValTransform:
