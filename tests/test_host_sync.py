@@ -259,3 +259,36 @@ def test_a_non_finite_loss_stops_the_job_one_step_later_naming_its_step(trainer_
     assert LOG.count("step") == 3, "step 3 is enqueued before step 2's loss is read, and no later one"
     rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1]
+
+
+@pytest.mark.mpi
+def test_step_stats_are_global_means_popped_in_submission_order(comm):
+    """engine.stepstats on the real MPI communicator: ranks with different shard sizes,
+    several steps in flight, each popped record the float64 mean over the global batch."""
+    from engine.backend import get_backend
+    from engine.comm import create_communicator
+    from engine.stepstats import StepStats
+    be = get_backend("cpu")
+    c = create_communicator(be, comm)
+    try:
+        stats = StepStats(be, c)
+        base = comm.bcast(int(np.random.SeedSequence().entropy % 2**31), root=0)
+        rng = np.random.default_rng([base, comm.rank])
+        mine = []
+        for step in range(3):
+            n = 4 + comm.rank + step
+            loss, hits = np.float32(rng.uniform(0.1, 5.0)), np.int64(rng.integers(0, n + 1))
+            mine.append((float(loss), int(hits), n))
+            stats.submit({"step": step}, loss, hits, n)
+        assert len(stats) == 3
+        popped = [stats.pop() for _ in range(3)]
+        assert len(stats) == 0
+    finally:
+        c.close()
+    everyone = comm.allgather(mine)
+    for step, r in enumerate(popped):
+        rows = [everyone[rank][step] for rank in range(comm.size)]
+        images = sum(n for _, _, n in rows)
+        assert r["step"] == step
+        assert r["loss"] == pytest.approx(sum(loss * n for loss, _, n in rows) / images, rel=1e-6)
+        assert r["top1"] == pytest.approx(sum(hits for _, hits, _ in rows) / images, rel=1e-6)
