@@ -3,7 +3,7 @@
     runs/<run name>/                 the run directory (--runs-dir, --run-name); --log-dir
         .lock                        flock'ed by rank 0 of the job using it: "host H pid P since T"
         metrics.jsonl                engine.metrics
-        checkpoints/ckpt-*.npz       engine.checkpoint; --checkpoint-dir (locked too if elsewhere)
+        checkpoints/                 --checkpoint-dir: ckpt-*.npz (engine.checkpoint), its own .lock
 
 The run name of a fresh run defaults to rank 0's start time (20261130-203501, "-2" added
 if that directory exists). A job that may be a resubmission (--resume auto) cannot use the
