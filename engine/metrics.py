@@ -5,7 +5,8 @@ metrics.jsonl, one JSON object per line, appended (one file per run directory):
     {"kind": "train", "step", "time", "epoch", "total_steps", "loss", "top1", "lr", "a_sgd",
      "a_rms", "images_per_s", "step_s", "data_wait_s", "exposed_comm_s", "comm_s"}
     {"kind": "eval", "step", "time", "epoch", "top1", "top5", "loss", "count", "seconds"}
-`time` is seconds since the job started, `step` the global step after the update. A
+`time` is seconds since the job started, `step` the global step after the update. A fresh
+run that finds an earlier run's file there renames it to metrics.<its last write>.jsonl. A
 resumed job first drops the rows after its checkpoint's step (they belong to the lost part
 of the interrupted job, which the resumed job replays) and any torn last line, so every
 step has exactly one train row. A failed write (full disk) is reported once and never
@@ -92,10 +93,21 @@ class MetricsFile:
 
     def __init__(self, path: str, resume_step: int | None, warn):
         self.path, self.warn, self.failed = path, warn, False
-        if os.path.exists(path):
-            self._drop_after(resume_step or 0)
+        if resume_step is not None and os.path.exists(path):
+            self._drop_after(resume_step)
+        elif os.path.exists(path) and os.path.getsize(path):
+            self._set_aside()
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.good = os.fstat(self.fd).st_size
+
+    def _set_aside(self) -> None:
+        """A fresh run where an earlier one logged (the same --run-name or --log-dir): its file
+        is kept under the time it was last written, never appended to or overwritten."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(self.path)))
+        root = self.path[:-len(".jsonl")] if self.path.endswith(".jsonl") else self.path
+        kept = f"{root}.{stamp}.jsonl"
+        os.replace(self.path, kept)
+        self.warn(f"{self.path} held an earlier run's metrics: kept as {kept}")
 
     def _drop_after(self, step: int) -> None:
         path = self.path

@@ -217,6 +217,19 @@ def test_metrics_of_a_resumed_run_keep_one_row_per_step(tmp_path):
     assert got[-1]["loss"] == 0.5 and got[6]["resumed_from"] == "ck/ckpt-00000006.npz"
 
 
+def test_a_fresh_run_sets_an_earlier_runs_metrics_aside(tmp_path, capsys):
+    from engine.metrics import Progress
+    old = tmp_path / "metrics.jsonl"
+    old.write_text('{"kind": "train", "step": 1, "loss": 9.0}\n')
+    fresh = Progress(True, str(tmp_path), total_steps=20, stream=_Stream(False))
+    fresh.train(_record(1))
+    fresh.close()
+    kept = [p for p in tmp_path.iterdir() if p.name not in ("metrics.jsonl",)]
+    assert len(kept) == 1 and kept[0].name.startswith("metrics.") and kept[0].suffix == ".jsonl"
+    assert json.loads(kept[0].read_text())["loss"] == 9.0 and str(kept[0]) in capsys.readouterr().err
+    assert [json.loads(line)["loss"] for line in open(old)] == [1.25]
+
+
 def test_a_failing_log_write_never_stops_training(tmp_path, monkeypatch, capsys):
     import errno
 
