@@ -102,9 +102,10 @@ def through_loader(ds, kind: str, tf, batch: int, workers: int, passes: int) -> 
 def report(label: str, rate: float, cpu: float, workers: int, bound_rate: float, bound_cpu: float,
            own_cpu: float) -> None:
     per = rate / max(workers, 1)
+    # CPU time is counted in clock ticks (10 ms): a run too short to register has none.
+    efficiency = f"{100 * bound_cpu / cpu:3.0f}% efficient" if cpu else "too short to time"
     print(f"    {label:12s} {rate:6.1f} images/s, {per:6.1f} per process {100 * per / bound_rate:4.0f}% of the "
-          f"bound; CPU {1e3 * cpu:5.2f} ms/image ({100 * bound_cpu / cpu:3.0f}% efficient), "
-          f"rank {1e3 * own_cpu:5.2f} ms/image")
+          f"bound; CPU {1e3 * cpu:5.2f} ms/image ({efficiency}), rank {1e3 * own_cpu:5.2f} ms/image")
 
 
 def source_size(text: str) -> tuple:

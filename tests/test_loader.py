@@ -183,3 +183,18 @@ def test_a_dead_worker_is_named_not_a_broken_pipe(tmp_path):
         ld.workers[1].proc.wait()
         with pytest.raises(RuntimeError, match="data loader worker 1 died"):
             list(ld.train_batches(sampler, 0))
+
+
+def test_loader_bench_reports_each_case_against_its_bound(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--images", "8", "--sources", "96x64", "--size", "16", "--batch", "4",
+                       "--workers", "1", "--passes", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bounds = [ln for ln in lines if " bound: " in ln]
+    assert [ln.split()[:2] for ln in bounds] == [["96x64", "train"], ["96x64", "val"]]
+    assert sum("1 worker(s)" in ln and "% of the bound" in ln for ln in lines) == 2
