@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ MAX_BLOCK = (1024, 1024, 64)
 MAX_THREADS_PER_BLOCK = 1024
 
 _libraries: dict = {}
+_one_launch_at_a_time = threading.Lock()     # the shim keeps the running block's state in globals
 
 
 def compiler() -> str:
@@ -130,4 +132,5 @@ def launch(cu: Path, kernel: str, grid: tuple, block: tuple, args: tuple) -> Non
     argv = (ctypes.c_void_p * len(values))(*(
         ctypes.addressof(v) if isinstance(v, ctypes.c_void_p) else v.ctypes.data for v in values))
     dims = ctypes.c_uint * 3
-    entry(dims(*grid), dims(*block), argv)
+    with _one_launch_at_a_time:
+        entry(dims(*grid), dims(*block), argv)
