@@ -3,8 +3,8 @@
 Train: random-resized crop (area fraction in `scale`, aspect ratio in [3/4, 4/3], as in
 Inception/ResNet training) to size x size, then a horizontal flip with probability 1/2.
 Val: resize the shorter side to size * 256/224, center crop size x size (224 -> 256/224).
-Both work on uint8 HWC arrays and return uint8 HWC; normalization to float happens later,
-on the training device, so only bytes travel between processes.
+Both return uint8 HWC; normalization to float happens later, on the training device, so
+only bytes travel between processes.
 
 Both take either a uint8 HWC array or a PIL image whose pixels are not decoded yet. The
 crop box is drawn from the image's full size, then a JPEG is decoded at the smallest DCT
