@@ -249,6 +249,8 @@ class Timeline:
         return figures
 
     def close(self) -> None:
+        if self.enabled:
+            self._resolve()      # spans after the last step (the final evaluation)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -324,10 +326,10 @@ def step_figures(events) -> list:
     steps = sorted((e for e in events if e.get("cat") == "step"), key=lambda e: e["ts"])
     spans = [(e["cat"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6)
              for e in events if e.get("ph") == "X" and e.get("cat") != "step"]
-    out = []
-    for st in steps:
+    out, slack = [], 1e-6     # the file's microseconds near 1.7e15 keep ~0.25 us: a span
+    for st in steps:          # that ends the step may round to just past it
         lo, hi = st["ts"] / 1e6, (st["ts"] + st["dur"]) / 1e6
-        figures = overlap_figures([s for s in spans if s[1] >= lo and s[2] <= hi])
+        figures = overlap_figures([s for s in spans if s[1] >= lo - slack and s[2] <= hi + slack])
         figures["step"] = st["name"].split()[-1]
         figures["step_s"] = hi - lo
         out.append(figures)

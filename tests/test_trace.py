@@ -183,8 +183,12 @@ def test_device_clock_times_compute_spans_by_events_on_the_comm_clock(tmp_path):
     assert "forward" not in names and "data wait" in names, "device spans wait for end_step"
     assert _FakeEvent.synced == []
     figures = tl.end_step()
-    tl.close()
     assert len(_FakeEvent.synced) == 1 and _FakeEvent.synced[0].t == pytest.approx(0.030)
+    stream.t += 10.0                               # well after the step
+    with tl.span("forward eval", "forward"):      # after the last step: written by close()
+        stream.t += 0.001
+    tl.close()
+    assert "forward eval" in [e.get("name") for e in json.loads(path.read_text())]
     assert figures["compute_s"] == pytest.approx(0.030)
     assert figures["comm_s"] == pytest.approx(0.025)
     assert figures["exposed_s"] == pytest.approx(0.010)
