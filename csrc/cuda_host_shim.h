@@ -145,7 +145,7 @@ static void emu_launch(const char *kernel, const unsigned int *grid, const unsig
                     if ((unsigned int)omp_get_num_threads() != size) {
                         fprintf(stderr, "kernel emulation: %s: OpenMP gave %d threads for a block of %u\n",
                                 kernel, omp_get_num_threads(), size);
-                        _Exit(87);
+                        abort();
                     }
                     const unsigned int t = (unsigned int)omp_get_thread_num();
                     threadIdx = uint3{t % block[0], t / block[0] % block[1], t / (block[0] * block[1])};
