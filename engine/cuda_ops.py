@@ -136,7 +136,7 @@ def _bn_shape(x2d, name="x2d"):
 
 
 def _bn_grid(rows: int, C: int) -> tuple:
-    gx = -(-C // BN_BLOCK[0])
+    gx = max(1, -(-C // BN_BLOCK[0]))      # C = 0: one idle block column, not an empty grid
     gy = max(1, min(-(-rows // (BN_BLOCK[1] * BN_ROWS_PER_THREAD)), BN_MAX_BLOCKS // gx))
     return gx, gy
 

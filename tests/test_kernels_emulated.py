@@ -220,7 +220,7 @@ def _reference_forward(x, gamma, beta, eps, relu):
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
-@pytest.mark.parametrize("rows,C", SHAPES)
+@pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])    # C = 0: every launch idle, nothing written
 def test_bn_forward(launches, rng, relu, rows, C):
     for offset, out_offset in ((0, 0), (4, 8), (1, 1), (0, 3), (5, 4)):   # both, neither, one aligned
         x, gamma, beta = _bn_inputs(rng, rows, C)
@@ -239,7 +239,7 @@ def test_bn_forward(launches, rng, relu, rows, C):
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
-@pytest.mark.parametrize("rows,C", SHAPES)
+@pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])
 def test_bn_backward(launches, rng, relu, rows, C):
     for dy_at, x_at, y_at in ((0, 0, 0), (4, 8, 4), (2, 2, 2), (0, 0, 1), (0, 3, 0), (5, 0, 0)):
         x, gamma, beta = _bn_inputs(rng, rows, C)
