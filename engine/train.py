@@ -215,10 +215,10 @@ class Trainer:
         from engine.transforms import TrainTransform, ValTransform
 
         self.args = a = args
-        self.locks = []
-        self._prepare_run_dir(MPI.COMM_WORLD)
         self.backend = be = get_backend(a.device)
         agree_on_backend(MPI.COMM_WORLD, be)    # before any communicator: all ranks on one backend
+        self.locks = []
+        self._prepare_run_dir(MPI.COMM_WORLD)   # after the device checks: a job they stop leaves no run directory
         self.comm = comm = create_communicator(be)
         self.rank, self.world = comm.rank, comm.size
         self.threads = limit_blas_threads(a.threads)
