@@ -24,7 +24,12 @@ _LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_W
 
 
 class DeviceError(RuntimeError):
-    """The requested device cannot be used (no CuPy, no GPU, a broken driver, ranks that disagree)."""
+    """The requested device cannot be used (no CuPy, no GPU, a broken driver, ranks that disagree).
+    `collective`: raised alike on every rank by agree_on_backend, so rank 0's report is enough."""
+
+    def __init__(self, message: str, collective: bool = False):
+        super().__init__(message)
+        self.collective = collective
 
 
 def local_rank_from_env() -> int:
@@ -265,7 +270,8 @@ def agree_on_backend(world, backend: Backend) -> None:
         lines = [f"rank {r}: " + (f"gpu {device_id} of {visible} visible" if name == "gpu" else f"cpu ({why or 'requested'})")
                  for r, (name, visible, why, _, _, device_id) in enumerate(everyone)]
         raise DeviceError("ranks chose different backends, so their collectives would not match:\n  "
-                          + "\n  ".join(lines) + "\nmake every rank see the same devices, or pass --device cpu")
+                          + "\n  ".join(lines) + "\nmake every rank see the same devices, or pass --device cpu",
+                          collective=True)
     if names == ["gpu"]:
         _check_one_rank_per_device(everyone)
 
@@ -281,7 +287,7 @@ def _check_one_rank_per_device(everyone) -> None:
             raise DeviceError(f"{host}: {shown} would share GPU {device_id}: {on_host} ranks run on this host "
                               f"and it shows them {ranks[0][2]} GPU(s); NCCL refuses "
                               f"two ranks on one device ('Duplicate GPU'): start at most {ranks[0][2]} ranks "
-                              "per node (or check that the launcher sets a local rank)")
+                              "per node (or check that the launcher sets a local rank)", collective=True)
 
 
 if __name__ == "__main__":     # make gpu-check: the device count, or why there is none (exit 1)

@@ -45,6 +45,13 @@ from engine.data import DataError
 # Environment variables by which MPI launchers hand a process its place in a job.
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "HYDRA_", "OMPI_", "MV2_", "I_MPI_", "SLURM_")
 _REGION_ALIGN = 4096        # ring regions start on page boundaries
+
+
+class WorkerDied(RuntimeError):
+    """A data-loader worker process is gone (killed, out of memory, crashed): the rank
+    cannot get its batches. Its own error, if it printed one, is above this message."""
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, int(index)))
 
@@ -192,9 +199,9 @@ class _Worker:
         except (EOFError, OSError, pickle.UnpicklingError):
             raise self._died() from None
 
-    def _died(self) -> RuntimeError:
+    def _died(self) -> "WorkerDied":
         code = self.proc.wait()
-        return RuntimeError(f"data loader worker {self.wid} died (exit code {code}); see its error above")
+        return WorkerDied(f"data loader worker {self.wid} died (exit code {code}); see its error above")
 
     def close(self):
         for pipe in (self.proc.stdin, self.proc.stdout):

@@ -55,7 +55,9 @@ MB = 1 << 20
 
 
 class StartupError(RuntimeError):
-    """Ranks disagree on the model layout or the configuration: the job must not start."""
+    """Ranks disagree on the model layout or the configuration: the job must not start.
+    Raised alike on every rank, after the allgather that found the difference."""
+    collective = True
 
 
 def plan_buckets(layout, bucket_mb: float, first_bucket_mb: float, itemsize: int = 4):

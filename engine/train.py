@@ -546,8 +546,7 @@ class Trainer:
         self.control.close()
         if self.watchdog is not None:
             self.watchdog.stop()
-        self.loader.close()
-        self.val_loader.close()
+        self.loader.close()         # also the validation loader: one worker pool serves both
         self.progress.close()
         self.timeline.close()
         self.comm.close()
@@ -597,6 +596,7 @@ def main(argv=None) -> int:
     from engine.backend import DeviceError
     from engine.checkpoint import CheckpointError
     from engine.data import DataError
+    from engine.loader import WorkerDied
     from engine.metrics import NonFiniteLoss
     from engine.reducer import StartupError
     signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint "
@@ -614,9 +614,10 @@ def main(argv=None) -> int:
         return 2
     except NonFiniteLoss as e:      # the global loss: every rank stops at the same step
         guard.abort_job(f"engine.train: {e}", quiet=rank != 0)
-    except (DataError, CheckpointError, DeviceError, StartupError) as e:
-        # Errors about the user's input or run: the message says it all, no traceback.
-        guard.abort_job(f"engine.train: {e}")
+    except (DataError, CheckpointError, DeviceError, StartupError, WorkerDied) as e:
+        # Errors about the user's input, the run or the machine: the message says it all, no
+        # traceback. One that every rank meets alike after a collective check is said once.
+        guard.abort_job(f"engine.train: {e}", quiet=rank != 0 and getattr(e, "collective", False))
     except OSError as e:
         if not rundir.is_environment_error(e):
             raise

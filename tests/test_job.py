@@ -172,3 +172,53 @@ def test_a_non_finite_loss_is_reported_once_without_a_traceback(tmp_path):
                                     "--max-steps", "5", "--no-checkpoint"]).finish(timeout=120)
     assert rc != 0 and len(re.findall(r"engine\.train: loss is \S+ at step \d+", out)) == 1, out
     assert "Traceback" not in out
+
+
+def test_ranks_that_disagree_on_the_configuration_are_told_once(tmp_path):
+    """An MPMD job whose ranks got different seeds: every rank finds the difference in the
+    same allgather, and rank 0 alone says so."""
+    cmd = [sys.executable, "-m", "engine.train", *TINY, "--max-steps", "1", "--no-checkpoint", "--run-name", "r"]
+    proc = subprocess.run([str(MPIEXEC), "-n", "1", *cmd, "--seed", "0", ":", "-n", "1", *cmd, "--seed", "1"],
+                          cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert proc.stdout.count("configuration differs between ranks") == 1, proc.stdout
+    assert "seed=1 (rank 0: 0)" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def _loader_workers(parent_pids):
+    """pids of the `python -m engine.loader` processes whose parent is one of parent_pids."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue                    # gone meanwhile
+        if ppid in parent_pids and b"engine.loader" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _descendants(pid):
+    children = {pid}
+    for _ in range(4):                  # mpiexec -> hydra proxy -> rank -> worker
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) in children:
+                    children.add(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return children
+
+
+def test_a_killed_loader_worker_ends_the_job_with_one_line_naming_it(tmp_path):
+    job = Job(tmp_path, TINY + ["--dataset", "synthetic", "--workers", "1", "--max-steps", "400", "--no-checkpoint"])
+    job.wait_for("step 2/")
+    workers = _loader_workers(_descendants(job.proc.pid))
+    assert workers, "no loader worker found"
+    os.kill(workers[0], signal.SIGKILL)
+    rc, out = job.finish(timeout=120)
+    assert rc != 0, out
+    assert len(re.findall(r"engine\.train: data loader worker \d+ died \(exit code -9\)", out)) == 1, out
+    assert "Traceback" not in out
