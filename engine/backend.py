@@ -254,6 +254,27 @@ def get_backend(device: str = "auto", local_rank: int | None = None) -> Backend:
     return Backend("gpu", cupy, device_id, visible=probe.count)
 
 
+def job_backend(world, device: str) -> Backend:
+    """get_backend on every rank of `world` (an mpi4py communicator), then agree_on_backend.
+
+    Collective. A rank that cannot use `device` stops the whole job with ONE message (said
+    by rank 0) naming every failing rank and its reason, instead of one report per rank."""
+    try:
+        backend, failure = get_backend(device), None
+    except DeviceError as e:
+        backend, failure = None, str(e)
+    failures = world.allgather(failure)
+    if any(failures):
+        ranks_by_reason: dict = {}
+        for r, why in enumerate(failures):
+            if why:
+                ranks_by_reason.setdefault(why, []).append(str(r))
+        raise DeviceError("\n  ".join(f"{why} (rank {', '.join(ranks)} of {world.size})"
+                                       for why, ranks in ranks_by_reason.items()), collective=True)
+    agree_on_backend(world, backend)
+    return backend
+
+
 def agree_on_backend(world, backend: Backend) -> None:
     """Stop every rank with one message unless all ranks chose the same backend and, on
     GPUs, no two ranks of a host bound the same device.

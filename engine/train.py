@@ -201,7 +201,7 @@ class Trainer:
 
         from engine.control import StepControl
         from engine.guard import StopSignals
-        from engine.backend import agree_on_backend, get_backend
+        from engine.backend import job_backend
         from engine.comm import create_communicator
         from engine.data import build_datasets
         from engine.guard import Watchdog
@@ -215,8 +215,7 @@ class Trainer:
         from engine.transforms import TrainTransform, ValTransform
 
         self.args = a = args
-        self.backend = be = get_backend(a.device)
-        agree_on_backend(MPI.COMM_WORLD, be)    # before any communicator: all ranks on one backend
+        self.backend = be = job_backend(MPI.COMM_WORLD, a.device)  # before any communicator: one backend
         self.locks = []
         self._prepare_run_dir(MPI.COMM_WORLD)   # after the device checks: a job they stop leaves no run directory
         self.comm = comm = create_communicator(be)

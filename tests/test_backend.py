@@ -8,7 +8,7 @@ import pytest
 from cupy_backends.cuda.api.runtime import CUDARuntimeError
 
 from engine import backend
-from engine.backend import DeviceError, agree_on_backend, get_backend
+from engine.backend import DeviceError, agree_on_backend, get_backend, job_backend
 
 NO_DEVICE, INSUFFICIENT_DRIVER = 100, 35      # cudaErrorNoDevice, cudaErrorInsufficientDriver
 
@@ -180,3 +180,19 @@ def test_agreeing_ranks_pass(monkeypatch, comm, counts):
     be = backend_of_rank(monkeypatch, comm, counts)
     agree_on_backend(comm, be)
     assert be.name == ("gpu" if counts[0] else "cpu")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("counts, failing", [((0, 0), "0, 1"), ((2, 0), "1")], ids=["every-rank", "rank-1"])
+def test_a_rank_that_cannot_use_the_device_stops_the_job_with_one_message(monkeypatch, comm, counts, failing):
+    """--device gpu where a rank sees no GPU: every rank raises the same collective error,
+    which names the failing ranks (rank 0 alone prints it)."""
+    count = counts[comm.rank]
+    fake_cupy(monkeypatch, count=count, error=None if count else CUDARuntimeError(NO_DEVICE))
+    monkeypatch.setenv("MPI_LOCALRANKID", str(comm.rank))
+    with pytest.raises(DeviceError) as raised:
+        job_backend(comm, "gpu")
+    assert raised.value.collective
+    assert str(raised.value).startswith("--device gpu: no usable CUDA device")
+    assert str(raised.value).endswith(f"(rank {failing} of 2)")
+    assert str(comm.bcast(str(raised.value))) == str(raised.value)     # the same words on every rank

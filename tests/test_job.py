@@ -186,6 +186,17 @@ def test_ranks_that_disagree_on_the_configuration_are_told_once(tmp_path):
     assert "seed=1 (rank 0: 0)" in proc.stdout and "Traceback" not in proc.stdout
 
 
+def test_a_device_no_rank_can_use_is_reported_once(tmp_path):
+    env = dict(_env(), CUDA_VISIBLE_DEVICES="")      # hides any GPU the machine has
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "engine.train", *TINY, "--device", "gpu",
+                           "--no-checkpoint"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert len(re.findall(r"engine\.train: --device gpu: no usable CUDA device: .*\(rank 0, 1 of 2\)",
+                          proc.stdout)) == 1, proc.stdout
+    assert proc.stdout.count("no usable CUDA device") == 1 and "Traceback" not in proc.stdout
+
+
 def _loader_workers(parent_pids):
     """pids of the `python -m engine.loader` processes whose parent is one of parent_pids."""
     found = []
