@@ -198,6 +198,7 @@ class Backend:
     device_id: int | None     # CUDA device of this rank; None on the CPU
     visible: int = 0          # CUDA devices this rank's process sees
     why_not_gpu: str = ""     # on the CPU under --device auto: why no GPU was usable
+    bus_id: str = ""          # PCI bus id of the device: what tells two GPUs of a host apart
 
     @property
     def is_gpu(self) -> bool:
@@ -250,8 +251,9 @@ def get_backend(device: str = "auto", local_rank: int | None = None) -> Backend:
     if local_rank is None:
         local_rank = local_rank_from_env()
     device_id = local_rank % probe.count
-    cupy.cuda.Device(device_id).use()
-    return Backend("gpu", cupy, device_id, visible=probe.count)
+    device = cupy.cuda.Device(device_id)
+    device.use()
+    return Backend("gpu", cupy, device_id, visible=probe.count, bus_id=device.pci_bus_id)
 
 
 def job_backend(world, device: str) -> Backend:
@@ -282,14 +284,17 @@ def agree_on_backend(world, backend: Backend) -> None:
     Collective over `world` (an mpi4py communicator): call it on every rank after
     `get_backend` and before any communicator exists. A CPU rank among GPU ranks would
     otherwise enter MPI collectives while the others enter NCCL ones (a hang), and two
-    ranks on one device make NCCL fail with "Duplicate GPU"."""
+    ranks on one device make NCCL fail with "Duplicate GPU". A device is its PCI bus id on
+    its host, as NCCL tells them apart: the ordinal names different GPUs in ranks that
+    CUDA_VISIBLE_DEVICES gives different devices (one GPU per rank under Slurm's
+    --gpus-per-task, each rank's device 0), and one GPU under two ordinals in others."""
     me = (backend.name, backend.visible, backend.why_not_gpu, local_rank_from_env(),
-          socket.gethostname(), backend.device_id)
+          socket.gethostname(), backend.device_id, backend.bus_id)
     everyone = world.allgather(me)
     names = sorted({name for name, *_ in everyone})
     if len(names) > 1:
         lines = [f"rank {r}: " + (f"gpu {device_id} of {visible} visible" if name == "gpu" else f"cpu ({why or 'requested'})")
-                 for r, (name, visible, why, _, _, device_id) in enumerate(everyone)]
+                 for r, (name, visible, why, _, _, device_id, _) in enumerate(everyone)]
         raise DeviceError("ranks chose different backends, so their collectives would not match:\n  "
                           + "\n  ".join(lines) + "\nmake every rank see the same devices, or pass --device cpu",
                           collective=True)
@@ -299,16 +304,17 @@ def agree_on_backend(world, backend: Backend) -> None:
 
 def _check_one_rank_per_device(everyone) -> None:
     by_device: dict = {}
-    for r, (_, visible, _, local_rank, host, device_id) in enumerate(everyone):
-        by_device.setdefault((host, device_id), []).append((r, local_rank, visible))
-    for (host, device_id), ranks in sorted(by_device.items()):
+    for r, (_, visible, _, local_rank, host, device_id, bus_id) in enumerate(everyone):
+        by_device.setdefault((host, bus_id), []).append((r, local_rank, device_id, visible))
+    for (host, bus_id), ranks in sorted(by_device.items()):
         if len(ranks) > 1:
-            on_host = sum(1 for *_, h, _ in everyone if h == host)
-            shown = ", ".join(f"rank {r} (local rank {lr})" for r, lr, _ in ranks)
-            raise DeviceError(f"{host}: {shown} would share GPU {device_id}: {on_host} ranks run on this host "
-                              f"and it shows them {ranks[0][2]} GPU(s); NCCL refuses "
-                              f"two ranks on one device ('Duplicate GPU'): start at most {ranks[0][2]} ranks "
-                              "per node (or check that the launcher sets a local rank)", collective=True)
+            on_host = sum(1 for *_, h, _, _ in everyone if h == host)
+            shown = ", ".join(f"rank {r} (local rank {lr}, device {d} of {v} visible)" for r, lr, d, v in ranks)
+            raise DeviceError(f"{host}: {shown} would share the GPU at PCI {bus_id}: {on_host} ranks run on "
+                              f"this host; NCCL refuses two ranks on one device ('Duplicate GPU'): start at most "
+                              "as many ranks per node as it has GPUs, check that the launcher sets a local "
+                              "rank, and that CUDA_VISIBLE_DEVICES does not give two ranks the same GPU",
+                              collective=True)
 
 
 if __name__ == "__main__":     # make gpu-check: the device count, or why there is none (exit 1)

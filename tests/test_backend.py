@@ -13,11 +13,14 @@ from engine.backend import DeviceError, agree_on_backend, get_backend, job_backe
 NO_DEVICE, INSUFFICIENT_DRIVER = 100, 35      # cudaErrorNoDevice, cudaErrorInsufficientDriver
 
 
-def fake_cupy(monkeypatch, count=0, error=None, driver="12.9"):
+def fake_cupy(monkeypatch, count=0, error=None, driver="12.9", bus_ids=None):
     """Put a stand-in CuPy in sys.modules whose device count is `count` or whose count call
     raises `error` (a real CUDARuntimeError); `driver` is what libcuda reports (None: no
-    driver). Returns the list of devices the code under test bound with Device(i).use()."""
+    driver); device i sits at PCI bus `bus_ids[i]` (default: ordinal i at bus i, as when
+    CUDA_VISIBLE_DEVICES is unset). Returns the list of devices the code under test bound
+    with Device(i).use()."""
     bound = []
+    bus_ids = bus_ids or [f"0000:{i + 1:02x}:00.0" for i in range(max(count, 1))]
 
     def get_device_count():
         if error is not None:
@@ -28,7 +31,8 @@ def fake_cupy(monkeypatch, count=0, error=None, driver="12.9"):
                                     runtimeGetVersion=lambda: 12090)
     cupy = types.ModuleType("cupy")
     cupy.cuda = types.SimpleNamespace(runtime=runtime,
-                                      Device=lambda i: types.SimpleNamespace(use=lambda: bound.append(i)))
+                                      Device=lambda i: types.SimpleNamespace(use=lambda: bound.append(i),
+                                                                             pci_bus_id=bus_ids[i]))
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(backend, "_driver_cuda_version", lambda: driver)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -157,11 +161,53 @@ def backend_of_rank(monkeypatch, comm, counts, launcher_sets_local_rank=True):
 REFUSALS = {
     "a-rank-without-gpu": ((2, 0), True, r"(?s)ranks chose different backends.*rank 0: gpu 0 of 2 visible"
                                          r".*rank 1: cpu \(the NVIDIA driver sees no CUDA device"),
-    "more-ranks-than-gpus": ((1, 1), True, r"rank 0 \(local rank 0\), rank 1 \(local rank 1\) would share GPU 0: "
-                                           r"2 ranks run on this host and it shows them 1 GPU\(s\).*Duplicate GPU"),
-    "no-local-rank-from-the-launcher": ((2, 2), False, r"rank 0 \(local rank 0\), rank 1 \(local rank 0\) "
-                                                       r"would share GPU 0.*check that the launcher sets a local rank"),
+    "more-ranks-than-gpus": ((1, 1), True, r"rank 0 \(local rank 0, device 0 of 1 visible\), rank 1 \(local rank 1, "
+                                           r"device 0 of 1 visible\) would share the GPU at PCI 0000:01:00.0: "
+                                           r"2 ranks run on this host.*Duplicate GPU"),
+    "no-local-rank-from-the-launcher": ((2, 2), False, r"rank 0 \(local rank 0, device 0 of 2 visible\), rank 1 "
+                                                       r"\(local rank 0, device 0 of 2 visible\) would share the GPU "
+                                                       r"at PCI 0000:01:00.0.*check that the launcher sets a local rank"),
 }
+
+
+class RanksInTurn:
+    """The world of ranks of one host, simulated one after another in this process: each
+    allgather adds the caller's entry and returns every entry so far, so the last rank's
+    agree_on_backend judges them all."""
+
+    def __init__(self):
+        self.entries = []
+
+    def allgather(self, entry):
+        self.entries.append(entry)
+        return list(self.entries)
+
+
+# (CUDA_VISIBLE_DEVICES as PCI bus ids per rank, whether NCCL would find a duplicate GPU)
+VISIBLE_PER_RANK = {
+    # Slurm --gpus-per-task=1: each rank sees only its own GPU, as its device 0
+    "own-gpu-each-as-device-0": ((["0000:01:00.0"], ["0000:02:00.0"]), False),
+    # both ranks see the same one GPU
+    "one-gpu-for-two": ((["0000:01:00.0"], ["0000:01:00.0"]), True),
+    # rank 1's mask lists the GPUs the other way round: its device 1 is rank 0's device 0
+    "one-gpu-under-two-ordinals": ((["0000:01:00.0", "0000:02:00.0"], ["0000:02:00.0", "0000:01:00.0"]), True),
+}
+
+
+@pytest.mark.parametrize("visible, duplicate", VISIBLE_PER_RANK.values(), ids=VISIBLE_PER_RANK)
+def test_ranks_share_a_gpu_when_nccl_would_say_so(monkeypatch, visible, duplicate):
+    """A device is its PCI bus id on its host, as NCCL's "Duplicate GPU" check tells them
+    apart, not the ordinal, which CUDA_VISIBLE_DEVICES renumbers per rank."""
+    world = RanksInTurn()
+    for rank, bus_ids in enumerate(visible):
+        fake_cupy(monkeypatch, count=len(bus_ids), bus_ids=bus_ids)
+        monkeypatch.setenv("MPI_LOCALRANKID", str(rank))
+        be = get_backend("gpu")
+        if rank < len(visible) - 1 or not duplicate:
+            agree_on_backend(world, be)
+        else:
+            with pytest.raises(DeviceError, match=r"would share the GPU at PCI 0000:01:00\.0.*Duplicate GPU"):
+                agree_on_backend(world, be)
 
 
 @pytest.mark.mpi
