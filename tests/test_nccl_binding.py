@@ -148,6 +148,10 @@ def test_one_rank_all_reduce(gpu_comm, dtype, op):
         send, recv = cp.asarray(host.astype(dtype)), cp.zeros(1000, dtype)
         expected = host.astype(dtype)
     stream = cp.cuda.Stream(non_blocking=True)
+    # send's copy and recv's zeros are queued on the current (null) stream, which a
+    # non-blocking stream does not wait for by itself: NCCL could read send early and the
+    # zeros land after the result.
+    stream.wait_event(cp.cuda.get_current_stream().record())
     comm.all_reduce(send, recv, op=op, stream=stream, dtype="bfloat16" if dtype == "bfloat16" else None)
     stream.synchronize()
     np.testing.assert_array_equal(cp.asnumpy(recv), expected)      # one rank: sum = avg = input
