@@ -133,15 +133,22 @@ def test_local_rank_read_from_launcher_environment(monkeypatch, var):
 def test_gpu_backend_binds_device_from_local_rank():
     import cupy
     n = backend.gpu_count()
-    be = get_backend("gpu", local_rank=n + 1)
-    assert be.xp is cupy and be.device_id == (n + 1) % n
-    assert cupy.cuda.Device().id == be.device_id
-    x = be.asarray(np.arange(5, dtype=np.float32))
-    ev = be.event()
-    ev.record(be.current_stream())
-    ev.synchronize()
-    assert ev.done()
-    np.testing.assert_array_equal(be.asnumpy(x * 2), np.arange(5) * 2)
+    before = cupy.cuda.runtime.getDevice()
+    try:
+        be = get_backend("gpu", local_rank=n + 1)
+        assert be.xp is cupy and be.device_id == (n + 1) % n
+        assert cupy.cuda.Device().id == be.device_id
+        x = be.asarray(np.arange(5, dtype=np.float32))
+        ev = be.event()
+        ev.record(be.current_stream())
+        ev.synchronize()
+        assert ev.done()
+        np.testing.assert_array_equal(be.asnumpy(x * 2), np.arange(5) * 2)
+    finally:
+        # Later tests allocate on whatever device is bound: left on device 1, a subset run
+        # (-k, or these two files alone) would give test_kernels_gpu's optimizer test its
+        # parameters there and, once get_backend binds device 0, its state on another GPU.
+        cupy.cuda.Device(before).use()
 
 
 # ---- ranks agree on the backend (mpiexec -n 2) ------------------------------------------
