@@ -98,7 +98,8 @@ class DeviceClock:
     """Times compute spans with events on the stream compute runs on (see the module docstring).
 
     new_event() -> an unrecorded timing event (cupy.cuda.Event); stream() -> the compute
-    stream (recorded on explicitly: CuPy's Event.record defaults to the null stream);
+    stream (recorded on explicitly: CuPy 14.2's Event.record(None) takes the thread's current
+    stream, though its docstring says the null stream);
     host_time(event) -> perf_counter seconds of a completed event."""
 
     def __init__(self, new_event, stream, host_time):
