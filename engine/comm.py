@@ -275,6 +275,7 @@ class NcclWork(Work):
     def __init__(self, seq, name, count, comm, start_event, done_event):
         super().__init__(seq, name, count)
         self._comm, self._start, self._done = comm, start_event, done_event
+        self._clock = comm.clock    # the reference recorded before both events (rebase_clock)
 
     def wait(self) -> None:
         """Order the current (compute) stream after the collective, without a host sync."""
@@ -292,8 +293,8 @@ class NcclWork(Work):
 
     def _resolve(self):
         if self.finished_at is None:
-            self.started_at = self._comm._host_time(self._start)
-            self.finished_at = self._comm._host_time(self._done)
+            self.started_at = self._comm.host_time(self._start, self._clock)
+            self.finished_at = self._comm.host_time(self._done, self._clock)
 
 
 # cudaStreamCreateWithPriority clamps a priority outside the device's range to its nearest
@@ -329,17 +330,34 @@ class NcclCommunicator(Communicator):
         self._started = 0
         self._pending: list[NcclWork] = []
         # The clock reference: an event the host has seen complete, and when it saw it.
-        self._ref = self._timing_event()
-        self._ref.synchronize()
-        self._ref_host = time.perf_counter()
+        ref = self._timing_event()
+        ref.synchronize()
+        self.clock = (ref, time.perf_counter())
 
     def _timing_event(self):
         event = self._backend.xp.cuda.Event()
         event.record(self._stream)
         return event
 
-    def _host_time(self, event) -> float:
-        return self._ref_host + self._backend.xp.cuda.get_elapsed_time(self._ref, event) / 1e3
+    def host_time(self, event, clock=None) -> float:
+        """perf_counter seconds of a completed timing event recorded after the reference
+        `clock` (default: the current one)."""
+        ref, ref_host = clock or self.clock
+        return ref_host + self._backend.xp.cuda.get_elapsed_time(ref, event) / 1e3
+
+    def rebase_clock(self) -> None:
+        """A new clock reference, recorded now. cudaEventElapsedTime gives float32
+        milliseconds: times measured from one reference made at start-up lose resolution as
+        the run goes on (62 us after 10 minutes, 4 ms after 10 hours), and so do the overlap
+        figures built from them. Renewed at every traced step, the reference stays a step
+        away, and its host time is chained from the previous one over that short hop in
+        float64. Works keep the reference they were launched under, so a work resolved
+        later (by the watchdog's thread, say) never measures back to a newer one. Blocks
+        the host until the communication stream reaches it: tracing only
+        (engine.trace.Timeline.begin_step calls it through the DeviceClock)."""
+        ref = self._timing_event()
+        ref.synchronize()
+        self.clock = (ref, self.host_time(ref))
 
     def _enqueue(self, name, buf, call) -> NcclWork:
         ready = self._backend.event()

@@ -22,7 +22,7 @@ On a GPU the host only enqueues work, so a compute span timed on the host says w
 work was issued, not when it ran. With a `DeviceClock` the compute spans are timed by CUDA
 events on the compute stream instead, and resolved at `end_step` after one synchronize,
 onto the host clock through the communicator's reference event: the very conversion the
-all-reduce spans get (engine.comm.NcclCommunicator._host_time), so both kinds of span
+all-reduce spans get (engine.comm.NcclCommunicator.host_time), so both kinds of span
 share one clock and their overlap means what it says. "data", "wait" and "step" stay host
 times: they are what the host did. Per step:
 
@@ -100,10 +100,12 @@ class DeviceClock:
     new_event() -> an unrecorded timing event (cupy.cuda.Event); stream() -> the compute
     stream (recorded on explicitly: CuPy 14.2's Event.record(None) takes the thread's current
     stream, though its docstring says the null stream);
-    host_time(event) -> perf_counter seconds of a completed event."""
+    host_time(event) -> perf_counter seconds of a completed event; rebase() -> None, called
+    at each step's start, when every event recorded so far has been converted, renews the
+    reference host_time measures from (engine.comm.NcclCommunicator.rebase_clock)."""
 
-    def __init__(self, new_event, stream, host_time):
-        self._new_event, self._stream, self.host_time = new_event, stream, host_time
+    def __init__(self, new_event, stream, host_time, rebase=lambda: None):
+        self._new_event, self._stream, self.host_time, self.rebase = new_event, stream, host_time, rebase
 
     def mark(self):
         event = self._new_event()
@@ -228,6 +230,8 @@ class Timeline:
         if not self.enabled:
             return
         self._resolve()          # spans recorded between steps (an evaluation) go to the file
+        if self._clock is not None:
+            self._clock.rebase()
         self._step, self._step_start = step, time.perf_counter()
         self._spans = []
 

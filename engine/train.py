@@ -239,8 +239,9 @@ class Trainer:
         self.coefficients = self._schedule()
         # Without --trace the timeline is disabled: no span, no figure, no synchronize. On a
         # GPU, compute spans are timed by events on the compute stream, on the same reference
-        # event as the communicator's all-reduce times (comm._host_time).
-        clock = DeviceClock(be.xp.cuda.Event, be.current_stream, comm._host_time) if a.trace and be.is_gpu else None
+        # event as the communicator's all-reduce times (comm.host_time), renewed every step.
+        clock = (DeviceClock(be.xp.cuda.Event, be.current_stream, comm.host_time, comm.rebase_clock)
+                 if a.trace and be.is_gpu else None)
         self.timeline = Timeline(self._trace_path(), rank=self.rank, enabled=bool(a.trace), clock=clock)
         if a.trace:     # per-layer forward/backward spans; none of their cost without --trace
             instrument(self.model, self.timeline)

@@ -32,13 +32,15 @@ class StandInCuda:
     (verb, thread id, current device) of every event call; `live_events` counts events not
     yet destroyed. Like events on one stream, events complete in the order they were
     recorded: `records` counts the records so far, and the first `completed` of them are
-    complete (math.inf: all, 0: none)."""
+    complete (math.inf: all, 0: none). An event records the device clock `now_ms`, and
+    elapsed times come back as float32 milliseconds, as cudaEventElapsedTime gives them."""
 
     def __init__(self):
         self.calls = collections.Counter()
         self.records = 0
         self.completed = math.inf
         self.live_events = 0
+        self.now_ms = 0.0
         self.streams = []
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -53,6 +55,7 @@ class StandInCuda:
                 cuda.log("record")
                 with cuda._lock:
                     self.index, cuda.records = cuda.records, cuda.records + 1
+                self.t = cuda.now_ms
 
             @property
             def done(self):
@@ -98,7 +101,7 @@ class StandInCuda:
 
     def get_elapsed_time(self, start, end):
         self.log("elapsed")
-        return 0.0
+        return float(np.float32(end.t - start.t))
 
     def get_current_stream(self):
         return self._compute
@@ -224,6 +227,34 @@ def test_finished_works_are_dropped_without_a_watchdog(gpu_comm):
     for _ in range(10):
         comm.allreduce_async(buf)
     assert cuda.live_events == 3 + 2 * 10      # works in flight are kept
+
+
+@pytest.mark.parametrize("rebase", [True, False], ids=["rebased-every-step", "start-up-reference"])
+def test_traced_times_keep_their_resolution_through_a_long_run(gpu_comm, rebase):
+    """An hour of 1-second traced steps: a 37.5 us all-reduce at the end must still measure
+    37.5 us. From the start-up reference alone, float32 milliseconds at 3.6e6 ms step by
+    0.25 ms, so it measures 0 or 250 us (the negative case shows the test can fail)."""
+    cuda, comm = gpu_comm(device_id=0)
+    t0 = comm.host_time(comm.clock[0])
+    early = comm.allreduce_async(_buffer())          # launched under the start-up reference
+    for _ in range(3600):
+        cuda.now_ms += 1000.0
+        if rebase:
+            comm.rebase_clock()
+    cuda.now_ms += 0.4
+    start = cuda.Event()
+    start.record()
+    cuda.now_ms += 0.0375
+    end = cuda.Event()
+    end.record()
+    length = comm.host_time(end) - comm.host_time(start)
+    if rebase:
+        assert abs(length - 37.5e-6) < 0.1e-6, length
+        assert abs(comm.host_time(start) - t0 - 3600.0004) < 20e-6     # chained hops stay on time
+        early.synchronize()                          # resolved after 3600 rebases: its own reference
+        assert early.started_at == early.finished_at == t0
+    else:
+        assert abs(length - 37.5e-6) > 30e-6, length
 
 
 def test_communication_stream_is_non_blocking_at_the_greatest_priority(gpu_comm):

@@ -163,6 +163,31 @@ class _FakeEvent:
         _FakeEvent.synced.append(self)
 
 
+def test_each_step_renews_the_device_clock_reference_after_converting_what_came_before():
+    """begin_step converts the spans recorded since the last step (an evaluation) with the
+    old reference, then renews it (NcclCommunicator.rebase_clock), so no span is measured
+    from a reference recorded after it."""
+    from engine.trace import DeviceClock
+    stream, log = _FakeStream(), []
+
+    def host_time(ev):
+        log.append(("convert", ev.t))
+        return ev.t
+
+    tl = Timeline(None, clock=DeviceClock(_FakeEvent, lambda: stream, host_time, lambda: log.append("rebase")))
+    for step in range(3):
+        tl.begin_step(step)
+        with tl.span("forward", "forward"):
+            stream.t += 0.01
+        tl.end_step()
+        with tl.span("forward eval", "forward"):     # between steps
+            stream.t += 0.001
+    kinds = [x if x == "rebase" else "convert" for x in log]
+    assert kinds == ["rebase"] + 2 * (["convert"] * 4 + ["rebase"]) + ["convert"] * 2, kinds
+    for i in (5, 10):                   # the two conversions before a rebase: the evaluation's span
+        assert [t for _, t in log[i - 2:i]] == pytest.approx([0.011 * (i // 5) - 0.001, 0.011 * (i // 5)])
+
+
 def test_device_clock_times_compute_spans_by_events_on_the_comm_clock(tmp_path):
     from engine.trace import DeviceClock
     stream = _FakeStream()

@@ -89,12 +89,22 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files; a clear exit where the bench extra is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("engine.simulate: plots need matplotlib, which `make bench` (or "
+                 "pip install -e '.[bench]') installs")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot(counts, buckets, figures, title, png) -> None:
     """Step time and scaling efficiency against device count, one line per bucket size;
     `figures` runs over counts, then buckets (as main builds them)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for j, bucket in enumerate(buckets):
         runs = figures[j::len(buckets)]

@@ -11,7 +11,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from engine.simulate import PRESETS, Network, analytic_profile, simulate
-from engine.simulate.cli import table
+from engine.simulate.cli import pyplot, table
 
 GPUS = 1024
 BATCHES = (8, 16, 32, 64, 128, 256)
@@ -60,9 +60,7 @@ def study(png: str) -> None:
 
 
 def plot(png: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     styles = {("seed", "ring"): "C0-o", ("seed", "hier"): "C0--s", ("dgx-h100", "ring"): "C3-o",
               ("dgx-h100", "hier"): "C3--s"}
