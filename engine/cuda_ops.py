@@ -65,9 +65,12 @@ def _module(filename: str):
 
 
 def _function(filename: str, kernel: str):
-    """The kernel's function object, looked up by name once per process (a process binds one
-    device, see engine.backend, so one object per kernel serves every launch)."""
-    key = (filename, kernel)
+    """The kernel's function object, looked up by name once per device: a function belongs
+    to the CUDA context of the device that was current when CuPy loaded the module. The
+    engine binds one device per process; a test or a tool that switches devices gets the
+    current device's function, never another context's."""
+    import cupy
+    key = (cupy.cuda.runtime.getDevice(), filename, kernel)
     fn = _functions.get(key)
     if fn is None:
         fn = _functions[key] = _module(filename).get_function(kernel)

@@ -221,9 +221,11 @@ def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
     assert seen == {}
 
 
-def test_each_kernel_is_compiled_and_fetched_once(monkeypatch):
-    """_launch looks a kernel up by name only on its first launch (stand-in cupy.RawModule)."""
+def test_each_kernel_is_compiled_and_fetched_once_per_device(monkeypatch):
+    """_launch looks a kernel up by name only on its first launch on the current device
+    (stand-in cupy.RawModule and cudaGetDevice)."""
     compiled_files, fetched, ran = [], [], []
+    current = types.SimpleNamespace(device=0)
 
     class RawModule:
         def __init__(self, code, options, backend):
@@ -234,7 +236,9 @@ def test_each_kernel_is_compiled_and_fetched_once(monkeypatch):
             fetched.append(name)
             return lambda grid, block, args: ran.append((name, grid, block, args))
 
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule))
+    runtime = types.SimpleNamespace(getDevice=lambda: current.device)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=RawModule,
+                                                                   cuda=types.SimpleNamespace(runtime=runtime)))
     monkeypatch.setattr(cuda_ops, "_modules", {})
     monkeypatch.setattr(cuda_ops, "_functions", {})
     for step in range(3):
@@ -242,6 +246,9 @@ def test_each_kernel_is_compiled_and_fetched_once(monkeypatch):
         cuda_ops._launch("fp16_pack.cu", "unpack_fp16", (1,), (256,), (step,))
     assert len(compiled_files) == 1 and fetched == ["pack_fp16", "unpack_fp16"]
     assert ran[-2:] == [("pack_fp16", (2,), (256,), (2,)), ("unpack_fp16", (1,), (256,), (2,))] and len(ran) == 6
+    for current.device in (1, 0, 1):
+        cuda_ops._launch("fp16_pack.cu", "pack_fp16", (2,), (256,), (current.device,))
+    assert fetched == ["pack_fp16", "unpack_fp16", "pack_fp16"] and len(ran) == 9
 
 
 # ---- FTZ: the device flushes float32 subnormals; the host twin does not ------------------
