@@ -7,9 +7,11 @@ Layouts (ours; engine/torchvision_io.py converts to and from torchvision's):
   * fc weight: (in, out), so logits = x @ W + b.
 
 Parameters and gradients are views into the model's two flat buffers (`bind`). Every
-backward OVERWRITES its weight gradients and calls `ready(self)` once it will read neither
-its gradients nor its parameters again (after dx), so the model can tell the reducer which
-flat range is final, and the reducer may update that range at once (early_update).
+backward OVERWRITES its weight gradients and calls `ready(self)` as soon as they are final,
+before it computes dx, so the model can tell the reducer which flat range is final and its
+all-reduce starts one input-gradient GEMM earlier. Until its backward returns, the layer
+still reads its weights (for dx): a reported range may be updated only from the next report
+on (engine.reducer's early_update waits for it).
 
 Memory discipline. Each layer writes its forward output into a buffer it owns and reuses
 every step; backward needs only tensors that forward produced anyway (a conv keeps a
@@ -110,6 +112,7 @@ class Conv2d(Layer):
         w2d = self.weight.reshape(-1, self.cout)
         cols, col = self._cols(x)
         xp.matmul(cols.T, dy2d, out=self.dweight.reshape(-1, self.cout))
+        self.ready(self)            # dW is final; the weight is still read for dx below
         dx = None
         if need_dx:
             dx = self.ws.take(x.shape, x.dtype)
@@ -120,7 +123,6 @@ class Conv2d(Layer):
             else:
                 xp.matmul(dy2d, w2d.T, out=cols)        # the patch gradients reuse the gather buffer
                 col2im(self.ws, col, dx, self.stride, self.pad)
-        self.ready(self)            # after dx: the weight may be updated from here on
         self.ws.give(dy)
         self._x = None
         return dx
@@ -318,9 +320,9 @@ class Linear(Layer):
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
         xp.matmul(x.T, dy, out=self.dweight)
         self.dbias[...] = dy.sum(axis=0)
+        self.ready(self)            # dW is final; the weight is still read for dx below
         dx = self.ws.take(x.shape, x.dtype)
         xp.matmul(dy, self.weight.T, out=dx)
-        self.ready(self)            # after dx: the weight may be updated from here on
         self._x = None
         return dx
 

@@ -11,8 +11,8 @@ from last to first (in each block: the downsample branch, then bn3, conv3, ..., 
 then the stem. After each layer's backward, `grad_ready(start, stop)` reports the flat
 range that just became final; the ranges tile [0, layout.total) front to back, padding
 included, so a reducer can launch each bucket as soon as its last range arrives. A layer
-reports only once it has computed its input gradient, its last read of its parameters,
-so the caller may also update params[start:stop] inside the call.
+reports before it computes its input gradient, which still reads its parameters: a caller
+may update params[start:stop] from the next call on (or after backward), not inside the call.
 
 Names are torchvision's ("layer3.2.conv2.weight"); shapes are ours (conv HWIO, fc
 (in, out)); engine.torchvision_io converts for state_dict()/load_state_dict().

@@ -90,21 +90,34 @@ def test_grad_ready_reports_only_final_gradients(rng):
         np.testing.assert_array_equal(model.grads[a:b], snap)
 
 
-def test_grad_ready_comes_after_the_layer_last_reads_its_parameters(rng):
-    """A reported range may be updated at once (the reducer's early_update): poisoning
-    params[start:stop] with NaN inside grad_ready must leave every gradient, float64, bit
-    for bit as a plain backward computes it."""
+def test_a_reported_range_is_done_with_its_parameters_by_the_next_report(rng):
+    """What the reducer's early_update relies on: a range may be updated from the next
+    grad_ready call on. Poisoning, at each call, the range of the PREVIOUS call (and the
+    last one after backward) with NaN leaves every gradient, float64, bit for bit as a plain
+    backward computes it; poisoning the range of the current call does not (a layer reports
+    before its input gradient, which reads its weights: the earlier launch is the point)."""
     model = build_model("resnet18", 4, CPU, seed=int(rng.integers(1 << 30)), dtype=np.float64)
     x = rng.standard_normal((2, 32, 32, 3))
     labels = rng.integers(0, 4, 2)
     _step(model, x, labels)
     plain = model.grads.copy()
 
-    def poison(a, b):
-        model.params[a:b] = np.nan
-    _step(model, x, labels, poison)
-    assert np.isnan(model.params).all()
+    def poisoning(lag):
+        reported = []
+
+        def grad_ready(a, b):
+            reported.append((a, b))
+            if len(reported) > lag:
+                pa, pb = reported[-1 - lag]
+                model.params[pa:pb] = np.nan
+        return grad_ready
+    _step(model, x, labels, poisoning(lag=1))
+    assert np.isfinite(model.grads).all()
     np.testing.assert_array_equal(model.grads, plain)
+    model = build_model("resnet18", 4, CPU, seed=int(rng.integers(1 << 30)), dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        _step(model, x, labels, poisoning(lag=0))
+    assert np.isnan(model.grads).any()
 
 
 class _InstantComm:
@@ -152,7 +165,8 @@ def _reducer_step(seed, x, labels, optimizer, coef, early):
 def test_early_update_step_equals_a_normal_step(rng, optimizer):
     """ResNet-18, one bucket per layer, works that complete at once: the parameters after
     a step whose updates run inside backward equal, bit for bit, those after a step that
-    updates once backward is over (float32: the reducer reduces float32 gradients)."""
+    updates once backward is over (float32: the reducer reduces float32 gradients). Each
+    bucket is updated at the first report after the one that launched it."""
     from engine.schedule import Coefficients
     seed = int(rng.integers(1 << 30))
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
@@ -161,7 +175,7 @@ def test_early_update_step_equals_a_normal_step(rng, optimizer):
     normal, _ = _reducer_step(seed, x, labels, optimizer, coef, early=False)
     early, updated_after = _reducer_step(seed, x, labels, optimizer, coef, early=True)
     layers = 20 + 20 + 1
-    assert len(updated_after) == layers and updated_after[0] == 1    # fc updated inside backward
+    assert updated_after == list(range(2, layers + 1)) + [layers]    # fc at the 2nd report, conv1 in finish
     assert np.isfinite(early).all()
     np.testing.assert_array_equal(early, normal)
 
