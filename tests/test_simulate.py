@@ -18,7 +18,8 @@ def r18():
     model = sim._model("resnet18", 10)
     rng = np.random.default_rng()
     layers = tuple(sim.LayerTime(l.name, rng.uniform(1e-4, 2e-3), rng.uniform(2e-4, 4e-3),
-                                 getattr(l, "grad_range", None)) for l, _ in sim.forward_layers(model))
+                                 getattr(l, "grad_range", None), sim.ready_fraction(l, model))
+                   for l, _ in sim.forward_layers(model))
     return Profile(layers, model.layout, 1e-9, 8, "synthetic")
 
 
@@ -121,11 +122,20 @@ def test_schedule_refuses_a_deadlock():
 
 
 def test_overlapped_step_on_the_real_bucket_plan(r18):
-    """Every bucket starts at max(its last gradient's backward end, previous bucket's end);
-    nothing overlaps on the communication stream."""
+    """Every bucket starts at max(the moment its last layer reports, previous bucket's end):
+    a conv or fc reports halfway through its backward (after dW, before dx), the stem conv
+    and a BN at its end; nothing overlaps on the communication stream."""
     net = Network(16, 8, Link(2e-6, 5e9), Link(5e-6, 1e9), "ring", "fp32", bucket_mb=1, first_bucket_mb=0.25)
     out = sim.run_step(r18, net, "overlap")
-    ends = {n.split(" ", 1)[1]: e for n, c, s, e, _ in out if c == "backward"}
+    parts = {}
+    for n, c, s, e, _ in out:
+        if c == "backward":
+            parts.setdefault(n.split(" ", 1)[1], []).append((s, e))
+    assert len(parts["conv1"]) == len(parts["bn1"]) == 1 and len(parts["layer1.0.conv2"]) == len(parts["fc"]) == 2
+    ends = {name: p[0][1] for name, p in parts.items()}       # where each layer reports
+    for l in r18.layers:
+        s, e = parts[l.name][0]
+        assert e - s == pytest.approx(l.backward_s * l.ready_frac, rel=1e-9)
     buckets = sim.plan_buckets(r18.layout, 1, 0.25, 4)
     comm = [(s, e, a) for _, c, s, e, a in out if c == "comm"]
     assert [(a["start"], a["stop"]) for _, _, a in comm] == buckets
@@ -187,7 +197,7 @@ def test_trace_profile_reads_back_the_layer_times(tmp_path, r18):
     sim.write_trace(sim.run_step(replace(r18, other_s=0.003), net, "compute"), path)
     back = sim.trace_profile(path, "resnet18", 10)
     for want, got in zip(r18.layers, back.layers):
-        assert (got.name, got.grad) == (want.name, want.grad)
+        assert (got.name, got.grad, got.ready_frac) == (want.name, want.grad, want.ready_frac)
         assert got.forward_s == pytest.approx(want.forward_s, rel=0, abs=1e-6)   # the trace keeps ~0.25 us
         assert got.backward_s == pytest.approx(want.backward_s, rel=0, abs=1e-6)
     assert back.other_s == pytest.approx(0.003, abs=1e-6)

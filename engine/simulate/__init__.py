@@ -41,7 +41,9 @@ slowest level: alpha = alpha_e, B = min(B_i, B_e) (`allreduce_s`):
 
 Step schedule (`schedule`): a compute stream (forward layers, backward layers, then one
 update per bucket, each after its bucket landed) and one communication stream. Bucket k
-starts at max(its last gradient ready, bucket k-1 done). With contention (a CPU's
+starts at max(its last gradient ready, bucket k-1 done); a conv or fc reports its gradients
+halfway through its backward, after dW and before dx (`ready_fraction`), the stem conv and
+the other layers at the end of theirs. With contention (a CPU's
 communication thread shares the cores that compute): while both streams are busy,
 compute advances at rate 1/(1+contention) and communication at 1/(1+comm_contention).
 Data loading runs ahead in worker processes: the step takes at least
@@ -193,6 +195,15 @@ class LayerTime:
     forward_s: float
     backward_s: float
     grad: tuple | None      # (start, stop) in the flat layout, None for layers without parameters
+    ready_frac: float = 1.0  # share of backward_s done when the layer reports its gradients
+
+
+def ready_fraction(layer, model) -> float:
+    """A conv or fc reports its gradients once dW is final, before it computes dx
+    (engine.layers): dW and dx are GEMMs of the same FLOPs, so half its backward. The stem
+    conv computes no dx, and a batch norm reports at its end."""
+    from engine.layers import Conv2d, Linear
+    return 0.5 if isinstance(layer, (Conv2d, Linear)) and layer is not model.conv1 else 1.0
 
 
 @dataclass(frozen=True)
@@ -299,7 +310,8 @@ def analytic_profile(system: System, arch: str = "resnet50", classes: int = 1000
     model = _model(arch, classes)
     ideal = _roofline(layer_costs(model, px, batch, DTYPE_BYTES[system.precision]), system.device, system.precision)
     layers = tuple(LayerTime(layer.name, f / eff + system.overhead_s, b / eff + system.overhead_s,
-                             getattr(layer, "grad_range", None)) for layer, f, b in ideal)
+                             getattr(layer, "grad_range", None), ready_fraction(layer, model))
+                   for layer, f, b in ideal)
     return Profile(layers, model.layout, UPDATE_BYTES / system.device.mem_bw / eff, batch,
                    f"{arch} {px}px, {batch}/device on {system.device.name} ({system.precision}), "
                    f"efficiency {eff:.2f}")
@@ -329,8 +341,9 @@ def trace_profile(path: str, arch: str, classes: int = 1000) -> Profile:
         for cat, store in (("forward", fwd), ("backward", bwd)):
             spans = sorted((e for e in inside if e["cat"] == cat), key=lambda e: e["ts"])
             prev_end = spans[0]["ts"] if spans else 0.0
-            for e in spans:     # from the previous layer's end: the glue between layers counts
-                step[cat, e["name"].split(" ", 1)[1]] = (e["ts"] + e["dur"] - prev_end) * 1e-6
+            for e in spans:     # from the previous span's end: the glue between layers counts
+                key = cat, e["name"].split(" ", 1)[1]     # (a simulated trace splits a backward in two)
+                step[key] = step.get(key, 0.0) + (e["ts"] + e["dur"] - prev_end) * 1e-6
                 prev_end = e["ts"] + e["dur"]
         for (cat, name), seconds in step.items():
             (fwd if cat == "forward" else bwd)[name].append(seconds)
@@ -348,8 +361,8 @@ def trace_profile(path: str, arch: str, classes: int = 1000) -> Profile:
     steps_s = [(hi - lo) * 1e-6 for lo, hi in quiet if math.isfinite(hi)]
     parts = sum(fwd_s.values()) + sum(bwd_s.values()) + other_s
     k = (statistics.median(steps_s) - update_s) / parts if steps_s else 1.0
-    out = tuple(LayerTime(l.name, k * fwd_s[l.name], k * bwd_s[l.name], getattr(l, "grad_range", None))
-                for l in layers)
+    out = tuple(LayerTime(l.name, k * fwd_s[l.name], k * bwd_s[l.name], getattr(l, "grad_range", None),
+                          ready_fraction(l, model)) for l in layers)
     return Profile(out, model.layout, update_s / model.layout.total, _trace_batch(events),
                    f"{path} ({arch}, {len(quiet)} step(s), layer medians x{k:.3f} to the median step)", k * other_s)
 
@@ -454,15 +467,21 @@ def step_tasks(profile: Profile, buckets: list, net: Network, mode: str) -> tupl
     update), "serial" (all buckets after backward) or "overlap" (each bucket launched when
     its last gradient is ready); with communication, each bucket is updated after it lands."""
     fwd = [Task(f"forward {l.name}", "forward", l.forward_s) for l in profile.layers]
-    bwd, ready, done = [], [], 0
+    bwd, ready, done = [], [], 0     # ready[j]: gradient elements final once task j has run
     for l in reversed(profile.layers):
-        bwd.append(Task(f"backward {l.name}", "backward", l.backward_s))
+        # The part of the layer's backward before it reports, then (a conv's or fc's dx) the rest.
+        parts = (l.backward_s * l.ready_frac, l.backward_s * (1 - l.ready_frac)) if l.ready_frac < 1 \
+            else (l.backward_s,)
+        bwd.append(Task(f"backward {l.name}", "backward", parts[0]))
         if l.grad is not None:
             if l.grad[0] != done:
                 raise ValueError(f"profile: {l.name}'s gradients [{l.grad[0]}, {l.grad[1]}) do not follow "
                                  f"[0, {done}) in backward order")
             done = l.grad[1]
         ready.append(done)
+        for rest in parts[1:]:
+            bwd.append(Task(f"backward {l.name}", "backward", rest))
+            ready.append(done)
     if done != profile.layout.total:
         raise ValueError(f"profile: backward finishes {done} of {profile.layout.total} gradient elements")
     compute = fwd + [Task("loss", "forward", profile.other_s)] + bwd
