@@ -10,7 +10,7 @@ ARGS     ?=
 STAMP    := $(VENV)/.installed
 PYTEST   := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv build train test test-fast bench gpu-check clean
+.PHONY: venv build train test test-fast bench gpu-check gpu-wheels gpu-check-offline gpu-run clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h engine/kernels/*)
 	@echo "== creating $(VENV) and installing the engine with its core dependencies (numpy, mpi4py, the"
@@ -61,6 +61,28 @@ bench: $(VENV)/.extra-test $(VENV)/.extra-bench
 # reason when no device is usable (no CuPy, no driver, a driver older than CuPy's runtime, ...).
 gpu-check: $(STAMP)
 	$(PY) -m pip install -q -e '.[gpu,test,bench]'
+	$(MAKE) --no-print-directory gpu-run
+
+# The GPU machines this project is lent reach no package index, but their image has CuPy (for
+# CUDA 13), NCCL, NumPy, Cython, pytest and torch in its python3. So: `make gpu-wheels` here
+# (the MPICH wheel, 13 MB, into .wheels/), carry .wheels with the tree, and run
+# `make gpu-check-offline` there: MPICH from the carried wheel, our extensions built in place
+# against the image's NumPy, then the same checks with the image's python3 (SYSPY).
+SYSPY    ?= python3
+WHEELS   ?= .wheels
+
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps -d $(WHEELS) mpich
+
+gpu-check-offline:
+	$(SYSPY) -m pip install --no-index --no-deps $(WHEELS)/mpich-*.whl
+	$(SYSPY) setup.py -q build_ext --inplace
+	$(MAKE) --no-print-directory gpu-run PY=$(SYSPY) \
+	  MPIEXEC=$$($(SYSPY) -c "import os, sys; print(os.path.dirname(sys.executable))")/mpiexec
+
+# The checks themselves, with the interpreter PY (engine importable from this checkout).
+gpu-run: export PYTHONPATH := $(CURDIR)
+gpu-run:
 	$(PY) -m engine.backend
 	$(PYTEST) -q -m "gpu and not mpi" -rs tests
 	@n=$$($(PY) -c "from engine.backend import gpu_count; print(gpu_count())"); \
