@@ -98,7 +98,12 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     t0 = time.monotonic()
     job.proc.send_signal(signal.SIGINT)
     rc, out = job.finish(timeout=60)
-    assert rc not in (0, STOPPED_EXIT_CODE) and "stopped by" not in out, out
+    # mpiexec's own status after a forced abort is hydra's: non-zero as a rule, but 0 when its
+    # proxy trips over its own cleanup ("assert (!closed) failed", seen once in six CI runs).
+    # What the job controls: no rank went on to save and report a stop, and it ended at once.
+    assert rc != STOPPED_EXIT_CODE and "stopped by" not in out, out
+    assert ("assert (!closed) failed" in out) if rc == 0 else True, out
+    assert not list((tmp_path / "runs" / "int" / "checkpoints").glob("*.npz")), out
     assert time.monotonic() - t0 < 30, out
 
 
