@@ -25,7 +25,8 @@ _LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_W
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used (no CuPy, no GPU, a broken driver, ranks that disagree).
-    `collective`: raised alike on every rank by agree_on_backend, so rank 0's report is enough."""
+    `collective`: raised alike on every rank (agree_on_backend, job_backend), so rank 0's
+    report is enough."""
 
     def __init__(self, message: str, collective: bool = False):
         super().__init__(message)
@@ -261,18 +262,8 @@ def job_backend(world, device: str) -> Backend:
 
     Collective. A rank that cannot use `device` stops the whole job with ONE message (said
     by rank 0) naming every failing rank and its reason, instead of one report per rank."""
-    try:
-        backend, failure = get_backend(device), None
-    except DeviceError as e:
-        backend, failure = None, str(e)
-    failures = world.allgather(failure)
-    if any(failures):
-        ranks_by_reason: dict = {}
-        for r, why in enumerate(failures):
-            if why:
-                ranks_by_reason.setdefault(why, []).append(str(r))
-        raise DeviceError("\n  ".join(f"{why} (rank {', '.join(ranks)} of {world.size})"
-                                       for why, ranks in ranks_by_reason.items()), collective=True)
+    from engine.guard import on_every_rank
+    backend = on_every_rank(world, lambda: get_backend(device), DeviceError)
     agree_on_backend(world, backend)
     return backend
 

@@ -61,6 +61,29 @@ def abort_job(message: str, code: int = 1, world=None, quiet: bool = False) -> N
     # without a pause the report above is lost in about a third of aborts.
     time.sleep(_FORWARD_GRACE_S * (4 if quiet else 1))
     world.Abort(code)
+    os._exit(code)      # MPI_Abort does not return; if an MPI ever did, run nothing after it
+
+
+def on_every_rank(world, fn, errors):
+    """fn() on every rank of `world` (collective). When it raises one of `errors` on any rank,
+    every rank raises the same error, of the first failing rank's type, whose message names
+    each reason once with the ranks that met it, marked `collective` (rank 0 reports it)."""
+    try:
+        result, failure = fn(), None
+    except errors as e:
+        result, failure = None, (type(e), str(e))
+    failures = world.allgather(failure)
+    ranks_by_reason: dict = {}
+    for r, f in enumerate(failures):
+        if f:
+            ranks_by_reason.setdefault(f, []).append(str(r))
+    if not ranks_by_reason:
+        return result
+    error_type = next(f for f in failures if f)[0]
+    error = error_type("\n  ".join(f"{why} (rank {', '.join(ranks)} of {world.size})"
+                                    for (_, why), ranks in ranks_by_reason.items()))
+    error.collective = True
+    raise error
 
 
 class StopSignals:

@@ -199,12 +199,11 @@ class Trainer:
     def __init__(self, args, signals=None):
         from mpi4py import MPI
 
-        from engine.control import StepControl
-        from engine.guard import StopSignals
         from engine.backend import job_backend
+        from engine.control import StepControl
         from engine.comm import create_communicator
-        from engine.data import build_datasets
-        from engine.guard import Watchdog
+        from engine.data import DataError, build_datasets
+        from engine.guard import StopSignals, Watchdog, on_every_rank
         from engine.loader import Loader, ShardSampler
         from engine.metrics import Progress
         from engine.model import build_model
@@ -216,13 +215,15 @@ class Trainer:
 
         self.args = a = args
         self.backend = be = job_backend(MPI.COMM_WORLD, a.device)  # before any communicator: one backend
+        # A data set some rank cannot read stops the job with one message, before a run directory exists.
+        self.train_set, self.val_set = on_every_rank(
+            MPI.COMM_WORLD, lambda: build_datasets(a.dataset, data_dir=a.data, image_size=a.image_size, seed=a.seed),
+            DataError)
         self.locks = []
         self._prepare_run_dir(MPI.COMM_WORLD)   # after the device checks: a job they stop leaves no run directory
         self.comm = comm = create_communicator(be)
         self.rank, self.world = comm.rank, comm.size
         self.threads = limit_blas_threads(a.threads)
-        self.train_set, self.val_set = build_datasets(a.dataset, data_dir=a.data, image_size=a.image_size,
-                                                      seed=a.seed)
         ts = self.train_set
         self.sampler = ShardSampler(len(ts), self.rank, self.world, a.batch_per_rank, a.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch

@@ -1,6 +1,7 @@
 """engine.guard under a real `mpiexec -n 2`, run as a subprocess with a bounded timeout:
 an exception on one rank ends the job, a stuck collective is reported with the late rank,
-differing configurations are refused, and a healthy run is left alone."""
+differing configurations are refused, a healthy run is left alone, and (mpi tier)
+on_every_rank turns one rank's failure into one error on every rank."""
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from engine import guard
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -95,3 +98,22 @@ def test_healthy_job_with_long_compute_between_collectives_is_left_alone(tmp_pat
     assert code == 0, out
     assert "rank 0 sum 3.0" in out and "rank 1 sum 3.0" in out, out
     assert "aborting" not in out
+
+
+@pytest.mark.mpi
+def test_on_every_rank_turns_one_ranks_failure_into_one_collective_error(comm):
+    def fails_on(ranks, why):
+        def fn():
+            if comm.rank in ranks:
+                raise ValueError(why if isinstance(why, str) else why[comm.rank])
+            return comm.rank * 10
+        return fn
+    assert guard.on_every_rank(comm, fails_on((), "never"), ValueError) == comm.rank * 10
+    with pytest.raises(ValueError) as raised:
+        guard.on_every_rank(comm, fails_on((1,), "no data"), ValueError)
+    assert raised.value.collective and str(raised.value) == "no data (rank 1 of 2)"
+    with pytest.raises(ValueError) as raised:       # two reasons: each named once, with its rank
+        guard.on_every_rank(comm, fails_on((0, 1), ("disk", "net")), ValueError)
+    assert str(raised.value) == "disk (rank 0 of 2)\n  net (rank 1 of 2)"
+    with pytest.raises(KeyError):                   # other errors are not gathered
+        guard.on_every_rank(comm, lambda: {}["missing"], ValueError)

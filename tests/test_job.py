@@ -202,6 +202,15 @@ def test_a_device_no_rank_can_use_is_reported_once(tmp_path):
     assert proc.stdout.count("no usable CUDA device") == 1 and "Traceback" not in proc.stdout
 
 
+def test_a_data_set_the_ranks_cannot_read_is_reported_once_before_any_run_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    rc, out = Job(tmp_path, TINY + ["--data", str(tmp_path / "data")]).finish(timeout=120)
+    assert rc != 0, out
+    assert len(re.findall(r"engine\.train: \S+/data/train: not a directory .*\(rank 0, 1 of 2\)", out)) == 1, out
+    assert out.count("not a directory") == 1 and "Traceback" not in out, out
+    assert not (tmp_path / "runs").exists()
+
+
 def _loader_workers(parent_pids):
     """pids of the `python -m engine.loader` processes whose parent is one of parent_pids."""
     found = []
