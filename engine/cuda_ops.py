@@ -43,7 +43,7 @@ BN_ROWS_PER_THREAD = 32         # rows a reduction thread walks before another b
 BN_MAX_BLOCKS = 1024
 
 _modules: dict = {}      # file name -> cupy.RawModule
-_functions: dict = {}    # (file name, kernel) -> its cupy Function, fetched once
+_functions: dict = {}    # (device, file name, kernel) -> its cupy Function, fetched once per device
 
 
 def kernel_source(filename: str) -> str:
