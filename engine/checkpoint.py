@@ -111,8 +111,11 @@ def read_meta(path: str) -> dict | None:
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
-def same_run(meta: dict | None, identity: dict) -> bool:
-    return meta is not None and all(meta.get(k) == v for k, v in identity.items())
+def of_run(paths: list, identity: dict) -> list:
+    """The checkpoints among `paths` whose header matches the run `identity` on every key;
+    files of other runs, and files whose header cannot be read, are left out."""
+    return [p for p in paths
+            if (meta := read_meta(p)) is not None and all(meta.get(k) == v for k, v in identity.items())]
 
 
 def newest_intact(resume: str) -> tuple[str, dict, dict, list]:
@@ -153,6 +156,5 @@ def remove_stale_temps(directory: str) -> list:
 def prune(directory: str, keep: int, identity: dict) -> None:
     """Delete all but the newest `keep` checkpoints of the run `identity` (called after a save
     is durable). Files of other runs, and files whose header cannot be read, are left alone."""
-    ours = [p for p in list_checkpoints(directory) if same_run(read_meta(p), identity)]
-    for p in ours[:-keep]:
+    for p in of_run(list_checkpoints(directory), identity)[:-keep]:
         os.unlink(p)

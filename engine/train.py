@@ -343,7 +343,7 @@ class Trainer:
             else:
                 source = a.resume
             if source is None:
-                mine = [p for p in found if checkpoint.same_run(checkpoint.read_meta(p), self._run_identity())]
+                mine = checkpoint.of_run(found, self._run_identity())
                 if mine:
                     raise rundir.Refused(f"{a.checkpoint_dir} already holds checkpoints of this run (newest "
                                          f"{mine[-1]}): continue it with --resume auto, or start another run "
