@@ -226,7 +226,7 @@ def predict(results, fitted, a) -> list:
     """engine.simulate's step times for the measured configurations, with and without
     contention, beside the measured ones. Collectives make every rank wait for the slowest,
     so the profile is the slowest rank's (largest compute-only total)."""
-    from engine.simulate import Network, buckets_of, ring_link_from_fit, schedule, step_tasks, trace_profile
+    from engine.simulate import Network, ring_link_from_fit, run_step, trace_profile
     profiles = [trace_profile(f"{a.out}.rank{r}.json", a.arch, a.classes) for r in range(a.np)]
     profile = max(profiles, key=lambda p: sum(l.forward_s + l.backward_s for l in p.layers) + p.other_s)
     p = a.np
@@ -239,9 +239,7 @@ def predict(results, fitted, a) -> list:
                               ("no_contention_s", (0.0, 0.0))):
             net = Network(p, p, link, link, "ring", "fp16" if a.fp16 else "fp32", r["bucket_mb"] or 0.0,
                           a.first_bucket_mb, kc, km)
-            compute, comm = step_tasks(profile, buckets_of(profile, net.bucket_mb, net.first_bucket_mb,
-                                                           2 if a.fp16 else 4), net, mode)
-            row[key] = max(e for _, _, _, e, _ in schedule(compute, comm, kc, km))
+            row[key] = max(e for _, _, _, e, _ in run_step(profile, net, mode))
         row["error"] = row["predicted_s"] / row["measured_s"] - 1
         rows.append(row)
     return rows
