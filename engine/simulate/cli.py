@@ -72,6 +72,11 @@ def system_from_args(a) -> System:
                    workers=pick(a.workers, s.workers))
 
 
+def bucket_label(mb: float) -> str:
+    """A bucket size as the tables name it: "layer" for per-layer buckets (0 MB), else "N MB"."""
+    return "layer" if mb == 0 else f"{mb:g} MB"
+
+
 def _cell(v, width):
     return f"{'-' if math.isnan(v) else format(v, '.0%'):>{width}}"
 
@@ -146,7 +151,7 @@ def main(argv=None) -> int:
                              contention=a.contention, comm_contention=a.comm_contention)
             first = first or net
             r = simulate(profile, net, decode_s=s.decode_s, workers=s.workers, epochs=a.epochs, images=a.images)
-            rows.append((f"{gpus} devices, bucket {'layer' if bucket == 0 else f'{bucket:g} MB'}", r))
+            rows.append((f"{gpus} devices, bucket {bucket_label(bucket)}", r))
     print(table(rows))
     if a.plot:
         plot(counts, buckets, [r for _, r in rows], f"{a.preset}: {profile.source}", a.plot)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from engine.simulate import PRESETS, Network, analytic_profile, simulate
-from engine.simulate.cli import pyplot, table
+from engine.simulate.cli import bucket_label, pyplot, table
 
 GPUS = 1024
 BATCHES = (8, 16, 32, 64, 128, 256)
@@ -30,10 +30,6 @@ def run(name: str, batch: int = 32, **net) -> dict:
     return simulate(_profile(name, batch), net, decode_s=s.decode_s, workers=s.workers)
 
 
-def _bucket(mb) -> str:
-    return "layer" if mb == 0 else f"{mb:g} MB"
-
-
 def study(png: str) -> None:
     seed = run("seed")
     ser = run("seed", bucket_mb=25)
@@ -45,7 +41,7 @@ def study(png: str) -> None:
           f"{seed['load_s'] * 1e3:.0f} ms per step\n")
     for name in ("seed", "dgx-h100"):
         print(f"2. {name}, {GPUS} devices, 32/device (the seed's 32k global batch)\n")
-        rows = [(f"bucket {_bucket(mb)}", run(name, bucket_mb=mb)) for mb in BUCKETS]
+        rows = [(f"bucket {bucket_label(mb)}", run(name, bucket_mb=mb)) for mb in BUCKETS]
         rows += [(f"{algo}, {wire}, 25 MB", run(name, algo=algo, wire=wire))
                  for algo in ("ring", "tree", "hier") for wire in ("fp16", "fp32")]
         print(table(rows) + "\n")
@@ -79,7 +75,7 @@ def plot(png: str) -> None:
         xs = range(len(BUCKETS))
         axes[2].plot(xs, [r["step_s"] / r["compute_s"] for r in runs], f"{style}-o", label=f"{label[name]} overlapped")
         axes[2].plot(xs, [r["serial_s"] / r["compute_s"] for r in runs], f"{style}:x", label=f"{label[name]} serial")
-    axes[2].set(xticks=range(len(BUCKETS)), xticklabels=[_bucket(b) for b in BUCKETS], yscale="log",
+    axes[2].set(xticks=range(len(BUCKETS)), xticklabels=[bucket_label(b) for b in BUCKETS], yscale="log",
                 xlabel=f"bucket size ({GPUS} devices, 32 each, FP16 ring)", ylabel="step / compute-only step",
                 title="bucket size")
     for ax in axes:
