@@ -28,7 +28,9 @@ BAR_WIDTH = 24
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite: training cannot go on."""
+    """The loss became NaN or infinite: training cannot go on. The loss checked is the global
+    batch's, so every rank raises it alike at the same step (rank 0's report is enough)."""
+    collective = True
 
 
 def check_finite(loss: float, step: int, epoch: float) -> None:

@@ -613,9 +613,7 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"engine.train: {e}", file=sys.stderr, flush=True)
         return 2
-    except NonFiniteLoss as e:      # the global loss: every rank stops at the same step
-        guard.abort_job(f"engine.train: {e}", quiet=rank != 0)
-    except (DataError, CheckpointError, DeviceError, StartupError, WorkerDied) as e:
+    except (DataError, CheckpointError, DeviceError, StartupError, WorkerDied, NonFiniteLoss) as e:
         # Errors about the user's input, the run or the machine: the message says it all, no
         # traceback. One that every rank meets alike after a collective check is said once.
         guard.abort_job(f"engine.train: {e}", quiet=rank != 0 and getattr(e, "collective", False))
