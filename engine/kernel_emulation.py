@@ -14,7 +14,8 @@ addresses (a slice at an odd offset stays misaligned), NumPy scalars as the C ty
 parameter, None as a null pointer.
 
 Libraries are cached under build/kernel_emulation/, keyed by a hash of the kernel sources,
-the shim, the generated entry points and the compiler command, so a session compiles once.
+the shim, the generated entry points, the compiler command and the compiler's version, so a
+session compiles once.
 What this does not model: warps, the GPU memory model, speed.
 """
 from __future__ import annotations
