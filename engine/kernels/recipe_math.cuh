@@ -116,6 +116,29 @@ RM_FN unsigned short rm_float_to_half(float f)
 }
 #endif
 
+/* ---- bfloat16, carried as its 16 bits (unsigned short) ---------------------------- */
+/* The upper half of a float32: widening is exact, narrowing rounds to nearest even. One
+ * integer formula on the device (every arch: sm_70 has no cvt.rn.bf16.f32) and on the host,
+ * so the kernels, their host emulation and the CPU path (ml_dtypes.bfloat16, which rounds
+ * the same way) agree bit for bit. A NaN becomes the canonical quiet NaN of its sign, as in
+ * ml_dtypes; a float above the largest bfloat16 rounds to inf. */
+#if defined(__CUDA_ARCH__)
+RM_FN unsigned int rm_f32_bits(float f) { return __float_as_uint(f); }
+RM_FN float rm_bits_f32(unsigned int u) { return __uint_as_float(u); }
+#else
+RM_FN unsigned int rm_f32_bits(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
+RM_FN float rm_bits_f32(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
+#endif
+
+RM_FN float rm_bf16_to_float(unsigned short b) { return rm_bits_f32((unsigned int)b << 16); }
+
+RM_FN unsigned short rm_float_to_bf16(float f)
+{
+    const unsigned int u = rm_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* ---- batch norm ------------------------------------------------------------------ */
 
 /* Block shape of the per-channel reductions: 32 consecutive channels (one warp, coalesced)
