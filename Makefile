@@ -10,7 +10,7 @@ ARGS     ?=
 STAMP    := $(VENV)/.installed
 PYTEST   := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv build train test test-fast bench gpu-check gpu-wheels gpu-check-offline gpu-run clean
+.PHONY: venv build train test test-fast bench gpu-check gpu-wheels gpu-check-offline gpu-run gpu-first-contact clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h engine/kernels/*)
 	@echo "== creating $(VENV) and installing the engine with its core dependencies (numpy, mpi4py, the"
@@ -81,16 +81,24 @@ gpu-check-offline:
 	  MPIEXEC=$$($(SYSPY) -c "import os, sys; print(os.path.dirname(sys.executable))")/mpiexec
 
 # The checks themselves, with the interpreter PY (engine importable from this checkout).
-gpu-run: export PYTHONPATH := $(CURDIR)
+gpu-run: export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 gpu-run:
-	$(PY) -m engine.backend
-	$(PYTEST) -q -m "gpu and not mpi" -rs tests
-	@n=$$($(PY) -c "from engine.backend import gpu_count; print(gpu_count())"); \
+	@$(PY) -m engine.backend || exit 1; st=0; \
+	$(PYTEST) -q -m "gpu and not mpi" -rs tests || st=1; \
+	n=$$($(PY) -c "from engine.backend import gpu_count; print(gpu_count())"); \
 	if [ "$$n" -gt 1 ]; then \
 	  echo "gpu-check: the mpi and gpu tier on $$n ranks"; \
-	  $(MPIEXEC) -n $$n $(PY) tests/mpi_pytest.py -q -m "mpi and gpu" tests || exit 1; \
-	else echo "gpu-check: one GPU: the mpi and gpu tier needs two or more, not run"; fi
-	$(PY) bench/kernels.py --gpu
+	  $(MPIEXEC) -n $$n $(PY) tests/mpi_pytest.py -q -m "mpi and gpu" tests || st=1; \
+	else echo "gpu-check: one GPU: the mpi and gpu tier needs two or more, not run"; fi; \
+	$(PY) bench/kernels.py --gpu || st=1; \
+	exit $$st
+
+# The first contact with a lent GPU machine, one command, everything logged under OUT
+# (tools/gpu_first_contact.sh says what it runs); MPICH from the carried wheel when there is one.
+OUT ?= gpu-first-contact
+gpu-first-contact:
+	-@ls $(WHEELS)/mpich-*.whl >/dev/null 2>&1 && $(SYSPY) -m pip install -q --no-index --no-deps $(WHEELS)/mpich-*.whl
+	tools/gpu_first_contact.sh $(OUT) $(SYSPY)
 
 clean:
 	rm -rf build engine/*.so engine/*.c $(VENV)

@@ -11,6 +11,18 @@ median over its timed steps, so a change in the machine's load hits all three al
     python bench/step.py                      # 64 px batch 16, 224 px batch 8, 2 threads
     python bench/step.py --threads 2 --runs 64:16 224:16 --steps 5
     python bench/step.py --runs 224:1 --memory 4 8   # peak memory per image at 224 px
+
+--device gpu: the same step on one GPU, data synthetic and resident on the device (no
+loader): torch's torchvision resnet50 (engine.torch_reference.TorchResNet without
+torchvision) in channels_last, in fp32, TF32 and AMP bf16 (torch.autocast bfloat16, float32
+weights, SGD momentum), against ours in --precision fp32 / tf32 / bf16 (the hybrid update
+over the flat buffers). All entries of a run are timed in turns with CUDA events after
+warm-up; each figure is the median of its timed steps, and each of ours is divided by the
+BEST torch figure of that run. A time budget (--budget-s, about 3 minutes by default) sets
+the number of timed rounds; --json writes the figures after every run.
+
+    python bench/step.py --device gpu                       # 224 px, batch 32 and 256
+    python bench/step.py --device gpu --runs 224:32 --json step.json
 """
 import argparse
 import os
@@ -21,10 +33,20 @@ from pathlib import Path
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: ours (NumPy) against torch's CPU build (default); gpu: see above")
     p.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
-    p.add_argument("--runs", nargs="+", default=["64:16", "224:8"],
-                   help="SIZE:BATCH pairs to measure (default 64:16 224:8)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps of each (after 1 warm-up), taken in turns")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help="SIZE:BATCH pairs to measure (default 64:16 224:8; with --device gpu 224:32 224:256)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps of each, taken in turns (default 4; with --device gpu at most 30, "
+                        "fewer when the budget says so)")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="--device gpu: seconds for the whole benchmark, warm-ups included (default 150)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="--device gpu: also our step replayed as a CUDA graph (reported as not measured "
+                        "until the engine can capture its step)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--profile", action="store_true", help="cProfile our step at the first size")
     p.add_argument("--memory", nargs=2, type=int, metavar=("B1", "B2"),
@@ -32,8 +54,10 @@ def parse():
                         "peak RSS of one step at batch B1 and at B2 (each in a fresh process)")
     p.add_argument("--probe", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    gpu = args.device == "gpu"
+    args.steps = args.steps if args.steps is not None else (30 if gpu else 4)
     runs = []
-    for r in args.runs:
+    for r in args.runs or (["224:32", "224:256"] if gpu else ["64:16", "224:8"]):
         try:
             size, batch = (int(v) for v in r.split(":"))
         except ValueError:
@@ -58,24 +82,52 @@ import numpy as np  # noqa: E402
 from engine.backend import get_backend  # noqa: E402
 from engine.loss import softmax_cross_entropy  # noqa: E402
 from engine.model import build_model  # noqa: E402
-from engine.optimizer import HybridOptimizer  # noqa: E402
+from engine.optimizer import make_optimizer  # noqa: E402
 from engine.schedule import Coefficients  # noqa: E402
 
 CLASSES = 1000
 COEF = Coefficients(eta=0.1, a_sgd=0.5, a_rms=0.5 * 3e-4 / 0.1)   # mid-warm-up: both terms live
 
 
-def our_step(size, batch):
-    model = build_model(ARGS.arch, CLASSES, get_backend("cpu"))
-    opt = HybridOptimizer(model.params, model.layout, np, team=model.ws.team)
+def our_step(size, batch, backend=None, precision="fp32"):
+    """Our training step on `backend` (the CPU by default) in `precision`, on a fixed batch
+    resident where the model is."""
+    backend = backend or get_backend("cpu")
+    model = build_model(ARGS.arch, CLASSES, backend, precision=precision)
+    opt = make_optimizer("hybrid", model.params, model.layout, backend, team=model.ws.team,
+                         weight_copy=model.params_lp)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
-    labels = rng.integers(0, CLASSES, batch)
+    x = backend.asarray(rng.standard_normal((batch, size, size, 3)).astype(np.float32).astype(model.input_dtype))
+    labels = backend.asarray(rng.integers(0, CLASSES, batch))
 
     def step():
         _, dlogits = softmax_cross_entropy(model.forward(x, train=True), labels, 0.1)
         model.backward(dlogits)
         opt.step(model.grads, coef=COEF)
+    return step
+
+
+def torch_training_step(net, x, labels, precision="fp32"):
+    """torch's step on `net` and a fixed batch: SGD momentum; `precision` fp32, tf32 (TF32
+    tensor cores for matmuls and convolutions) or bf16 (autocast to bfloat16, float32 weights)."""
+    import contextlib
+    import torch
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    on_gpu = x.is_cuda
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step():
+        if on_gpu:     # process-wide flags, and entries of several precisions run in turns
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        opt.zero_grad(set_to_none=False)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(net(x), labels, label_smoothing=0.1)
+        loss.backward()
+        opt.step()
     return step
 
 
@@ -89,14 +141,7 @@ def torch_step(size, batch, channels_last):
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, CLASSES, (batch,))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=False)
-        torch.nn.functional.cross_entropy(net(x), labels, label_smoothing=0.1).backward()
-        opt.step()
-    return step
+    return torch_training_step(net, x, torch.randint(0, CLASSES, (batch,)))
 
 
 def interleaved_medians(steps, rounds):
@@ -149,6 +194,206 @@ def memory_per_image(size, b1, b2):
               f"{per_image / 2**20:.1f} MiB per image")
 
 
+# ---- --device gpu ---------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+WARMUP = 2          # the first step compiles kernels, autotunes cuDNN and fills the pools
+MIN_ROUNDS = 3
+
+
+class Unavailable(Exception):
+    """An entry that this build cannot measure (said in the table, not an error)."""
+
+
+def torch_gpu_net():
+    """(torch ResNet on the GPU in channels_last, which implementation it is)."""
+    import torch
+    torch.manual_seed(0)
+    try:
+        import torchvision
+        net, source = getattr(torchvision.models, ARGS.arch)(num_classes=CLASSES), f"torchvision {torchvision.__version__}"
+    except ImportError:
+        from engine.torch_reference import TorchResNet
+        net, source = TorchResNet(ARGS.arch, CLASSES), "engine.torch_reference.TorchResNet (no torchvision)"
+    return net.cuda().train().to(memory_format=torch.channels_last), source
+
+
+def torch_gpu_step(size, batch, precision):
+    import torch
+    net, _ = torch_gpu_net()
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    return torch_training_step(net, x, torch.randint(0, CLASSES, (batch,), device="cuda"), precision)
+
+
+def our_graph_step(size, batch, precision):
+    """The hook for our step captured once as a CUDA graph and replayed (DESIGN.md, "The GPU
+    step"): fill it in when the engine can capture its step."""
+    raise Unavailable("the engine cannot capture its step as a CUDA graph yet")
+
+
+def gpu_entries(size, batch, backend):
+    """(name, builder of the step function) of every entry of one run, torch's first."""
+    entries = [(f"torch {p if p != 'bf16' else 'bf16-amp'}", lambda p=p: torch_gpu_step(size, batch, p))
+               for p in PRECISIONS]
+    entries += [(f"ours {p}", lambda p=p: our_step(size, batch, backend, p)) for p in PRECISIONS]
+    if ARGS.cuda_graph:
+        entries += [(f"ours {p} graph", lambda p=p: our_graph_step(size, batch, p)) for p in PRECISIONS]
+    return entries
+
+
+def cuda_clock():
+    """A pair of timing events on the current (null) stream, which CuPy and torch share."""
+    import cupy
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    return start, end, lambda: cupy.cuda.get_elapsed_time(start, end) / 1e3
+
+
+def device_sync():
+    import cupy
+    cupy.cuda.Device().synchronize()
+
+
+def error_text(e):
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def build_and_warm(entries):
+    """{name: step function} of the entries that build and survive WARMUP steps, and
+    {name: why not} of the others; one failure never stops the rest."""
+    steps, failed = {}, {}
+    for name, build in entries:
+        try:
+            step = build()
+            for _ in range(WARMUP):
+                step()
+            device_sync()
+            steps[name] = step
+        except Unavailable as e:
+            failed[name] = f"not measured: {e}"
+        except Exception as e:      # an error of one entry (out of memory, a CUDA error) is its result
+            failed[name] = f"failed: {error_text(e)}"
+    return steps, failed
+
+
+def one_round(steps, times, host, failed):
+    """One step of each entry, in turns, timed with CUDA events; one sync at the end of the
+    round, so no entry's step waits on the host between its launches and the event."""
+    pending = []
+    for name in list(steps):
+        start, end, seconds = cuda_clock()
+        start.record()
+        t0 = time.perf_counter()
+        try:
+            steps[name]()
+        except Exception as e:
+            failed[name] = f"failed while timed: {error_text(e)}"
+            del steps[name]
+            continue
+        host[name].append(time.perf_counter() - t0)
+        end.record()
+        pending.append((name, seconds))
+    device_sync()
+    for name, seconds in pending:
+        times[name].append(seconds())
+
+
+def time_gpu_run(size, batch, backend, budget_s):
+    """Figures of one run: {name: {...}} with img/s, ms per step (median over the timed
+    steps), host ms per step (time to queue the step), timed steps; or why not."""
+    started = time.perf_counter()
+    steps, failed = build_and_warm(gpu_entries(size, batch, backend))
+    times, host = {n: [] for n in steps}, {n: [] for n in steps}
+    rounds = 0
+    while steps and rounds < ARGS.steps:
+        t0 = time.perf_counter()
+        one_round(steps, times, host, failed)
+        rounds += 1
+        left = budget_s - (time.perf_counter() - started)
+        if rounds >= MIN_ROUNDS and left < time.perf_counter() - t0:
+            break
+    results = {}
+    for name, t in times.items():
+        if name in steps and t:
+            med = float(np.median(t))
+            results[name] = {"images_per_s": batch / med, "ms_per_step": 1e3 * med,
+                             "host_ms_per_step": 1e3 * float(np.median(host[name])), "timed_steps": len(t)}
+    results.update({name: {"error": why} for name, why in failed.items()})
+    best = max((r["images_per_s"] for n, r in results.items() if n.startswith("torch") and "error" not in r),
+               default=None)
+    for name, r in results.items():
+        if name.startswith("ours") and "error" not in r and best:
+            r["over_best_torch"] = r["images_per_s"] / best
+    return {"size": size, "batch": batch, "rounds": rounds, "seconds": time.perf_counter() - started,
+            "best_torch_images_per_s": best, "entries": results}
+
+
+def free_device_pools():
+    """Give each run the whole device: the previous run's cached blocks go back."""
+    import cupy
+    import torch
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def print_gpu_run(run, order):
+    print(f"{run['size']} px, batch {run['batch']}: {run['rounds']} rounds in turns after {WARMUP} warm-up "
+          f"steps, {run['seconds']:.0f} s")
+    print(f"  {'entry':<20} {'img/s':>8} {'ms/step':>8} {'host ms':>8} {'vs best torch':>14}")
+    for name in order:
+        r = run["entries"][name]
+        if "error" in r:
+            print(f"  {name:<20} {r['error']}")
+            continue
+        ratio = f"{r['over_best_torch']:.2f}" if "over_best_torch" in r else ""
+        print(f"  {name:<20} {r['images_per_s']:>8.1f} {r['ms_per_step']:>8.2f} {r['host_ms_per_step']:>8.2f} "
+              f"{ratio:>14}", flush=True)
+
+
+def gpu_setup():
+    """The versions and device of this run, for the table's head and the JSON."""
+    import cupy
+    import torch
+    runtime = cupy.cuda.runtime
+    props = runtime.getDeviceProperties(cupy.cuda.Device().id)
+    _, source = torch_gpu_net()
+    return {"arch": ARGS.arch, "device": props["name"].decode(), "cupy": cupy.__version__,
+            "cuda_runtime": runtime.runtimeGetVersion(), "driver": runtime.driverGetVersion(),
+            "torch": torch.__version__, "torch_model": source, "cudnn": torch.backends.cudnn.version()}
+
+
+def gpu_main():
+    from engine.backend import probe_gpus
+    found = probe_gpus()
+    if found.count == 0:
+        return f"bench/step.py --device gpu: no usable CUDA device: {found.reason}"
+    import torch
+    started = time.perf_counter()
+    backend = get_backend("gpu", local_rank=0)
+    torch.cuda.set_device(backend.device_id)
+    torch.backends.cudnn.benchmark = True       # the fast peer: cuDNN's autotuned algorithms
+    report = {"setup": gpu_setup(), "runs": []}
+    print("{arch} training step on {device}: CuPy {cupy}, CUDA runtime {cuda_runtime}, driver {driver}, "
+          "torch {torch} (cuDNN {cudnn}), torch model: {torch_model}".format(**report["setup"]))
+    for i, (size, batch) in enumerate(RUNS):
+        budget = (ARGS.budget_s - (time.perf_counter() - started)) / (len(RUNS) - i)
+        run = time_gpu_run(size, batch, backend, budget)
+        report["runs"].append(run)
+        print_gpu_run(run, [name for name, _ in gpu_entries(size, batch, backend)])
+        free_device_pools()
+        report["seconds"] = time.perf_counter() - started
+        write_json(report)
+    print(f"vs best torch = our images/s over the best torch entry of that run; "
+          f"total {time.perf_counter() - started:.0f} s")
+    failed = [n for run in report["runs"] for n, r in run["entries"].items() if r.get("error", "").startswith("failed")]
+    return f"failed entries: {', '.join(sorted(set(failed)))}" if failed else 0
+
+
+def write_json(report):
+    if ARGS.json:
+        import json
+        Path(ARGS.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main():
     if ARGS.probe:
         size, batch = RUNS[0]
@@ -160,6 +405,7 @@ def main():
     print(f"{ARGS.arch} training step, {ARGS.threads} threads, median of {ARGS.steps} steps")
     print(f"{'size':>5} {'batch':>5} {'ours img/s':>11} {'torch NCHW':>11} {'torch NHWC':>11} {'ratio':>7}"
           f" {'cpu-time ratio':>15}")
+    report = {"arch": ARGS.arch, "threads": ARGS.threads, "steps": ARGS.steps, "runs": []}
     for i, (size, batch) in enumerate(RUNS):
         steps = [our_step(size, batch), torch_step(size, batch, False), torch_step(size, batch, True)]
         if ARGS.profile and i == 0:
@@ -169,10 +415,13 @@ def main():
         best = min(t_nchw, t_nhwc)
         print(f"{size:>5} {batch:>5} {batch / t_ours:>11.1f} {batch / t_nchw:>11.1f} "
               f"{batch / t_nhwc:>11.1f} {best / t_ours:>7.2f} {min(c_nchw, c_nhwc) / c_ours:>15.2f}", flush=True)
+        report["runs"].append({"size": size, "batch": batch, "ours": batch / t_ours, "torch_nchw": batch / t_nchw,
+                               "torch_nhwc": batch / t_nhwc, "ratio": best / t_ours})
+        write_json(report)
     print("ratio = our images/s over the faster torch layout's, from wall time (above 1: we are faster);")
     print("cpu-time ratio = the same from the CPU time the process used: steadier on a loaded")
     print("machine, but it counts threads spinning at barriers (compare at --threads 1)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(gpu_main() if ARGS.device == "gpu" else main())

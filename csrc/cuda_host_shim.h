@@ -36,10 +36,13 @@
 /* ---- vector types, with the alignment the GPU requires of their accesses ---------------- */
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned int x, y; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
 struct alignas(4) uchar4 { unsigned char x, y, z, w; };
 struct uint3 { unsigned int x, y, z; };
 
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
 
 /* ---- launch geometry ------------------------------------------------------------------ */
 /* Blocks run in turn, so the grid and block shapes and the block index are one value for

@@ -5,7 +5,8 @@ Built without CUDA or NCCL headers (csrc/nccl_decls.h declares the few types we 
 `libnccl.so.2` is opened at first use, from, in this order:
 
 1. the path in the environment variable ENGINE_NCCL_LIBRARY, when set;
-2. the nvidia-nccl-cu12 wheel (found with importlib, without importing CuPy);
+2. the nvidia-nccl-cu12 or nvidia-nccl-cu13 wheel (both install nvidia/nccl/lib/libnccl.so.2;
+   found with importlib, without importing CuPy);
 3. the system's library search path.
 
 When none loads, every call raises `NcclMissing`, which says what was tried and how to
@@ -165,7 +166,7 @@ cdef int _load() except -1:
     if lib == NULL:
         _load_failure = ("NCCL is not available: libnccl.so.2 could not be loaded from\n"
                          + "\n".join(tried)
-                         + "\nInstall it with `pip install nvidia-nccl-cu12` (the 'gpu' extra), "
+                         + "\nInstall it with `pip install nvidia-nccl-cu12` (the 'gpu' extra; nvidia-nccl-cu13 for CUDA 13), "
                          f"or set {LIBRARY_ENV} to the library's path.")
         raise NcclMissing(_load_failure)
     _api.get_version = <ncclGetVersion_t>_symbol(lib, b"ncclGetVersion", True)

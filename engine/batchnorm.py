@@ -17,23 +17,58 @@ the CUDA kernels (engine/kernels/recipe_math.cuh), one fused C loop per pass, su
 Each function also takes an optional keyword `out`: a preallocated (N*H*W, C) array that
 receives the result, so the model reuses one buffer per layer instead of allocating one
 per step. `out` may be `dy2d` itself in bn_backward (dy is consumed). Callers always use
-the returned array, so an implementation is free to ignore `out`. The keyword `team` (an
+the returned array, so an implementation is free to ignore `out`. The per-channel results
+go where they live: `stats_out=(mean, var, inv_std)` and `grads_out=(dgamma, dbeta)` are
+(C,) arrays (a layer's statistics, views of the flat gradient buffer) that receive them;
+the CUDA kernels write them there directly, with no copy launch. The keyword `team` (an
 engine.parallel.Team) splits hostmath's loops over its threads; the other paths ignore it.
+
+Activations may be bfloat16 (x2d, y2d, dy2d, dx2d; --precision bf16): the CUDA kernels read
+and write them as such with float32 math; on the CPU the twin widens them to float32
+(exact), runs the float32 host math and rounds the result once, to nearest even, as the
+kernels do. Statistics, gamma, beta and their gradients are float32 in every mode.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from engine.backend import array_module, host_math
+from engine.gemm import activation_dtype
 from engine.parallel import SERIAL
 
 
 def _fused(a):
-    """engine.cuda_ops (the fused CUDA kernels, same signatures) for float32 CuPy arrays, else None."""
-    if isinstance(a, np.ndarray) or a.dtype != np.float32:
+    """engine.cuda_ops (the fused CUDA kernels, same signatures) for float32 and bfloat16 CuPy
+    arrays, else None."""
+    if isinstance(a, np.ndarray) or a.dtype not in (np.float32, activation_dtype("bf16")):
         return None
     from engine import cuda_ops
     return cuda_ops
+
+
+def _host_bf16(a) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == activation_dtype("bf16")
+
+
+def _wide(a):
+    return None if a is None else a.astype(np.float32)
+
+
+def _narrow(a32, out):
+    """a32 rounded once to bfloat16, into `out` when given."""
+    if out is None:
+        return a32.astype(activation_dtype("bf16"))
+    out[...] = a32
+    return out
+
+
+def _store(dsts, values):
+    """values, each copied into its destination of `dsts` (when given); the values the caller gets."""
+    if dsts is None:
+        return values
+    for dst, v in zip(dsts, values):
+        dst[...] = v
+    return tuple(dsts)
 
 
 def _colsum(xp, a):
@@ -47,14 +82,19 @@ def _rowdot(xp, a, b):
     return xp.einsum("ij,ij->j", a, b)
 
 
-def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, team=SERIAL):
+def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None, team=SERIAL):
     """Normalize with this batch's statistics; returns (y2d, mean, var, inv_std), all (C,)."""
     if (fused := _fused(x2d)) is not None:
-        return fused.bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
+        return fused.bn_train_forward(x2d, gamma, beta, eps, relu, out=out, stats_out=stats_out)
+    if _host_bf16(x2d):
+        y, *stats = bn_train_forward(_wide(x2d), gamma, beta, eps, relu, stats_out=stats_out, team=team)
+        return (_narrow(y, out), *stats)
     host = host_math(x2d, gamma, beta)
     if host is not None:
-        return host.bn_train_forward(x2d, gamma, beta, eps, relu, out, team.map)
-    return xp_bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
+        y, *stats = host.bn_train_forward(x2d, gamma, beta, eps, relu, out, team.map)
+    else:
+        y, *stats = xp_bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
+    return (y, *_store(stats_out, stats))
 
 
 def xp_bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
@@ -79,6 +119,8 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, team=S
     """Normalize with given statistics (evaluation mode)."""
     if (fused := _fused(x2d)) is not None:
         return fused.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out)
+    if _host_bf16(x2d):
+        return _narrow(bn_infer_forward(_wide(x2d), gamma, beta, mean, var, eps, relu, team=team), out)
     host = host_math(x2d, gamma, beta, mean, var)
     if host is not None:
         return host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out, team.map)
@@ -96,7 +138,7 @@ def xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
     return y
 
 
-def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, team=SERIAL):
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None, team=SERIAL):
     """Gradients of bn_train_forward: returns (dx2d, dgamma, dbeta).
 
     With g the gradient after the ReLU mask and xc = x - mean:
@@ -104,11 +146,17 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, team=SE
       dx = gamma*inv_std * (g - dbeta/M - xc * inv_std^2 * sum(g * xc)/M).
     """
     if (fused := _fused(dy2d)) is not None:
-        return fused.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out)
+        return fused.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out, grads_out=grads_out)
+    if _host_bf16(dy2d):
+        dx, *grads = bn_backward(_wide(dy2d), _wide(x2d), _wide(y2d), gamma, mean, inv_std, relu,
+                                 grads_out=grads_out, team=team)
+        return (_narrow(dx, out), *grads)
     host = host_math(dy2d, x2d, y2d, gamma, mean, inv_std)
     if host is not None:
-        return host.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out, team.map)
-    return xp_bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out)
+        dx, *grads = host.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out, team.map)
+    else:
+        dx, *grads = xp_bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out)
+    return (dx, *_store(grads_out, grads))
 
 
 def xp_bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):

@@ -8,22 +8,33 @@ inspected, without CuPy.
 
 Every launcher casts each argument to the C type of the kernel's parameter (np.float32 for
 float, np.int64 for long long, np.int32 for int); a test checks each launcher's arguments
-against the extern "C" signature parsed from the source. The functions take CuPy arrays
-and have the signatures of their CPU twins:
+against the extern "C" signature parsed from the source. The functions take CuPy arrays;
+activations (x, y, dy, dx) are float32 or bfloat16 (ml_dtypes.bfloat16, one type per call),
+statistics, BN parameters and their gradients always float32. A launcher writes its results
+into the arrays it is given (out, stats_out, grads_out, possibly views into larger
+buffers), else into new ones; the BN partials live in one reused scratch buffer per device.
 
-    hybrid_update(w, d, m, g, mask, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale)   # engine.hostmath
-    sgd_update(w, d, g, mask, eta, mu1, wd, gscale)
-    bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None) -> (y2d, mean, var, inv_std)
-    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None) -> (dx2d, dgamma, dbeta)
-    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None) -> y2d   # engine.batchnorm
+    hybrid_update(w, d, m, g, mask, scal, mu1, mu2, eps, wd, w_lp=None)  # scal: float32 device
+    sgd_update(w, d, g, mask, scal, mu1, wd, w_lp=None)                  # array of SCALARS
+    bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None)
+        -> (y2d, mean, var, inv_std)                     # stats_out = (mean, var, inv_std)
+    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None)
+        -> (dx2d, dgamma, dbeta)                         # grads_out = (dgamma, dbeta)
+    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None) -> y2d
     pack_fp16(x, scale, out=None) -> float16 array;  unpack_fp16(h, scale, out=None) -> float32
                                                                                    # engine.precision
+The optimizer kernels read eta, a_sgd, a_rms, gscale from `scal` on the device (so a
+captured CUDA graph replays with the values written there before the replay) and, with
+w_lp, write the bfloat16 copy of the updated weights in the same pass; their CPU twins in
+engine.hostmath take the same scalars as floats. The BN launchers have the signatures of
+engine.batchnorm's (which dispatches device arrays here).
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from engine.backend import array_module
@@ -41,6 +52,8 @@ MAX_BLOCKS = 4096               # grid-stride loops cover the rest
 BN_BLOCK = (32, 8)              # RM_BN_TX, RM_BN_TY of engine/kernels/recipe_math.cuh
 BN_ROWS_PER_THREAD = 32         # rows a reduction thread walks before another block row pays off
 BN_MAX_BLOCKS = 1024
+
+BF16 = np.dtype(ml_dtypes.bfloat16)   # bfloat16 arrays: rm_bf16 in the kernels
 
 _modules: dict = {}      # file name -> cupy.RawModule
 _functions: dict = {}    # (device, file name, kernel) -> its cupy Function, fetched once per device
@@ -101,7 +114,11 @@ def _f32(*values):
 
 # ---- optimizer ----------------------------------------------------------------------
 
-def _update_inputs(w, state, g, mask):
+# The slots of the per-step scalar array `scal` (enum SCAL_* of optimizer_update.cu).
+SCALARS = ("eta", "a_sgd", "a_rms", "gscale")
+
+
+def _update_inputs(w, state, g, mask, scal, w_lp):
     n = w.size
     for a, name in ((w, "w"), *state):
         _check(a, np.float32, name, n)
@@ -110,32 +127,47 @@ def _update_inputs(w, state, g, mask):
     _check(g, g.dtype, "g", n)
     if mask is not None:
         _check(mask, np.uint8, "mask", n)
+    _check(scal, np.float32, "scal", len(SCALARS))
+    if w_lp is not None:
+        _check(w_lp, BF16, "w_lp", n)
     return n, "f16" if g.dtype == np.float16 else "f32"
 
 
-def hybrid_update(w, d, m, g, mask, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale):
-    """The hybrid step over a flat range, in place on w, d, m (one launch)."""
-    n, variant = _update_inputs(w, ((d, "d"), (m, "m")), g, mask)
+def hybrid_update(w, d, m, g, mask, scal, mu1, mu2, eps, wd, w_lp=None):
+    """The hybrid step over a flat range, in place on w, d, m, and w_lp = bf16(w) when given
+    (one launch); eta, a_sgd, a_rms, gscale are read on the device from `scal` (SCALARS)."""
+    n, variant = _update_inputs(w, ((d, "d"), (m, "m")), g, mask, scal, w_lp)
     if n:
         _launch("optimizer_update.cu", f"hybrid_update_{variant}", _grid_1d(-(-n // 4)), (THREADS,),
-                (w, d, m, g, mask, np.int64(n), *_f32(eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale)))
+                (w, d, m, g, mask, w_lp, np.int64(n), scal, *_f32(mu1, mu2, eps, wd)))
 
 
-def sgd_update(w, d, g, mask, eta, mu1, wd, gscale):
-    """Momentum SGD over a flat range, in place on w, d (one launch)."""
-    n, variant = _update_inputs(w, ((d, "d"),), g, mask)
+def sgd_update(w, d, g, mask, scal, mu1, wd, w_lp=None):
+    """Momentum SGD over a flat range, in place on w, d, and w_lp = bf16(w) when given (one
+    launch); eta and gscale are read on the device from `scal` (the SCALARS layout)."""
+    n, variant = _update_inputs(w, ((d, "d"),), g, mask, scal, w_lp)
     if n:
         _launch("optimizer_update.cu", f"sgd_update_{variant}", _grid_1d(-(-n // 4)), (THREADS,),
-                (w, d, g, mask, np.int64(n), *_f32(eta, mu1, wd, gscale)))
+                (w, d, g, mask, w_lp, np.int64(n), scal, *_f32(mu1, wd)))
 
 
 # ---- batch norm ---------------------------------------------------------------------
 
-def _bn_shape(x2d, name="x2d"):
-    if x2d.ndim != 2:
-        raise ValueError(f"cuda_ops: {name} must be 2-D (N*H*W, C), got shape {x2d.shape}")
-    _check(x2d, np.float32, name)
-    return x2d.shape
+# Kernel-name suffix of each activation storage type; statistics and parameters are float32.
+_BN_STORAGE = {np.dtype(np.float32): "f32", BF16: "bf16"}
+
+
+def _bn_activation(a, name, like=None):
+    """Check a (rows, C) activation of a storage type the kernels take (that of `like`, when
+    given, and its shape); returns the kernel-name suffix."""
+    if a.ndim != 2:
+        raise ValueError(f"cuda_ops: {name} must be 2-D (N*H*W, C), got shape {a.shape}")
+    if like is not None and (a.shape != like.shape or a.dtype != like.dtype):
+        raise ValueError(f"cuda_ops: {name} is {a.dtype} {a.shape}, expected {like.dtype} {like.shape}")
+    if a.dtype not in _BN_STORAGE:
+        raise TypeError(f"cuda_ops: {name} must be float32 or bfloat16, got {a.dtype}")
+    _check(a, a.dtype, name)
+    return _BN_STORAGE[a.dtype]
 
 
 def _bn_grid(rows: int, C: int) -> tuple:
@@ -149,63 +181,101 @@ def _channel_vectors(C, **arrays):
         _check(a, np.float32, name, C)
 
 
+def _channel_outputs(xp, C, given, names):
+    """The float32 (C,) arrays a finalize kernel writes: `given` (checked), or new ones."""
+    if given is None:
+        return tuple(xp.empty((len(names), C), np.float32))
+    if len(given) != len(names):
+        raise ValueError(f"cuda_ops: expected {len(names)} arrays ({', '.join(names)}), got {len(given)}")
+    _channel_vectors(C, **dict(zip(names, given)))
+    return tuple(given)
+
+
 def _out(xp, like, out):
     if out is None:
         return xp.empty_like(like)
-    _check(out, np.float32, "out", like.size)
+    _check(out, like.dtype, "out", like.size)
     return out
 
 
-def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
-    """Training-mode BN (+ReLU): Welford partials, Chan merge, fused apply (3 launches)."""
-    rows, C = _bn_shape(x2d)
+# One float32 scratch buffer per device for the BN partials and the folded scale/shift,
+# grown as needed and reused by every call, so no BN call allocates it. Safe because every
+# BN launch of the engine is ordered on one stream (the current stream of the process's one
+# device): a call's kernels start only after the previous call's kernels that used the
+# buffer have finished. A grown buffer replaces the old one, which CuPy's pool frees in
+# that same stream order; a CUDA graph captured after warm-up (which sized the buffer)
+# keeps the pointer it baked in.
+_bn_scratch_buffers: dict = {}     # device (None: the host, in emulation) -> float32 buffer
+
+
+def _bn_scratch(xp, *sizes):
+    """Consecutive float32 views of the given sizes into this device's BN scratch."""
+    device = None if xp is np else xp.cuda.runtime.getDevice()
+    buf = _bn_scratch_buffers.get(device)
+    if buf is None or buf.size < sum(sizes):
+        buf = _bn_scratch_buffers[device] = xp.empty(sum(sizes), np.float32)
+    ends = np.cumsum(sizes)
+    return tuple(buf[end - size:end] for size, end in zip(sizes, ends))
+
+
+def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None):
+    """Training-mode BN (+ReLU): Welford partials, Chan merge, fused apply (3 launches).
+    x2d (and out) float32 or bfloat16; stats_out = (mean, var, inv_std), float32 (C,)
+    arrays the merge kernel writes (new ones when None)."""
+    variant = _bn_activation(x2d, "x2d")
+    rows, C = x2d.shape
     _channel_vectors(C, gamma=gamma, beta=beta)
     xp = array_module(x2d)
     grid = _bn_grid(rows, C)
-    part = xp.empty((3, grid[1], C), np.float32)
-    mean, var, inv_std, scale, shift = xp.empty((5, C), np.float32)
+    part_n, part_mean, part_m2, scale, shift = _bn_scratch(xp, *(3 * [grid[1] * C]), C, C)
+    mean, var, inv_std = _channel_outputs(xp, C, stats_out, ("mean", "var", "inv_std"))
     y = _out(xp, x2d, out)
-    _launch("bn_forward.cu", "bn_stats_partial", grid, BN_BLOCK,
-            (x2d, np.int64(rows), np.int32(C), part[0], part[1], part[2]))
+    _launch("bn_forward.cu", f"bn_stats_partial_{variant}", grid, BN_BLOCK,
+            (x2d, np.int64(rows), np.int32(C), part_n, part_mean, part_m2))
     _launch("bn_forward.cu", "bn_stats_finalize", _grid_1d(C), (THREADS,),
-            (part[0], part[1], part[2], np.int32(grid[1]), np.int32(C), gamma, beta, np.float32(eps),
+            (part_n, part_mean, part_m2, np.int32(grid[1]), np.int32(C), gamma, beta, np.float32(eps),
              mean, var, inv_std, scale, shift))
-    _launch("bn_forward.cu", "bn_forward_apply", _grid_1d(-(-rows * C // 4)), (THREADS,),
+    _launch("bn_forward.cu", f"bn_forward_apply_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (x2d, y, np.int64(rows * C), np.int32(C), scale, shift, np.int32(bool(relu))))
     return y, mean, var, inv_std
 
 
-def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None):
-    """Training-mode BN backward through the fused ReLU (3 launches); out may be dy2d."""
-    rows, C = _bn_shape(x2d)
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None):
+    """Training-mode BN backward through the fused ReLU (3 launches); out may be dy2d.
+    dy2d, x2d, y2d (and out) one storage type, float32 or bfloat16; grads_out = (dgamma,
+    dbeta), float32 (C,) arrays the finalize kernel writes (views into the flat gradient
+    buffer; new arrays when None)."""
+    variant = _bn_activation(x2d, "x2d")
+    rows, C = x2d.shape
     if relu and y2d is None:
         raise ValueError("cuda_ops: bn_backward with relu needs y2d (the forward output)")
     for a, name in ((dy2d, "dy2d"), (y2d, "y2d")):
-        if a is not None and _bn_shape(a, name) != (rows, C):
-            raise ValueError(f"cuda_ops: {name} has shape {a.shape}, expected {(rows, C)}")
+        if a is not None:
+            _bn_activation(a, name, like=x2d)
     _channel_vectors(C, gamma=gamma, mean=mean, inv_std=inv_std)
     xp = array_module(x2d)
     grid = _bn_grid(rows, C)
-    part = xp.empty((2, grid[1], C), np.float32)
-    dgamma, dbeta = xp.empty((2, C), np.float32)
+    part_dy, part_dyxh = _bn_scratch(xp, grid[1] * C, grid[1] * C)
+    dgamma, dbeta = _channel_outputs(xp, C, grads_out, ("dgamma", "dbeta"))
     dx = _out(xp, x2d, out)
     relu_flag = np.int32(bool(relu))
-    _launch("bn_backward.cu", "bn_backward_reduce", grid, BN_BLOCK,
-            (dy2d, x2d, y2d, np.int64(rows), np.int32(C), mean, inv_std, relu_flag, part[0], part[1]))
+    _launch("bn_backward.cu", f"bn_backward_reduce_{variant}", grid, BN_BLOCK,
+            (dy2d, x2d, y2d, np.int64(rows), np.int32(C), mean, inv_std, relu_flag, part_dy, part_dyxh))
     _launch("bn_backward.cu", "bn_backward_finalize", _grid_1d(C), (THREADS,),
-            (part[0], part[1], np.int32(grid[1]), np.int32(C), dgamma, dbeta))
-    _launch("bn_backward.cu", "bn_backward_dx", _grid_1d(-(-rows * C // 4)), (THREADS,),
+            (part_dy, part_dyxh, np.int32(grid[1]), np.int32(C), dgamma, dbeta))
+    _launch("bn_backward.cu", f"bn_backward_dx_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (dy2d, x2d, y2d, np.int64(rows * C), np.int32(C), gamma, mean, inv_std, dgamma, dbeta,
              np.float32(1.0 / max(rows, 1)), relu_flag, dx))
     return dx, dgamma, dbeta
 
 
 def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
-    """Inference-mode BN (+ReLU) with given statistics (1 launch)."""
-    rows, C = _bn_shape(x2d)
+    """Inference-mode BN (+ReLU) with given statistics (1 launch); x2d (and out) float32 or bfloat16."""
+    variant = _bn_activation(x2d, "x2d")
+    rows, C = x2d.shape
     _channel_vectors(C, gamma=gamma, beta=beta, mean=mean, var=var)
     y = _out(array_module(x2d), x2d, out)
-    _launch("bn_infer.cu", "bn_infer", _grid_1d(-(-rows * C // 4)), (THREADS,),
+    _launch("bn_infer.cu", f"bn_infer_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (x2d, y, np.int64(rows * C), np.int32(C), gamma, beta, mean, var, np.float32(eps),
              np.int32(bool(relu))))
     return y

@@ -33,7 +33,7 @@ def evaluate(model, comm, loader, val_set, batch: int, backend) -> dict:
     for b in loader.eval_batches(eval_shard(len(val_set), comm.rank, comm.size), batch):
         if not len(b.labels):
             continue
-        x = normalize(b.images, val_set.mean, val_set.std, backend.xp)
+        x = normalize(b.images, val_set.mean, val_set.std, backend.xp, model.input_dtype)
         logits = model.forward(x, train=False)
         loss, _ = softmax_cross_entropy(logits, backend.asarray(b.labels))
         logits = backend.asnumpy(logits)

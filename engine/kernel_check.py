@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from .cuda_ops import KERNELS_DIR, NVRTC_OPTIONS, kernel_source
@@ -303,11 +304,12 @@ _KERNEL_DECL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)
 _QUALIFIERS = {"const", "__restrict__", "volatile"}
 
 # The numpy dtype each C type takes, for scalars and for pointees. unsigned short carries
-# IEEE half bits: its arrays are float16.
+# IEEE half bits: its arrays are float16; rm_bf16 (recipe_math.cuh) carries bfloat16 bits:
+# its arrays are ml_dtypes.bfloat16.
 C_TO_NUMPY = {
     "float": np.float32, "double": np.float64, "int": np.int32, "unsigned int": np.uint32,
     "long long": np.int64, "unsigned long long": np.uint64, "unsigned char": np.uint8,
-    "unsigned short": np.float16,
+    "unsigned short": np.float16, "rm_bf16": ml_dtypes.bfloat16,
 }
 
 

@@ -1,8 +1,9 @@
 """Layers with an explicit forward and backward, on NHWC activations, generic in xp.
 
 Layouts (ours; engine/torchvision_io.py converts to and from torchvision's):
-  * activations: NHWC, C-contiguous; the dtype follows the parameters (float32 for
-    training, float64 for the finite-difference tests);
+  * activations: NHWC, C-contiguous; float32 (fp32, tf32), bfloat16 (bf16) or float64 (the
+    finite-difference tests); in every mode the pooled features, the logits and their
+    gradients are float32 or float64, as are parameters, gradients and BN statistics;
   * conv weight: HWIO (KH, KW, Cin, Cout), so W.reshape(-1, Cout) is the GEMM operand;
   * fc weight: (in, out), so logits = x @ W + b.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import batchnorm
+from engine import batchnorm, gemm
 from engine.backend import array_module, host_math
 from engine.conv import clipped, col2im, im2col, out_size, padded
 from engine.parallel import SERIAL
@@ -48,8 +49,10 @@ class Layer:
         shapes = self.param_shapes()
         return [(f"{self.name}.{p}", shapes[p], decay) for p, decay in self.param_names]
 
-    def bind(self, layout, params, grads, ready):
-        """Point the parameters (self.<p>) and gradients (self.d<p>) at their flat slots."""
+    def bind(self, layout, params, grads, ready, gemm_params=None):
+        """Point the parameters (self.<p>) and gradients (self.d<p>) at their flat slots.
+        `gemm_params`: the flat buffer a conv's GEMMs read its weight from (the bf16 working
+        copy of the parameters in bf16 mode; None: the parameters themselves)."""
         for p, _ in self.param_names:
             setattr(self, p, layout.view(params, f"{self.name}.{p}"))
             setattr(self, "d" + p, layout.view(grads, f"{self.name}.{p}"))
@@ -84,6 +87,10 @@ class Conv2d(Layer):
     def param_shapes(self):
         return {"weight": (self.k, self.k, self.cin, self.cout)}
 
+    def bind(self, layout, params, grads, ready, gemm_params=None):
+        super().bind(layout, params, grads, ready)
+        self.gemm_weight = self.weight if gemm_params is None else layout.view(gemm_params, f"{self.name}.weight")
+
     def _cols(self, x):
         """x as the (N*Ho*Wo, K*K*Cin) GEMM operand: a view for a 1x1/1 conv, else im2col."""
         if self.is_pointwise:
@@ -98,30 +105,30 @@ class Conv2d(Layer):
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         y = self._output((n, ho, wo, self.cout), x.dtype)
         cols, _ = self._cols(x)
-        self.xp.matmul(cols, self.weight.reshape(-1, self.cout), out=y.reshape(-1, self.cout))
+        gemm.matmul(cols, self.gemm_weight.reshape(-1, self.cout), y.reshape(-1, self.cout), self.ws.precision)
         self._x = x if train else None
         return y
 
     def backward(self, dy, need_dx=True):
         """dW = cols^T dy; dx = col2im(dy W^T). The gather is redone here rather than kept
         from forward: storing it would cost K*K times the input's memory."""
-        xp, x = self.xp, self._x
+        x, prec = self._x, self.ws.precision
         if x is None:
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
         dy2d = dy.reshape(-1, self.cout)
-        w2d = self.weight.reshape(-1, self.cout)
+        w2d = self.gemm_weight.reshape(-1, self.cout)
         cols, col = self._cols(x)
-        xp.matmul(cols.T, dy2d, out=self.dweight.reshape(-1, self.cout))
+        gemm.matmul(cols.T, dy2d, self.dweight.reshape(-1, self.cout), prec)     # float32 in every mode
         self.ready(self)            # dW is final; the weight is still read for dx below
         dx = None
         if need_dx:
             dx = self.ws.take(x.shape, x.dtype)
             if self.is_pointwise:
-                xp.matmul(dy2d, w2d.T, out=dx.reshape(-1, self.cin))
+                gemm.matmul(dy2d, w2d.T, dx.reshape(-1, self.cin), prec)
             elif self.dx_as_conv and dy2d.shape[0] >= 4 * self.cout:
                 self._dx_by_conv(dy, dx)
             else:
-                xp.matmul(dy2d, w2d.T, out=cols)        # the patch gradients reuse the gather buffer
+                gemm.matmul(dy2d, w2d.T, cols, prec)    # the patch gradients reuse the gather buffer
                 col2im(self.ws, col, dx, self.stride, self.pad)
         self.ws.give(dy)
         self._x = None
@@ -131,19 +138,22 @@ class Conv2d(Layer):
         """dx = dy (padded by K-1-pad) convolved with the flipped, transposed kernel."""
         xp, k = self.xp, self.k
         wflip = self.ws.scratch("conv-dx-weight", (k, k, self.cout, self.cin), dy.dtype)
-        xp.copyto(wflip, self.weight[::-1, ::-1].transpose(0, 1, 3, 2))
+        xp.copyto(wflip, self.gemm_weight[::-1, ::-1].transpose(0, 1, 3, 2))
         col = im2col(self.ws, dy, k, 1, k - 1 - self.pad)
-        xp.matmul(col.reshape(-1, k * k * self.cout), wflip.reshape(-1, self.cin),
-                  out=dx.reshape(-1, self.cin))
+        gemm.matmul(col.reshape(-1, k * k * self.cout), wflip.reshape(-1, self.cin),
+                    dx.reshape(-1, self.cin), self.ws.precision)
 
 
 class BatchNorm(Layer):
     """Batch norm over N*H*W per channel, optionally fused with the ReLU that follows.
 
-    Keeps no moving averages (the recipe's choice): training records the last batch's
-    statistics in batch_mean/batch_var/batch_count and copies them to eval_mean/eval_var,
-    which forward(train=False) uses and engine.bn_sync may overwrite with the statistics
-    of all ranks' batches.
+    Keeps no moving averages (the recipe's choice): the kernels write the last training
+    batch's statistics straight into batch_mean/batch_var (and batch_count), and the saved
+    inverse deviation for backward into inv_std; the gradients of gamma and beta go straight
+    into their views of the flat gradient buffer. eval_mean/eval_var, which
+    forward(train=False) normalizes with, are the same two buffers: engine.bn_sync
+    overwrites them in place with the statistics of all ranks' last batches (a second sync
+    gives the same values), and the next training step overwrites them again.
     """
 
     param_names = (("weight", False), ("bias", False))
@@ -158,13 +168,13 @@ class BatchNorm(Layer):
     def param_shapes(self):
         return {"weight": (self.channels,), "bias": (self.channels,)}
 
-    def bind(self, layout, params, grads, ready):
+    def bind(self, layout, params, grads, ready, gemm_params=None):
         super().bind(layout, params, grads, ready)
         xp, dt = self.xp, params.dtype
         self.batch_mean = xp.zeros(self.channels, dt)
         self.batch_var = xp.ones(self.channels, dt)
-        self.eval_mean = xp.zeros(self.channels, dt)
-        self.eval_var = xp.ones(self.channels, dt)
+        self.inv_std = xp.ones(self.channels, dt)
+        self.eval_mean, self.eval_var = self.batch_mean, self.batch_var
 
     def forward(self, x, train):
         x2d = x.reshape(-1, self.channels)
@@ -176,14 +186,11 @@ class BatchNorm(Layer):
                                            self.eps, self.relu, out=out, team=self.ws.team)
             self._saved, self._y = None, y
             return y.reshape(x.shape)
-        y, mean, var, inv_std = batchnorm.bn_train_forward(x2d, self.weight, self.bias, self.eps,
-                                                           self.relu, out=out, team=self.ws.team)
+        stats = (self.batch_mean, self.batch_var, self.inv_std)
+        y, mean, _, inv_std = batchnorm.bn_train_forward(x2d, self.weight, self.bias, self.eps, self.relu,
+                                                         out=out, stats_out=stats, team=self.ws.team)
         self._y = y
-        self.batch_mean[...] = mean
-        self.batch_var[...] = var
         self.batch_count = x2d.shape[0]
-        self.eval_mean[...] = mean
-        self.eval_var[...] = var
         self._saved = (x2d, y, mean, inv_std)
         return y.reshape(x.shape)
 
@@ -194,10 +201,8 @@ class BatchNorm(Layer):
         x2d, y2d, mean, inv_std = self._saved
         dy2d = dy.reshape(-1, self.channels)
         out = dy2d if consume else self.ws.take(dy2d.shape, dy.dtype)
-        dx, dgamma, dbeta = batchnorm.bn_backward(dy2d, x2d, y2d, self.weight, mean, inv_std,
-                                                  self.relu, out=out, team=self.ws.team)
-        self.dweight[...] = dgamma
-        self.dbias[...] = dbeta
+        dx, _, _ = batchnorm.bn_backward(dy2d, x2d, y2d, self.weight, mean, inv_std, self.relu, out=out,
+                                         grads_out=(self.dweight, self.dbias), team=self.ws.team)
         self.ready(self)
         if dx is not out:       # an implementation that ignored `out`: out (dy itself when
             self.ws.give(out)   # consumed) goes back to the free list
@@ -285,20 +290,29 @@ class MaxPool(Layer):
 
 
 class GlobalAvgPool(Layer):
+    """Mean over H and W. The features it hands the fc are float32 in every precision mode
+    (bfloat16 activations are summed in float32), and its input gradient has the dtype of
+    its input."""
+
     def forward(self, x, train):
-        self._shape = x.shape
-        return x.mean(axis=(1, 2))
+        self._shape, self._dtype = x.shape, x.dtype
+        return x.mean(axis=(1, 2), dtype=np.float64 if x.dtype == np.float64 else np.float32)
 
     def backward(self, dy):
         n, h, w, c = self._shape
-        dx = self.ws.take(self._shape, dy.dtype)
+        dx = self.ws.take(self._shape, self._dtype)
         dx[...] = (dy / (h * w))[:, None, None, :]
         self.ws.give(dy)
         return dx
 
 
 class Linear(Layer):
+    """The fc: float32 (float64) features, weights and logits in every precision mode; its
+    GEMMs are 0.1% of ResNet-50's FLOPs, and the loss wants float32 logits. In bf16 mode it
+    multiplies on TF32 tensor cores."""
+
     param_names = (("weight", True), ("bias", False))
+    GEMM_PRECISION = {"fp32": "fp32", "tf32": "tf32", "bf16": "tf32"}
 
     def __init__(self, name, ws, fin, fout):
         super().__init__(name, ws)
@@ -309,7 +323,8 @@ class Linear(Layer):
         return {"weight": (self.fin, self.fout), "bias": (self.fout,)}
 
     def forward(self, x, train):
-        y = x @ self.weight
+        y = self.xp.empty((x.shape[0], self.fout), x.dtype)
+        gemm.matmul(x, self.weight, y, self.GEMM_PRECISION[self.ws.precision])
         y += self.bias
         self._x = x if train else None
         return y
@@ -318,11 +333,12 @@ class Linear(Layer):
         xp, x = self.xp, self._x
         if x is None:
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
-        xp.matmul(x.T, dy, out=self.dweight)
-        self.dbias[...] = dy.sum(axis=0)
+        prec = self.GEMM_PRECISION[self.ws.precision]
+        gemm.matmul(x.T, dy, self.dweight, prec)
+        xp.sum(dy, axis=0, out=self.dbias)
         self.ready(self)            # dW is final; the weight is still read for dx below
         dx = self.ws.take(x.shape, x.dtype)
-        xp.matmul(dy, self.weight.T, out=dx)
+        gemm.matmul(dy, self.weight.T, dx, prec)
         self._x = None
         return dx
 

@@ -16,12 +16,21 @@ may update params[start:stop] from the next call on (or after backward), not ins
 
 Names are torchvision's ("layer3.2.conv2.weight"); shapes are ours (conv HWIO, fc
 (in, out)); engine.torchvision_io converts for state_dict()/load_state_dict().
+
+Precision (`precision=`, engine.gemm): fp32 and tf32 keep everything float32; bf16 takes
+bfloat16 images (`model.input_dtype`), keeps bfloat16 activations and a bfloat16 working copy
+of the parameters (`model.params_lp`, same layout) that the convolutions multiply with,
+while the parameters, the gradients, the BN statistics, the pooled features and the logits
+stay float32. The optimizer rewrites the working copy as it updates (weight_copy=); whoever
+else writes model.params (initialization, loading, the start-up broadcast) calls
+`refresh_weight_copy()`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from engine.flat import FlatLayout
+from engine.gemm import activation_dtype
 from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
                            add_relu_backward_)
 from engine.parallel import SERIAL, Team, blas_threads
@@ -100,15 +109,19 @@ class ResidualBlock:
 
 
 class ResNet:
-    def __init__(self, arch, num_classes, backend, dtype=np.float32, threads=None):
+    def __init__(self, arch, num_classes, backend, dtype=np.float32, threads=None, precision="fp32"):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        act = activation_dtype(precision)
+        if np.dtype(dtype) != np.float32 and precision != "fp32":
+            raise ValueError(f"precision {precision!r} needs float32 parameters, got {np.dtype(dtype)}")
         kind, counts = ARCHS[arch]
         self.arch, self.num_classes, self.backend = arch, num_classes, backend
-        self.xp, self.dtype = backend.xp, np.dtype(dtype)
-        self.ws = ws = Workspace(self.xp, _team(backend, threads))
+        self.xp, self.dtype, self.precision = backend.xp, np.dtype(dtype), precision
+        self.input_dtype = self.dtype if precision == "fp32" else act
+        self.ws = ws = Workspace(self.xp, _team(backend, threads), precision)
         self.conv1 = Conv2d("conv1", ws, 3, 64, 7, 2, 3)
         self.bn1 = BatchNorm("bn1", ws, 64, relu=True)
         self.maxpool = MaxPool("maxpool", ws)
@@ -126,9 +139,10 @@ class ResNet:
         self.layout = FlatLayout(spec for layer in order for spec in layer.specs())
         self.params = self.layout.alloc(self.xp, self.dtype)
         self.grads = self.layout.alloc(self.xp, self.dtype)
+        self.params_lp = self.layout.alloc(self.xp, act) if precision == "bf16" else None
         starts = [self.layout.by_name[layer.specs()[0][0]].offset for layer in order]
         for layer, start, stop in zip(order, starts, starts[1:] + [self.layout.total]):
-            layer.bind(self.layout, self.params, self.grads, self._layer_done)
+            layer.bind(self.layout, self.params, self.grads, self._layer_done, self.params_lp)
             layer.grad_range = (start, stop)
         self.batchnorms = [l for l in reversed(order) if isinstance(l, BatchNorm)]
         self._grad_ready = None
@@ -178,6 +192,11 @@ class ResNet:
         if self._grad_ready is not None:
             self._grad_ready(start, stop)
 
+    def refresh_weight_copy(self) -> None:
+        """Round model.params into the bf16 working copy (a no-op without one)."""
+        if self.params_lp is not None:
+            self.params_lp[...] = self.params.astype(self.params_lp.dtype)
+
     def _check_input(self, x):
         xp = self.xp
         if not isinstance(x, xp.ndarray):
@@ -186,8 +205,9 @@ class ResNet:
             raise ValueError(f"input must be NHWC with 3 channels, got shape {tuple(x.shape)}")
         if min(x.shape[1], x.shape[2]) < MIN_SIZE:
             raise ValueError(f"input images must be at least {MIN_SIZE} px, got {x.shape[1]}x{x.shape[2]}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the parameters' {self.dtype}")
+        if x.dtype != self.input_dtype:
+            raise TypeError(f"input dtype {x.dtype} is not this model's input dtype {self.input_dtype} "
+                            f"(precision {self.precision})")
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -204,6 +224,7 @@ class ResNet:
     def load_state_dict(self, state, strict=True):
         from engine.torchvision_io import from_torchvision
         from_torchvision(self, state, strict=strict)
+        self.refresh_weight_copy()
 
     def _init_params(self, seed, zero_init_residual):
         """torchvision's initialization: conv kaiming-normal (fan_out, ReLU gain), BN (1, 0),
@@ -223,6 +244,7 @@ class ResNet:
             elif what == "weight":
                 view[...] = 0.0 if layer in last_bns else 1.0
         self.params[...] = self.xp.asarray(host)
+        self.refresh_weight_copy()
 
 
 def _team(backend, threads):
@@ -234,11 +256,12 @@ def _team(backend, threads):
 
 
 def build_model(arch, num_classes, backend, *, zero_init_residual=False, seed=0, dtype=np.float32,
-                threads=None):
+                threads=None, precision="fp32"):
     """A ResNet by name (resnet18/34/50/101/152) with `num_classes` outputs on `backend`.
     `zero_init_residual` starts the last BN scale of each block at 0 (each block begins as
     the identity). `dtype` float64 exists for the finite-difference tests. `threads`: how
-    many threads split the CPU's non-GEMM work (default: the BLAS's thread count)."""
-    model = ResNet(arch, num_classes, backend, dtype=dtype, threads=threads)
+    many threads split the CPU's non-GEMM work (default: the BLAS's thread count).
+    `precision`: fp32, tf32 or bf16 (engine.gemm; the module docstring above)."""
+    model = ResNet(arch, num_classes, backend, dtype=dtype, threads=threads, precision=precision)
     model._init_params(seed, zero_init_residual)
     return model

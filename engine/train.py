@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: a GPU per rank if CuPy sees one, else NumPy on the CPU")
     g.add_argument("--bucket-mb", type=float, default=4.0,
                    help="gradient all-reduce bucket size in MB (buckets overlap backward)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
+                   help="fp32: float32 throughout; tf32: float32 storage, GEMMs on TF32 tensor cores (GPU; "
+                        "the CPU computes fp32); bf16: bfloat16 activations and GEMM inputs, float32 "
+                        "accumulation, master weights, optimizer state and BN statistics")
     g.add_argument("--fp16-allreduce", action="store_true",
                    help="all-reduce gradients in FP16 (compute stays FP32), as the paper did")
     g.add_argument("--threads", type=int, default=None,
@@ -234,9 +238,10 @@ class Trainer:
         self.val_loader = self.loader   # one worker pool per rank serves both splits
 
         self.model = build_model(a.arch, ts.num_classes, be, zero_init_residual=a.zero_init_residual,
-                                 seed=a.seed, threads=self.threads)
+                                 seed=a.seed, threads=self.threads, precision=a.precision)
         self.optimizer = make_optimizer(a.optimizer, self.model.params, self.model.layout, be,
-                                        mu1=a.momentum, weight_decay=a.weight_decay, team=self.model.ws.team)
+                                        mu1=a.momentum, weight_decay=a.weight_decay, team=self.model.ws.team,
+                                        weight_copy=self.model.params_lp)
         self.coefficients = self._schedule()
         # Without --trace the timeline is disabled: no span, no figure, no synchronize. On a
         # GPU, compute spans are timed by events on the compute stream, on the same reference
@@ -250,6 +255,7 @@ class Trainer:
                                fp16=a.fp16_allreduce, timeline=self.timeline)
         # Same layout and options on every rank, then rank 0's initial parameters everywhere.
         self.reducer.startup(self.model.params, {k: v for k, v in vars(a).items()})
+        self.model.refresh_weight_copy()        # the broadcast wrote params
         if a.trace:     # a common mark on every rank's clock, so `trace merge` lines ranks up
             self.timeline.sync(comm)
         self.resume_from = self._choose_checkpoint(MPI.COMM_WORLD)
@@ -410,6 +416,7 @@ class Trainer:
             self.progress.warn(f"skipped: {skipped}")
         xp = self.backend.xp
         self.model.params[...] = xp.asarray(arrays["params"])
+        self.model.refresh_weight_copy()
         opt = dict(meta["optimizer_state"])
         opt.update({k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")})
         self.optimizer.load_state_dict(opt)
@@ -431,7 +438,7 @@ class Trainer:
         be, tl, model = self.backend, self.timeline, self.model
         labels = be.asarray(batch.labels)
         with tl.span("forward", "forward"):
-            x = normalize(batch.images, self.train_set.mean, self.train_set.std, be.xp)
+            x = normalize(batch.images, self.train_set.mean, self.train_set.std, be.xp, model.input_dtype)
             logits = model.forward(x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, labels, self.args.label_smoothing)
             hits = (logits.argmax(axis=1) == labels).sum()

@@ -120,11 +120,12 @@ class ValTransform:
         return _resize_box(src, box, self.size, self.size)
 
 
-def normalize(batch_uint8, mean, std, xp=np):
-    """uint8 NHWC -> float32 NHWC, (x - mean) / std per channel (on the device of xp)."""
+def normalize(batch_uint8, mean, std, xp=np, dtype=np.float32):
+    """uint8 NHWC -> float32 NHWC, (x - mean) / std per channel (on the device of xp),
+    rounded once to `dtype` (the model's input dtype: bfloat16 in bf16 mode)."""
     x = xp.asarray(batch_uint8).astype(xp.float32)
     m = xp.asarray(np.asarray(mean, np.float32))
     inv = xp.asarray(1.0 / np.asarray(std, np.float32))
     x -= m
     x *= inv
-    return x
+    return x if np.dtype(dtype) == np.float32 else x.astype(dtype)

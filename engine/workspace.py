@@ -19,12 +19,13 @@ from engine.parallel import SERIAL
 
 
 class Workspace:
-    """The buffers above, and the Team (engine.parallel) that the layers split their
-    non-GEMM work over: SERIAL unless given."""
+    """The buffers above, the Team (engine.parallel) that the layers split their non-GEMM
+    work over (SERIAL unless given), and the precision mode of their GEMMs (engine.gemm)."""
 
-    def __init__(self, xp, team=SERIAL):
+    def __init__(self, xp, team=SERIAL, precision="fp32"):
         self.xp = xp
         self.team = team
+        self.precision = precision
         self._scratch = {}
         self._arenas = {}
         self._free = {}

@@ -19,12 +19,20 @@ import pytest
 
 from engine import cuda_ops, hostmath, kernel_check, kernel_emulation, precision
 
+BF16 = cuda_ops.BF16
+
 SEED = np.random.SeedSequence().entropy % 2**32
 print(f"test_kernels_emulated seed {SEED}")
 
 OFFSETS = range(9)      # elements past a 64-byte boundary, as bucket slices start
 HYPER = dict(eta=0.8, a_sgd=0.6, a_rms=0.3, mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64)
 GUARD_BYTE = 0xA5
+FIXED = ("mu1", "mu2", "eps", "wd")     # by-value kernel parameters; the rest are read from scal
+
+
+def scal_of(h):
+    """The device array of the per-step scalars (cuda_ops.SCALARS) of the hyperparameters h."""
+    return np.array([h[k] for k in cuda_ops.SCALARS], np.float32)
 
 
 @pytest.fixture
@@ -80,14 +88,15 @@ def rel_err(got, ref, floor=1e-30):
 def test_every_kernel_of_every_file_is_launched(launches, rng):
     x = rng.standard_normal((40, 8)).astype(np.float32)
     gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
-    y, mean, var, inv_std = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True)
-    cuda_ops.bn_backward(x.copy(), x, y, gamma, mean, inv_std, True)
-    cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
+    for xs in (x, x.astype(BF16)):
+        y, mean, var, inv_std = cuda_ops.bn_train_forward(xs, gamma, beta, 1e-5, True)
+        cuda_ops.bn_backward(xs.copy(), xs, y, gamma, mean, inv_std, True)
+        cuda_ops.bn_infer_forward(xs, gamma, beta, mean, var, 1e-5, False)
     cuda_ops.unpack_fp16(cuda_ops.pack_fp16(x.ravel(), 2.0), 0.5)
     flat = [x.ravel().copy() for _ in range(3)]
     for g in (x.ravel(), x.ravel().astype(np.float16)):
-        cuda_ops.hybrid_update(*flat, g, None, *HYPER.values())
-        cuda_ops.sgd_update(flat[0], flat[1], g, None, 0.1, 0.9, 0.0, 1.0)
+        cuda_ops.hybrid_update(*flat, g, None, scal_of(HYPER), *(HYPER[k] for k in FIXED))
+        cuda_ops.sgd_update(flat[0], flat[1], g, None, scal_of(HYPER), 0.9, 0.0)
     every = {(f.name, k) for f in kernel_check.kernel_files()
              for k in kernel_check.kernel_signatures(f.read_text())}
     assert {(f, k) for f, k, _ in launches} == every
@@ -125,12 +134,16 @@ def test_update_at_every_offset(launches, rng, hybrid, gdtype, with_mask, n):
         dev = [placed(a, offset) for a in (w, d, m, g)]
         dmask = None if mask is None else placed(mask, offset)
         host = [a.copy() for a in (w, d, m)]
+        w_lp = placed(np.zeros(n, BF16), offset)
         if hybrid:
-            cuda_ops.hybrid_update(*dev, dmask, *h.values())
+            cuda_ops.hybrid_update(*dev, dmask, scal_of(h), *(h[k] for k in FIXED), w_lp=w_lp)
             hostmath.hybrid_update(*host, g, mask, *h.values())
         else:
-            cuda_ops.sgd_update(dev[0], dev[1], dev[3], dmask, h["eta"], h["mu1"], h["wd"], h["gscale"])
+            cuda_ops.sgd_update(dev[0], dev[1], dev[3], dmask, scal_of(h), h["mu1"], h["wd"], w_lp=w_lp)
             hostmath.sgd_update(host[0], host[1], g, mask, h["eta"], h["mu1"], h["wd"], h["gscale"])
+        # the bf16 copy: the updated w rounded as ml_dtypes rounds, bit for bit
+        assert np.array_equal(w_lp.view(np.uint16), dev[0].astype(BF16).view(np.uint16)), offset
+        assert untouched(w_lp)
         # w + eta*d and mu1*d - step*g may cancel; their terms are of order 1
         for got, cpu, want, floor in zip(dev[:3] if hybrid else dev[:2], host, ref, (1, 1, 0)):
             assert rel_err(got, cpu, floor) < 1e-6, offset
@@ -148,9 +161,29 @@ def test_update_with_one_operand_misaligned(launches, rng):
         mask = (rng.random(n) < 0.5).astype(np.uint8)
         ref = _reference_update(*arrays, g, mask, True, HYPER)
         dev = [placed(a, 1 if k == odd else 0) for k, a in enumerate([*arrays, g, mask])]
-        cuda_ops.hybrid_update(*dev, *HYPER.values())
+        cuda_ops.hybrid_update(*dev, scal_of(HYPER), *(HYPER[k] for k in FIXED))
         for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
             assert rel_err(got, want, floor) < 1e-5, odd
+
+
+def test_update_bf16_copy_misaligned_alone_and_scalars_read_from_the_array(launches, rng):
+    """w_lp alone off its 8-byte alignment takes the scalar path, still bit-exact; and the
+    kernel reads eta, a_sgd, a_rms, gscale from scal: the same call after writing new values
+    into the array gives the update of the new values."""
+    n = 1030
+    scal = scal_of(HYPER)
+    for step, h in enumerate((HYPER, dict(HYPER, eta=0.05, a_sgd=0.9, a_rms=0.01, gscale=0.5))):
+        scal[...] = scal_of(h)      # the array changes, the call does not
+        w, d = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+        m = rng.random(n, np.float32)
+        g = rng.standard_normal(n).astype(np.float32)
+        ref = _reference_update(w, d, m, g, None, True, h)
+        dev = [placed(a, 0) for a in (w, d, m, g)]
+        w_lp = placed(np.zeros(n, BF16), 1)
+        cuda_ops.hybrid_update(*dev, None, scal, *(HYPER[k] for k in FIXED), w_lp=w_lp)
+        for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
+            assert rel_err(got, want, floor) < 1e-5, step
+        assert np.array_equal(w_lp.view(np.uint16), dev[0].astype(BF16).view(np.uint16)) and untouched(w_lp)
 
 
 # ---- FP16 --------------------------------------------------------------------------------
@@ -211,6 +244,19 @@ def _bn_inputs(rng, rows, C):
     return x, rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
 
 
+# Storage types of the activations, and the bound of one rounding to each relative to the
+# largest |value| (bfloat16: 8 significant bits, half an ulp is 2**-9 of the value; 2**-8
+# leaves room for the float32 error before the rounding).
+STORAGE = {"f32": (np.float32, 1e-5), "bf16": (BF16, 2.0**-8)}
+
+
+def channel_views(C, k, at=1):
+    """k float32 (C,) arrays, consecutive views into a larger placed buffer with one guard
+    element each side (NaN: a stray write of a finite value shows), and that buffer."""
+    buf = placed(np.full(k * C + 2, np.nan, np.float32), at)
+    return tuple(buf[1 + j * C:1 + (j + 1) * C] for j in range(k)), buf
+
+
 def _reference_forward(x, gamma, beta, eps, relu):
     x = x.astype(np.float64)
     mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
@@ -219,57 +265,74 @@ def _reference_forward(x, gamma, beta, eps, relu):
     return (np.maximum(y, 0) if relu else y), mean, var
 
 
+@pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])    # C = 0: every launch idle, nothing written
-def test_bn_forward(launches, rng, relu, rows, C):
-    for offset, out_offset in ((0, 0), (4, 8), (1, 1), (0, 3), (5, 4)):   # both, neither, one aligned
+def test_bn_forward(launches, rng, relu, rows, C, storage):
+    dtype, bound = STORAGE[storage]
+    for offset, out_offset in ((0, 0), (4, 8), (1, 1), (0, 3), (5, 4), (8, 8), (2, 6)):   # both, neither, one aligned
         x, gamma, beta = _bn_inputs(rng, rows, C)
-        xd, out = placed(x, offset), placed(np.zeros_like(x), out_offset)
-        y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, relu, out=out)
+        x = x.astype(dtype).astype(np.float32)       # the values the storage holds, exactly
+        xd, out = placed(x.astype(dtype), offset), placed(np.zeros_like(x, dtype), out_offset)
+        stats, buf = channel_views(C, 3)
+        y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, relu, out=out, stats_out=stats)
         ry, rmean, rvar = _reference_forward(x, gamma, beta, 1e-5, relu)
         hy, hmean, hvar, _ = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
-        assert y is out and untouched(xd) and untouched(out)
+        assert y is out and all(a is b for a, b in zip((mean, var, inv_std), stats))
+        assert untouched(xd) and untouched(out) and untouched(buf) and np.isnan(buf[[0, -1]]).all()
         # y = x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
         floor = np.max(np.abs(x) * gamma / np.sqrt(rvar + 1e-5), initial=0)
-        assert rel_err(y, ry, floor) < 1e-5 and rel_err(mean, rmean) < 1e-5 and rel_err(var, rvar) < 1e-5
+        assert rel_err(y, ry, floor) < bound and rel_err(mean, rmean) < 1e-5 and rel_err(var, rvar) < 1e-5
         assert rel_err(inv_std, 1 / np.sqrt(rvar + 1e-5)) < 1e-5
-        assert rel_err(y, hy, floor) < 1e-5 and rel_err(mean, hmean) < 1e-5 and rel_err(var, hvar) < 1e-5
-    stats_grid = next(grid for _, k, grid in launches if k == "bn_stats_partial")
+        assert rel_err(y, hy, floor) < bound and rel_err(mean, hmean) < 1e-5 and rel_err(var, hvar) < 1e-5
+        if storage == "bf16":      # y is the float32 result rounded once, as ml_dtypes rounds it
+            assert np.abs(y.astype(np.float32) - hy).max(initial=0) <= np.abs(hy).max(initial=0) * 2.0**-8 + 1e-6
+    stats_grid = next(grid for _, k, grid in launches if k.startswith("bn_stats_partial_"))
     assert rows < 100 or stats_grid[1] > 1       # several block rows, each walking several rows
 
 
+@pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])
-def test_bn_backward(launches, rng, relu, rows, C):
-    for dy_at, x_at, y_at in ((0, 0, 0), (4, 8, 4), (2, 2, 2), (0, 0, 1), (0, 3, 0), (5, 0, 0)):
+def test_bn_backward(launches, rng, relu, rows, C, storage):
+    dtype, bound = STORAGE[storage]
+    exact = lambda a: a.astype(dtype).astype(np.float32)     # the values the storage holds
+    for dy_at, x_at, y_at in ((0, 0, 0), (4, 8, 4), (2, 2, 2), (0, 0, 1), (0, 3, 0), (5, 0, 0), (8, 8, 8)):
         x, gamma, beta = _bn_inputs(rng, rows, C)
-        dy = rng.standard_normal((rows, C)).astype(np.float32)
+        x, dy = exact(x), exact(rng.standard_normal((rows, C)).astype(np.float32))
         y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
+        y = exact(y)
         hdx, hdg, hdb = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
         # float64 reference from the same saved statistics
         g = (np.where(y > 0, dy, 0) if relu else dy).astype(np.float64)
         xhat = (x - mean.astype(np.float64)) * inv_std
         rdb, rdg = g.sum(0), (g * xhat).sum(0)
         rdx = gamma * inv_std.astype(np.float64) * (g - rdb / max(rows, 1) - xhat * rdg / max(rows, 1))
-        dyd = placed(dy, dy_at)      # dx written over dy, as the model does
-        dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x, x_at), placed(y, y_at), gamma, mean,
-                                                 inv_std, relu, out=dyd)
-        assert dx is dyd and untouched(dyd)
-        assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < 1e-5
-        assert rel_err(dx, hdx) < 1e-5 and rel_err(dgamma, hdg) < 1e-5 and rel_err(dbeta, hdb) < 1e-5
+        dyd = placed(dy.astype(dtype), dy_at)      # dx written over dy, as the model does
+        grads, buf = channel_views(C, 2)          # as views into the flat gradient buffer
+        dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x.astype(dtype), x_at), placed(y.astype(dtype), y_at),
+                                                 gamma, mean, inv_std, relu, out=dyd, grads_out=grads)
+        assert dx is dyd and untouched(dyd) and dgamma is grads[0] and dbeta is grads[1]
+        assert untouched(buf) and np.isnan(buf[[0, -1]]).all()
+        assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < bound
+        assert rel_err(dx, hdx) < bound and rel_err(dgamma, hdg) < 1e-5 and rel_err(dbeta, hdb) < 1e-5
 
 
+@pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])    # C = 0: no thread may take a channel
-def test_bn_infer(launches, rng, relu, rows, C):
+def test_bn_infer(launches, rng, relu, rows, C, storage):
+    dtype, bound = STORAGE[storage]
     for offset in OFFSETS:
         x, gamma, beta = _bn_inputs(rng, rows, C)
+        x = x.astype(dtype).astype(np.float32)
         mean, var = rng.standard_normal(C).astype(np.float32), rng.uniform(0.1, 3, C).astype(np.float32)
-        xd, out = placed(x, offset), placed(np.zeros_like(x), offset)
+        xd, out = placed(x.astype(dtype), offset), placed(np.zeros_like(x, dtype), offset)
         y = cuda_ops.bn_infer_forward(xd, gamma, beta, mean, var, 1e-5, relu, out=out)
         ref = (x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta
-        assert rel_err(y, np.maximum(ref, 0) if relu else ref) < 1e-5
-        assert rel_err(y, hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)) < 1e-5
+        assert y is out
+        assert rel_err(y, np.maximum(ref, 0) if relu else ref) < bound
+        assert rel_err(y, hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)) < bound
         assert untouched(xd) and untouched(out)
 
 

@@ -38,6 +38,10 @@ def rel_err(got, ref):
 HYPER = dict(eta=0.8, a_sgd=0.6, a_rms=0.3, mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64)
 
 
+def scal_of(cp, ops, h):
+    return cp.asarray(np.array([h[k] for k in ops.SCALARS], np.float32))
+
+
 @pytest.mark.parametrize("gdtype", [np.float32, np.float16])
 @pytest.mark.parametrize("offset", [0, 1])   # 1: pointers not 16-byte aligned, scalar path
 @pytest.mark.parametrize("with_mask", [True, False])
@@ -49,11 +53,15 @@ def test_hybrid_update(cp, ops, rng, gdtype, offset, with_mask):
     mask = (rng.random(n) < 0.6).astype(np.uint8) if with_mask else None
     dev = [cp.asarray(a) for a in (w, d, m, g)]
     dmask = None if mask is None else cp.asarray(mask)
+    w_lp = cp.zeros(n, ops.BF16)
     sl = slice(offset, n)
     hostmath.hybrid_update(w[sl], d[sl], m[sl], g[sl], None if mask is None else mask[sl], **HYPER)
-    ops.hybrid_update(*(a[sl] for a in dev), None if dmask is None else dmask[sl], *HYPER.values())
+    ops.hybrid_update(*(a[sl] for a in dev), None if dmask is None else dmask[sl], scal_of(cp, ops, HYPER),
+                      HYPER["mu1"], HYPER["mu2"], HYPER["eps"], HYPER["wd"], w_lp=w_lp[sl])
     for host, gpu in zip((w, d, m), dev):
         assert rel_err(cp.asnumpy(gpu), host) < 1e-6
+    got_w = cp.asnumpy(dev[0])[sl]
+    assert np.array_equal(cp.asnumpy(w_lp)[sl].view(np.uint16), got_w.astype(ops.BF16).view(np.uint16))
 
 
 @pytest.mark.parametrize("gdtype", [np.float32, np.float16])
@@ -64,7 +72,7 @@ def test_sgd_update(cp, ops, rng, gdtype):
     mask = (rng.random(n) < 0.5).astype(np.uint8)
     dw, dd, dg, dm = (cp.asarray(a) for a in (w, d, g, mask))
     hostmath.sgd_update(w, d, g, mask, 3.2, 0.9, 1e-4, 0.5)
-    ops.sgd_update(dw, dd, dg, dm, 3.2, 0.9, 1e-4, 0.5)
+    ops.sgd_update(dw, dd, dg, dm, scal_of(cp, ops, dict(eta=3.2, a_sgd=1.0, a_rms=0.0, gscale=0.5)), 0.9, 1e-4)
     assert rel_err(cp.asnumpy(dw), w) < 1e-6
     assert rel_err(cp.asnumpy(dd), d) < 1e-6
 
@@ -151,3 +159,31 @@ def test_optimizer_on_gpu_matches_cpu(cp, rng):
         gpu.step(cp.asarray(grads), coef=sched(it / 3), grad_scale=0.5)
     assert rel_err(cp.asnumpy(gpu_params), params) < 1e-6
     np.testing.assert_allclose(gpu.state_dict()["m"], cpu.state_dict()["m"], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows,C", [(8 * 28 * 28, 128), (999, 12)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_bf16_against_float64(cp, ops, rng, rows, C, relu):
+    """bf16 activations, float32 statistics: forward, backward and inference against float64
+    NumPy on the values the bf16 storage holds (outputs within one bf16 rounding, 2**-8)."""
+    bf16 = ops.BF16
+    x, gamma, beta = bn_inputs(rng, rows, C, offset=3.0)
+    x = x.astype(bf16).astype(np.float64)
+    y, mean, var, inv_std = ops.bn_train_forward(cp.asarray(x.astype(bf16)), cp.asarray(gamma),
+                                                 cp.asarray(beta), 1e-5, relu)
+    rmean, rvar = x.mean(0), x.var(0)
+    ry = (x - rmean) / np.sqrt(rvar + 1e-5) * gamma + beta
+    ry = np.maximum(ry, 0) if relu else ry
+    assert rel_err(cp.asnumpy(mean), rmean) < 1e-5 and np.max(np.abs(cp.asnumpy(var) - rvar) / rvar) < 1e-3
+    assert rel_err(cp.asnumpy(y).astype(np.float64), ry) < 2.0**-8
+    dy = rng.standard_normal((rows, C)).astype(bf16)
+    g = dy.astype(np.float64) * ((cp.asnumpy(y).astype(np.float64) > 0) if relu else 1)
+    xhat = (x - cp.asnumpy(mean)) * cp.asnumpy(inv_std)
+    rdb, rdg = g.sum(0), (g * xhat).sum(0)
+    rdx = gamma * cp.asnumpy(inv_std) * (g - rdb / rows - xhat * rdg / rows)
+    dx, dgamma, dbeta = ops.bn_backward(cp.asarray(dy), cp.asarray(x.astype(bf16)), y, cp.asarray(gamma), mean,
+                                        inv_std, relu)
+    assert rel_err(cp.asnumpy(dbeta), rdb) < 1e-4 and rel_err(cp.asnumpy(dgamma), rdg) < 1e-4
+    assert rel_err(cp.asnumpy(dx).astype(np.float64), rdx) < 2.0**-8
+    yi = ops.bn_infer_forward(cp.asarray(x.astype(bf16)), cp.asarray(gamma), cp.asarray(beta), mean, var, 1e-5, relu)
+    assert rel_err(cp.asnumpy(yi).astype(np.float64), ry) < 2.0**-8

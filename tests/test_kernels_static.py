@@ -15,7 +15,8 @@ ALL_SIGNATURES = {name: params for f in FILES for name, params in kc.kernel_sign
 FILE_OF = {name: f.name for f in FILES for name in kc.kernel_signatures(f.read_text())}
 # Kernels that stream a whole tensor: each must use 128-bit global loads.
 STREAMING = ("hybrid_update_f32", "hybrid_update_f16", "sgd_update_f32", "sgd_update_f16",
-             "bn_forward_apply", "bn_backward_dx", "bn_infer", "pack_fp16")
+             "bn_forward_apply_f32", "bn_forward_apply_bf16", "bn_backward_dx_f32", "bn_backward_dx_bf16",
+             "bn_infer_f32", "bn_infer_bf16", "pack_fp16")
 
 
 @lru_cache(maxsize=None)
@@ -153,16 +154,19 @@ def run_every_launcher(rng):
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
     w, d, m, g = f32(n), f32(n), f32(n), f32(n)
     mask = (rng.random(n) < 0.5).astype(np.uint8)
+    scal, w_lp = f32(len(cuda_ops.SCALARS)), np.zeros(n, cuda_ops.BF16)
     # Python floats and ints on purpose: the launchers must cast them.
-    cuda_ops.hybrid_update(w, d, m, g, mask, 0.1, 0.5, 0.2, 0.9, 0.99, 1e-8, 1e-4, 0.25)
-    cuda_ops.hybrid_update(w, d, m, g.astype(np.float16), None, 0.1, 0.5, 0.2, 0.9, 0.99, 1e-8, 1e-4, 1)
-    cuda_ops.sgd_update(w, d, g, mask, 0.1, 0.9, 1e-4, 0.25)
-    cuda_ops.sgd_update(w, d, g.astype(np.float16), mask, 0.1, 0.9, 0, 1)
-    x, dy = f32(rows, C), f32(rows, C)
+    cuda_ops.hybrid_update(w, d, m, g, mask, scal, 0.9, 0.99, 1e-8, 1e-4, w_lp=w_lp)
+    cuda_ops.hybrid_update(w, d, m, g.astype(np.float16), None, scal, 0.9, 0.99, 1e-8, 1)
+    cuda_ops.sgd_update(w, d, g, mask, scal, 0.9, 1e-4, w_lp=w_lp)
+    cuda_ops.sgd_update(w, d, g.astype(np.float16), mask, scal, 0.9, 0)
     gamma, beta, mean, var = f32(C), f32(C), f32(C), np.abs(f32(C))
-    y, mu, v, inv = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True)
-    cuda_ops.bn_backward(dy, x, y, gamma, mu, inv, True, out=dy)
-    cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
+    for dtype in (np.float32, cuda_ops.BF16):
+        x, dy = f32(rows, C).astype(dtype), f32(rows, C).astype(dtype)
+        stats = f32(3, C)
+        y, mu, v, inv = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True, stats_out=tuple(stats))
+        cuda_ops.bn_backward(dy, x, y, gamma, mu, inv, True, out=dy, grads_out=tuple(f32(2, C)))
+        cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
     h = cuda_ops.pack_fp16(w, 1024.0)
     cuda_ops.unpack_fp16(h, 1 / 1024)
 
@@ -182,9 +186,16 @@ def test_every_launch_matches_its_kernel_signature(recorded):
 def test_launchers_refuse_wrong_arrays_by_name(recorded):
     w = np.zeros(8, np.float32)
     with pytest.raises(TypeError, match="cuda_ops: d must be float32, got float64"):
-        cuda_ops.sgd_update(w, np.zeros(8), w.copy(), None, 0.1, 0.9, 0.0, 1.0)
+        cuda_ops.sgd_update(w, np.zeros(8), w.copy(), None, w[:4], 0.9, 0.0)
     with pytest.raises(ValueError, match="cuda_ops: mask has 4 elements, expected 8"):
-        cuda_ops.sgd_update(w, w.copy(), w.copy(), np.zeros(4, np.uint8), 0.1, 0.9, 0.0, 1.0)
+        cuda_ops.sgd_update(w, w.copy(), w.copy(), np.zeros(4, np.uint8), w[:4], 0.9, 0.0)
+    with pytest.raises(ValueError, match="cuda_ops: scal has 8 elements, expected 4"):
+        cuda_ops.sgd_update(w, w.copy(), w.copy(), None, w, 0.9, 0.0)
+    with pytest.raises(TypeError, match="cuda_ops: w_lp must be bfloat16, got float16"):
+        cuda_ops.sgd_update(w, w.copy(), w.copy(), None, w[:4], 0.9, 0.0, w_lp=w.astype(np.float16))
+    with pytest.raises(ValueError, match="cuda_ops: y2d is bfloat16"):
+        x = np.zeros((4, 2), np.float32)
+        cuda_ops.bn_backward(x, x, x.astype(cuda_ops.BF16), w[:2], w[:2], w[:2], True)
     with pytest.raises(ValueError, match="cuda_ops: x2d must be 2-D"):
         cuda_ops.bn_infer_forward(w, w, w, w, w, 1e-5, False)
     assert recorded == []
@@ -208,11 +219,11 @@ def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
     for name in ("bn_train_forward", "bn_backward", "bn_infer_forward"):
         monkeypatch.setattr(cuda_ops, name, lambda *a, _n=name, **k: seen.setdefault(_n, (a, k)))
     x = DeviceArray()
-    batchnorm.bn_train_forward(x, "g", "b", 1e-5, True, out="o")
-    batchnorm.bn_backward(x, "x", "y", "g", "m", "s", False, out=x)
+    batchnorm.bn_train_forward(x, "g", "b", 1e-5, True, out="o", stats_out=("m", "v", "i"))
+    batchnorm.bn_backward(x, "x", "y", "g", "m", "s", False, out=x, grads_out=("dg", "db"))
     batchnorm.bn_infer_forward(x, "g", "b", "m", "v", 1e-5, True)
-    assert seen["bn_train_forward"] == ((x, "g", "b", 1e-5, True), {"out": "o"})
-    assert seen["bn_backward"] == ((x, "x", "y", "g", "m", "s", False), {"out": x})
+    assert seen["bn_train_forward"] == ((x, "g", "b", 1e-5, True), {"out": "o", "stats_out": ("m", "v", "i")})
+    assert seen["bn_backward"] == ((x, "x", "y", "g", "m", "s", False), {"out": x, "grads_out": ("dg", "db")})
     assert seen["bn_infer_forward"] == ((x, "g", "b", "m", "v", 1e-5, True), {"out": None})
     # NumPy arrays stay on the generic path.
     seen.clear()

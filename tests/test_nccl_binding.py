@@ -28,8 +28,10 @@ def test_library_loads_from_the_wheel_and_reports_its_version():
     path = nccl.library_path()
     assert path.endswith("libnccl.so.2")
     major, minor, patch = nccl.version_tuple()
-    if "site-packages" in path:
-        assert importlib.metadata.version("nvidia-nccl-cu12").startswith(f"{major}.{minor}.{patch}")
+    if "site-packages" in path:     # nvidia-nccl-cu12 and -cu13 both install nvidia/nccl/lib/libnccl.so.2
+        wheels = [d.version for d in importlib.metadata.distributions()
+                  if d.metadata["Name"] in ("nvidia-nccl-cu12", "nvidia-nccl-cu13")]
+        assert any(v.startswith(f"{major}.{minor}.{patch}") for v in wheels), wheels
     assert nccl.get_version() == major * 10000 + minor * 100 + patch
 
 

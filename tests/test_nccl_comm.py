@@ -280,3 +280,26 @@ def test_real_communication_stream_gets_a_raised_priority():
         assert comm._stream.priority < 0
     finally:
         comm.close()
+
+
+@pytest.mark.gpu
+def test_watchdog_on_a_real_one_rank_nccl_communicator_sees_every_work_finish():
+    """The watchdog's thread polls real CUDA events of real NCCL works on the rank's device:
+    every work is seen finished and dropped, and stopping it raises nothing."""
+    import cupy as cp
+    from mpi4py import MPI
+    from engine.backend import get_backend
+    from engine.comm import create_communicator
+    be = get_backend("gpu")
+    comm = create_communicator(be, MPI.COMM_SELF)
+    dog = Watchdog(comm, timeout=600, interval=0.01, world=MPI.COMM_SELF).start()
+    try:
+        buf = cp.asarray(np.random.default_rng().standard_normal(1 << 20).astype(np.float32))
+        for _ in range(20):
+            comm.allreduce_async(buf)
+        be.synchronize()
+        _wait_for(lambda: comm.progress()[:2] == (20, 20), "the watchdog to see the works finish")
+        assert dog._thread.is_alive() and comm.progress()[2] is None
+    finally:
+        dog.stop()
+        comm.close()

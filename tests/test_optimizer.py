@@ -155,3 +155,44 @@ def test_bad_ranges_and_inputs_are_named(rng):
         opt.step(grads.astype(np.float64), coef=coef)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         make_optimizer("adam", params, layout)
+
+
+@pytest.mark.parametrize("name", ["hybrid", "sgd"])
+def test_weight_copy_is_the_rounded_params_after_every_update(rng, name):
+    import ml_dtypes
+    layout = small_layout()
+    params, grads = setup(rng, layout)
+    copy = np.zeros(layout.total, ml_dtypes.bfloat16)
+    opt = make_optimizer(name, params, layout, weight_copy=copy, team=Team(3, min_split=1))
+    copy[...] = params          # as model.refresh_weight_copy() does
+    cut = layout.slots[2].offset
+    before = copy.copy()
+    opt.update(grads, 0, cut, coef=Coefficients(0.3, 0.6, 0.2))
+    assert np.array_equal(copy[:cut].view(np.uint16), params[:cut].astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.array_equal(copy[cut:].view(np.uint16), before[cut:].view(np.uint16))   # outside the range
+    with pytest.raises(ValueError, match="weight_copy must be a bfloat16"):
+        make_optimizer(name, params, layout, weight_copy=np.zeros(layout.total, np.float16))
+
+
+def test_device_scalars_are_copied_once_per_change(rng, monkeypatch):
+    """The device path (stand-ins: NumPy arrays taken for device arrays, a recording update
+    launcher and a counting copy): one copy of the 4 scalars per change of (coef, grad_scale)."""
+    from engine import cuda_ops, optimizer
+    copies, seen = [], []
+    monkeypatch.setattr(optimizer, "_is_numpy", lambda a: False)
+    monkeypatch.setattr(optimizer, "_copy_to_device", lambda dst, host: (copies.append(host.copy()),
+                                                                         dst.__setitem__(Ellipsis, host)))
+    monkeypatch.setattr(cuda_ops, "hybrid_update", lambda *a, **k: seen.append(a[5].copy()))
+    layout = small_layout()
+    params, grads = setup(rng, layout)
+    opt = HybridOptimizer(params, layout)
+    coef, cut = Coefficients(0.3, 0.6, 0.2), layout.slots[2].offset
+    for _ in range(2):                  # two buckets of one step, twice over
+        opt.update(grads, 0, cut, coef=coef, grad_scale=0.25)
+        opt.update(grads, cut, None, coef=coef, grad_scale=0.25)
+    opt.prepare(coef, 0.25)             # before a graph replay: same values, no copy
+    assert len(copies) == 1 and len(seen) == 4
+    np.testing.assert_array_equal(copies[0], np.float32([0.3, 0.6, 0.2, 0.25]))
+    opt.prepare(Coefficients(0.1, 0.6, 0.2), 0.25)
+    opt.update(grads, coef=Coefficients(0.1, 0.6, 0.2), grad_scale=0.25)
+    assert len(copies) == 2 and seen[-1][0] == np.float32(0.1)

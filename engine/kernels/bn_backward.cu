@@ -1,19 +1,21 @@
-// Training-mode batch norm backward over x (rows = N*H*W, C), through the fused ReLU:
+// Training-mode batch norm backward over x (rows = N*H*W, C), through the fused ReLU; dy, x,
+// y and dx float32 (_f32) or bfloat16 (_bf16) in memory, float32 math and sums for both:
 //   bn_backward_reduce    grid (ceil(C/32), G), block (32, 8): per channel, partial sums of
 //                         g = relu'(y)*dy and of g*xhat over strided rows, reduced in shared
 //                         memory; one partial per block row.
 //   bn_backward_finalize  one thread per channel adds the G partials: dbeta = sum g,
 //                         dgamma = sum g*xhat.
 //   bn_backward_dx        dx = gamma*inv_std*(g - dbeta/R - xhat*dgamma/R), elementwise with
-//                         128-bit loads when C % 4 == 0. dx may be dy itself (the model passes
-//                         dy as `out`): each element is read before it is written.
+//                         128-bit loads (4 float32 or 8 bfloat16) when C is a multiple of that
+//                         and every pointer 16-byte aligned. dx may be dy itself (the model
+//                         passes dy as `out`): each element is read before it is written.
 #include "recipe_math.cuh"
 
 
-extern "C" __global__ void bn_backward_reduce(const float* dy, const float* x, const float* y,
-                                              long long rows, int C, const float* mean,
-                                              const float* inv_std, int relu, float* part_dy,
-                                              float* part_dyxh)
+template <typename T>
+__device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T* y, long long rows, int C,
+                                                const float* mean, const float* inv_std, int relu,
+                                                float* part_dy, float* part_dyxh)
 {
     __shared__ float sh_dy[RM_BN_TY][RM_BN_TX], sh_dyxh[RM_BN_TY][RM_BN_TX];
     const int c = blockIdx.x * RM_BN_TX + threadIdx.x;
@@ -23,9 +25,9 @@ extern "C" __global__ void bn_backward_reduce(const float* dy, const float* x, c
         for (long long r = (long long)blockIdx.y * RM_BN_TY + threadIdx.y; r < rows;
              r += (long long)gridDim.y * RM_BN_TY) {
             const long long i = r * C + c;
-            const float g = rm_relu_grad(dy[i], relu ? y[i] : 1.0f, relu);
+            const float g = rm_relu_grad(rm_load1(dy, i), relu ? rm_load1(y, i) : 1.0f, relu);
             s_dy += g;
-            s_dyxh += g * ((x[i] - mu) * is);
+            s_dyxh += g * ((rm_load1(x, i) - mu) * is);
         }
     }
     sh_dy[threadIdx.y][threadIdx.x] = s_dy;
@@ -42,6 +44,22 @@ extern "C" __global__ void bn_backward_reduce(const float* dy, const float* x, c
         part_dy[(long long)blockIdx.y * C + c] = sh_dy[0][threadIdx.x];
         part_dyxh[(long long)blockIdx.y * C + c] = sh_dyxh[0][threadIdx.x];
     }
+}
+
+extern "C" __global__ void bn_backward_reduce_f32(const float* dy, const float* x, const float* y,
+                                                  long long rows, int C, const float* mean,
+                                                  const float* inv_std, int relu, float* part_dy,
+                                                  float* part_dyxh)
+{
+    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh);
+}
+
+extern "C" __global__ void bn_backward_reduce_bf16(const rm_bf16* dy, const rm_bf16* x, const rm_bf16* y,
+                                                   long long rows, int C, const float* mean,
+                                                   const float* inv_std, int relu, float* part_dy,
+                                                   float* part_dyxh)
+{
+    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh);
 }
 
 extern "C" __global__ void bn_backward_finalize(const float* part_dy, const float* part_dyxh, int G,
@@ -66,31 +84,44 @@ __device__ __forceinline__ float dx1(float dy, float x, float y, int c, const fl
                     dgamma[c] * inv_rows);
 }
 
-extern "C" __global__ void bn_backward_dx(const float* dy, const float* x, const float* y, long long n,
-                                          int C, const float* gamma, const float* mean,
-                                          const float* inv_std, const float* dgamma,
-                                          const float* dbeta, float inv_rows, int relu, float* dx)
+// y is read only with the ReLU (null without it).
+template <typename T>
+__device__ __forceinline__ void backward_dx(const T* dy, const T* x, const T* y, long long n, int C,
+                                            const float* gamma, const float* mean, const float* inv_std,
+                                            const float* dgamma, const float* dbeta, float inv_rows,
+                                            int relu, T* dx)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (first >= n) return;     // also every thread when n == 0, where C may be 0
-    const bool vec = C % 4 == 0 && (((size_t)dy | (size_t)x | (size_t)y | (size_t)dx) & 15) == 0;
-    const long long nvec = vec ? n / 4 : 0;
-    const float4 ones = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-    rm_channel_walk ch = rm_channel_start(first * 4, stride * 4, C);
-    for (long long v = first; v < nvec; v += stride, rm_channel_next(&ch)) {
-        const float4 g = reinterpret_cast<const float4*>(dy)[v];
-        const float4 a = reinterpret_cast<const float4*>(x)[v];
-        const float4 b = relu ? reinterpret_cast<const float4*>(y)[v] : ones;
-        const int c = ch.c;
-        reinterpret_cast<float4*>(dx)[v] = make_float4(
-            dx1(g.x, a.x, b.x, c, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu),
-            dx1(g.y, a.y, b.y, c + 1, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu),
-            dx1(g.z, a.z, b.z, c + 2, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu),
-            dx1(g.w, a.w, b.w, c + 3, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu));
-    }
-    ch = rm_channel_start(nvec * 4 + first, stride, C);
-    for (long long i = nvec * 4 + first; i < n; i += stride, rm_channel_next(&ch))
-        dx[i] = dx1(dy[i], x[i], relu ? y[i] : 1.0f, ch.c, gamma, mean, inv_std, dgamma, dbeta, inv_rows,
-                    relu);
+    constexpr int N = rm_pack<T>::N;
+    auto one = [=](float g, float a, float b, int c) {
+        return dx1(g, a, b, c, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu);
+    };
+    rm_channel_for<N>(n, C, rm_aligned16(dy, x, y, dx), [&](long long k, int c) {
+        rm_pack<T> g = rm_pack_load(dy, k);
+        const rm_pack<T> a = rm_pack_load(x, k);
+        rm_pack<T> b;       // y without the ReLU is never read: ones stand in (rm_relu_grad ignores them)
+#pragma unroll
+        for (int j = 0; j < N; ++j) b.v[j] = 1.0f;
+        if (relu) b = rm_pack_load(y, k);
+#pragma unroll
+        for (int j = 0; j < N; ++j) g.v[j] = one(g.v[j], a.v[j], b.v[j], c + j);
+        rm_pack_store(dx, k, g);
+    }, [&](long long i, int c) {
+        rm_store1(dx, i, one(rm_load1(dy, i), rm_load1(x, i), relu ? rm_load1(y, i) : 1.0f, c));
+    });
+}
+
+extern "C" __global__ void bn_backward_dx_f32(const float* dy, const float* x, const float* y, long long n,
+                                              int C, const float* gamma, const float* mean,
+                                              const float* inv_std, const float* dgamma,
+                                              const float* dbeta, float inv_rows, int relu, float* dx)
+{
+    backward_dx(dy, x, y, n, C, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu, dx);
+}
+
+extern "C" __global__ void bn_backward_dx_bf16(const rm_bf16* dy, const rm_bf16* x, const rm_bf16* y,
+                                               long long n, int C, const float* gamma, const float* mean,
+                                               const float* inv_std, const float* dgamma,
+                                               const float* dbeta, float inv_rows, int relu, rm_bf16* dx)
+{
+    backward_dx(dy, x, y, n, C, gamma, mean, inv_std, dgamma, dbeta, inv_rows, relu, dx);
 }

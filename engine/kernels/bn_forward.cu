@@ -1,4 +1,5 @@
-// Training-mode batch norm over NHWC seen as x (rows = N*H*W, C), in three launches:
+// Training-mode batch norm over NHWC seen as x (rows = N*H*W, C), in three launches, x and y
+// float32 (_f32) or bfloat16 (_bf16) in memory, float32 math and statistics for both:
 //   bn_stats_partial   grid (ceil(C/32), G), block (32, 8): each thread runs Welford over a
 //                      strided set of rows of one channel (a warp reads 32 consecutive
 //                      channels of a row: coalesced); the 8 threads of a channel are merged
@@ -6,14 +7,16 @@
 //   bn_stats_finalize  one thread per channel merges the G partials (Chan), then writes
 //                      mean, biased var, inv_std (saved for backward) and the folded
 //                      scale = gamma*inv_std, shift = beta - mean*scale.
-//   bn_forward_apply   y = x*scale + shift (+ReLU), 128-bit loads and stores when C % 4 == 0.
+//   bn_forward_apply   y = x*scale + shift (+ReLU), 128-bit loads and stores (4 float32 or
+//                      8 bfloat16) when C is a multiple of that and x, y are 16-byte aligned.
 // Welford within a thread and Chan's merge between threads keep the variance exact when
 // |mean| >> std, where E[x^2] - E[x]^2 in fp32 would cancel.
 #include "recipe_math.cuh"
 
 
-extern "C" __global__ void bn_stats_partial(const float* x, long long rows, int C, float* part_n,
-                                            float* part_mean, float* part_m2)
+template <typename T>
+__device__ __forceinline__ void stats_partial(const T* x, long long rows, int C, float* part_n,
+                                              float* part_mean, float* part_m2)
 {
     __shared__ float sh_n[RM_BN_TY][RM_BN_TX], sh_mean[RM_BN_TY][RM_BN_TX], sh_m2[RM_BN_TY][RM_BN_TX];
     const int c = blockIdx.x * RM_BN_TX + threadIdx.x;
@@ -21,7 +24,7 @@ extern "C" __global__ void bn_stats_partial(const float* x, long long rows, int 
     if (c < C) {
         for (long long r = (long long)blockIdx.y * RM_BN_TY + threadIdx.y; r < rows;
              r += (long long)gridDim.y * RM_BN_TY)
-            rm_welford_push(&s, x[r * C + c]);
+            rm_welford_push(&s, rm_load1(x, r * C + c));
     }
     sh_n[threadIdx.y][threadIdx.x] = s.n;
     sh_mean[threadIdx.y][threadIdx.x] = s.mean;
@@ -46,6 +49,18 @@ extern "C" __global__ void bn_stats_partial(const float* x, long long rows, int 
     }
 }
 
+extern "C" __global__ void bn_stats_partial_f32(const float* x, long long rows, int C, float* part_n,
+                                                float* part_mean, float* part_m2)
+{
+    stats_partial(x, rows, C, part_n, part_mean, part_m2);
+}
+
+extern "C" __global__ void bn_stats_partial_bf16(const rm_bf16* x, long long rows, int C, float* part_n,
+                                                 float* part_mean, float* part_m2)
+{
+    stats_partial(x, rows, C, part_n, part_mean, part_m2);
+}
+
 extern "C" __global__ void bn_stats_finalize(const float* part_n, const float* part_mean,
                                              const float* part_m2, int G, int C, const float* gamma,
                                              const float* beta, float eps, float* mean, float* var,
@@ -68,8 +83,21 @@ extern "C" __global__ void bn_stats_finalize(const float* part_n, const float* p
     shift[c] = rm_bn_shift(beta[c], s.mean, sc);
 }
 
-extern "C" __global__ void bn_forward_apply(const float* x, float* y, long long n, int C,
-                                            const float* scale, const float* shift, int relu)
+template <typename T>
+__device__ __forceinline__ void forward_apply(const T* x, T* y, long long n, int C, const float* scale,
+                                              const float* shift, int relu)
 {
     rm_channel_map(x, y, n, C, [=](float v, int c) { return rm_bn_apply(v, scale[c], shift[c], relu); });
+}
+
+extern "C" __global__ void bn_forward_apply_f32(const float* x, float* y, long long n, int C,
+                                                const float* scale, const float* shift, int relu)
+{
+    forward_apply(x, y, n, C, scale, shift, relu);
+}
+
+extern "C" __global__ void bn_forward_apply_bf16(const rm_bf16* x, rm_bf16* y, long long n, int C,
+                                                 const float* scale, const float* shift, int relu)
+{
+    forward_apply(x, y, n, C, scale, shift, relu);
 }

@@ -1,7 +1,8 @@
 // Inference-mode batch norm (+ReLU) with given per-channel statistics, one launch:
 // y = x*scale + shift with scale = gamma/sqrt(var+eps), shift = beta - mean*scale, the
 // per-channel coefficients folded by each thread (they stay in L1/L2; x is read once and y
-// written once, 128-bit wide when C % 4 == 0).
+// written once, 128-bit wide when alignment and C allow: 4 float32 or 8 bfloat16 per access).
+// x and y are float32 (_f32) or bfloat16 (_bf16); statistics and parameters float32.
 #include "recipe_math.cuh"
 
 __device__ __forceinline__ float infer1(float x, int c, const float* gamma, const float* beta,
@@ -11,9 +12,24 @@ __device__ __forceinline__ float infer1(float x, int c, const float* gamma, cons
     return rm_bn_apply(x, scale, rm_bn_shift(beta[c], mean[c], scale), relu);
 }
 
-extern "C" __global__ void bn_infer(const float* x, float* y, long long n, int C, const float* gamma,
-                                    const float* beta, const float* mean, const float* var, float eps,
-                                    int relu)
+template <typename T>
+__device__ __forceinline__ void infer(const T* x, T* y, long long n, int C, const float* gamma,
+                                      const float* beta, const float* mean, const float* var, float eps,
+                                      int relu)
 {
     rm_channel_map(x, y, n, C, [=](float v, int c) { return infer1(v, c, gamma, beta, mean, var, eps, relu); });
+}
+
+extern "C" __global__ void bn_infer_f32(const float* x, float* y, long long n, int C, const float* gamma,
+                                        const float* beta, const float* mean, const float* var, float eps,
+                                        int relu)
+{
+    infer(x, y, n, C, gamma, beta, mean, var, eps, relu);
+}
+
+extern "C" __global__ void bn_infer_bf16(const rm_bf16* x, rm_bf16* y, long long n, int C,
+                                         const float* gamma, const float* beta, const float* mean,
+                                         const float* var, float eps, int relu)
+{
+    infer(x, y, n, C, gamma, beta, mean, var, eps, relu);
 }

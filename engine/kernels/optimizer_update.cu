@@ -5,7 +5,14 @@
 // (null: decay everywhere), the m and d updates and the weight update. Each input is read
 // once and each output written once, with 128-bit loads of w, d, m and fp32 g (64-bit for
 // fp16 g, 32-bit for the mask) in a grid-stride loop; a scalar loop handles the tail and
-// ranges whose pointers are not 16-byte aligned.
+// ranges whose pointers are not 16-byte aligned. With w_lp (not null) the updated w is also
+// written as bfloat16 (rounded to nearest even) in the same pass, 64 bits per 4 elements:
+// the bf16 working copy of the weights that the next forward pass reads.
+//
+// The per-step scalars eta, a_sgd, a_rms, gscale come from the float32 device array
+// scal = [eta, a_sgd, a_rms, gscale], read once per thread: a captured CUDA graph replays
+// with whatever the host wrote there before the replay. mu1, mu2, eps, wd are fixed for a
+// run and stay by-value parameters. sgd reads eta and gscale from the same layout.
 #include "recipe_math.cuh"
 
 struct Quad { float v[4]; };
@@ -48,18 +55,23 @@ __device__ __forceinline__ void step1(float* w, float* d, float* m, float g, flo
     else rm_sgd_step(w, d, g, decay, &c);
 }
 
+__device__ __forceinline__ void store4_bf16(rm_bf16* p, long long i, const Quad& q)
+{
+    reinterpret_cast<uint2*>(p)[i] = make_uint2(rm_bf16x2(q.v[0], q.v[1]), rm_bf16x2(q.v[2], q.v[3]));
+}
+
 template <bool HYBRID, typename G>
 __device__ __forceinline__ void update_range(float* __restrict__ w, float* __restrict__ d,
                                              float* __restrict__ m, const G* __restrict__ g,
-                                             const unsigned char* __restrict__ mask, long long n,
-                                             const rm_coef& c)
+                                             const unsigned char* __restrict__ mask,
+                                             rm_bf16* __restrict__ w_lp, long long n, const rm_coef& c)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     // One test for all pointers: each term is zero mod 16 exactly when that pointer allows
-    // its vector width (16 bytes for fp32, 8 for 4 halves, 4 for 4 mask bytes).
+    // its vector width (16 bytes for fp32, 8 for 4 halves or 4 bfloat16, 4 for 4 mask bytes).
     const size_t align = (size_t)w | (size_t)d | (HYBRID ? (size_t)m : 0) |
-                         ((size_t)g * (16 / (4 * sizeof(G)))) | ((size_t)mask * 4);
+                         ((size_t)g * (16 / (4 * sizeof(G)))) | ((size_t)mask * 4) | ((size_t)w_lp * 2);
     const long long nvec = (align & 15) == 0 ? n / 4 : 0;
     for (long long v = first; v < nvec; v += stride) {
         Quad wq = load4(w, v), dq = load4(d, v), gq = load4(g, v), kq = mask4(mask, v);
@@ -69,6 +81,7 @@ __device__ __forceinline__ void update_range(float* __restrict__ w, float* __res
         store4(w, v, wq);
         store4(d, v, dq);
         if (HYBRID) store4(m, v, mq);
+        if (w_lp) store4_bf16(w_lp, v, wq);
     }
     for (long long i = nvec * 4 + first; i < n; i += stride) {
         float wi = w[i], di = d[i], mi = HYBRID ? m[i] : 0.0f;
@@ -76,41 +89,48 @@ __device__ __forceinline__ void update_range(float* __restrict__ w, float* __res
         w[i] = wi;
         d[i] = di;
         if (HYBRID) m[i] = mi;
+        if (w_lp) w_lp[i].bits = rm_float_to_bf16(wi);
     }
 }
 
-__device__ __forceinline__ rm_coef make_coef(float eta, float a_sgd, float a_rms, float mu1, float mu2,
-                                             float eps, float wd, float gscale)
+// The slots of scal (engine.cuda_ops.SCALARS names them in the same order).
+enum { SCAL_ETA, SCAL_A_SGD, SCAL_A_RMS, SCAL_GSCALE };
+
+__device__ __forceinline__ rm_coef hybrid_coef(const float* scal, float mu1, float mu2, float eps, float wd)
 {
-    rm_coef c = {eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale};
+    rm_coef c = {scal[SCAL_ETA], scal[SCAL_A_SGD], scal[SCAL_A_RMS], mu1, mu2, eps, wd, scal[SCAL_GSCALE]};
+    return c;
+}
+
+__device__ __forceinline__ rm_coef sgd_coef(const float* scal, float mu1, float wd)
+{
+    rm_coef c = {scal[SCAL_ETA], 1.0f, 0.0f, mu1, 0.0f, 0.0f, wd, scal[SCAL_GSCALE]};
     return c;
 }
 
 extern "C" __global__ void hybrid_update_f32(float* w, float* d, float* m, const float* g,
-                                             const unsigned char* mask, long long n, float eta,
-                                             float a_sgd, float a_rms, float mu1, float mu2,
-                                             float eps, float wd, float gscale)
+                                             const unsigned char* mask, rm_bf16* w_lp, long long n,
+                                             const float* scal, float mu1, float mu2, float eps, float wd)
 {
-    update_range<true>(w, d, m, g, mask, n, make_coef(eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale));
+    update_range<true>(w, d, m, g, mask, w_lp, n, hybrid_coef(scal, mu1, mu2, eps, wd));
 }
 
 extern "C" __global__ void hybrid_update_f16(float* w, float* d, float* m, const unsigned short* g,
-                                             const unsigned char* mask, long long n, float eta,
-                                             float a_sgd, float a_rms, float mu1, float mu2,
-                                             float eps, float wd, float gscale)
+                                             const unsigned char* mask, rm_bf16* w_lp, long long n,
+                                             const float* scal, float mu1, float mu2, float eps, float wd)
 {
-    update_range<true>(w, d, m, g, mask, n, make_coef(eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale));
+    update_range<true>(w, d, m, g, mask, w_lp, n, hybrid_coef(scal, mu1, mu2, eps, wd));
 }
 
 extern "C" __global__ void sgd_update_f32(float* w, float* d, const float* g, const unsigned char* mask,
-                                          long long n, float eta, float mu1, float wd, float gscale)
+                                          rm_bf16* w_lp, long long n, const float* scal, float mu1, float wd)
 {
-    update_range<false>(w, d, (float*)0, g, mask, n, make_coef(eta, 1.0f, 0.0f, mu1, 0.0f, 0.0f, wd, gscale));
+    update_range<false>(w, d, (float*)0, g, mask, w_lp, n, sgd_coef(scal, mu1, wd));
 }
 
 extern "C" __global__ void sgd_update_f16(float* w, float* d, const unsigned short* g,
-                                          const unsigned char* mask, long long n, float eta,
-                                          float mu1, float wd, float gscale)
+                                          const unsigned char* mask, rm_bf16* w_lp, long long n,
+                                          const float* scal, float mu1, float wd)
 {
-    update_range<false>(w, d, (float*)0, g, mask, n, make_coef(eta, 1.0f, 0.0f, mu1, 0.0f, 0.0f, wd, gscale));
+    update_range<false>(w, d, (float*)0, g, mask, w_lp, n, sgd_coef(scal, mu1, wd));
 }

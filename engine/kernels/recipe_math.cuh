@@ -139,6 +139,19 @@ RM_FN unsigned short rm_float_to_bf16(float f)
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* A bfloat16 in memory, as kernel parameters name it: a type of its own, so the launch checks
+ * (engine.kernel_check) tell it from the binary16 bits that unsigned short carries, and so
+ * templated kernels instantiate for it apart from any 16-bit integer. */
+typedef struct {
+    unsigned short bits;
+} rm_bf16;
+
+/* Two bfloat16 in one 32-bit word, `lo` at the lower address (little-endian). */
+RM_FN unsigned int rm_bf16x2(float lo, float hi)
+{
+    return (unsigned int)rm_float_to_bf16(lo) | ((unsigned int)rm_float_to_bf16(hi) << 16);
+}
+
 /* ---- batch norm ------------------------------------------------------------------ */
 
 /* Block shape of the per-channel reductions: 32 consecutive channels (one warp, coalesced)
@@ -206,27 +219,92 @@ __device__ __forceinline__ void rm_channel_next(rm_channel_walk* w)
     if (w->c >= w->C) w->c -= w->C;
 }
 
-/* y[i] = f(x[i], c) over x seen as (n / C, C) with c the channel of element i, in a
- * grid-stride loop. When C % 4 == 0 and x, y are 16-byte aligned, four elements of one row
- * (channels c..c+3) move per 128-bit load and store; a scalar loop takes the rest. The
- * elementwise BN kernels (bn_forward_apply, bn_infer) are this loop with their own f. */
-template <typename F>
-__device__ __forceinline__ void rm_channel_map(const float* x, float* y, long long n, int C, F f)
+/* Activations in memory: float32, or bfloat16 widened to float32 on load and rounded to
+ * nearest even on store; the math between is float32 for both. */
+__device__ __forceinline__ float rm_load1(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float rm_load1(const rm_bf16* p, long long i) { return rm_bf16_to_float(p[i].bits); }
+__device__ __forceinline__ void rm_store1(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void rm_store1(rm_bf16* p, long long i, float v) { p[i].bits = rm_float_to_bf16(v); }
+
+/* The elements of T that one 128-bit access moves (4 float32, 8 bfloat16), as float32. */
+template <typename T>
+struct rm_pack {
+    enum { N = 16 / sizeof(T) };
+    float v[N];
+};
+
+__device__ __forceinline__ rm_pack<float> rm_pack_load(const float* p, long long k)
+{
+    const float4 t = reinterpret_cast<const float4*>(p)[k];
+    rm_pack<float> q = {{t.x, t.y, t.z, t.w}};
+    return q;
+}
+
+__device__ __forceinline__ void rm_pack_store(float* p, long long k, const rm_pack<float>& q)
+{
+    reinterpret_cast<float4*>(p)[k] = make_float4(q.v[0], q.v[1], q.v[2], q.v[3]);
+}
+
+/* bfloat16 widening is a shift: the low element of each word to the upper half, the high
+ * element masked in place. */
+__device__ __forceinline__ rm_pack<rm_bf16> rm_pack_load(const rm_bf16* p, long long k)
+{
+    const uint4 t = reinterpret_cast<const uint4*>(p)[k];
+    const unsigned int w[4] = {t.x, t.y, t.z, t.w};
+    rm_pack<rm_bf16> q;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        q.v[2 * j] = rm_bits_f32(w[j] << 16);
+        q.v[2 * j + 1] = rm_bits_f32(w[j] & 0xffff0000u);
+    }
+    return q;
+}
+
+__device__ __forceinline__ void rm_pack_store(rm_bf16* p, long long k, const rm_pack<rm_bf16>& q)
+{
+    reinterpret_cast<uint4*>(p)[k] = make_uint4(rm_bf16x2(q.v[0], q.v[1]), rm_bf16x2(q.v[2], q.v[3]),
+                                                rm_bf16x2(q.v[4], q.v[5]), rm_bf16x2(q.v[6], q.v[7]));
+}
+
+/* Whether every pointer allows 128-bit accesses (a null pointer does). */
+template <typename... P>
+__device__ __forceinline__ bool rm_aligned16(const P*... p)
+{
+    return ((((size_t)p) | ...) & 15) == 0;
+}
+
+/* The grid-stride walk of the elementwise BN kernels over x seen as (n / C, C): when `packed`
+ * and C % N == 0, pack(k, c) for each pack k of N elements (one row, channels c..c+N-1:
+ * elements k*N .. k*N+N-1), then elem(i, c) for each element the packs leave (all of them
+ * when not packed). */
+template <int N, typename P, typename E>
+__device__ __forceinline__ void rm_channel_for(long long n, int C, bool packed, P pack, E elem)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (first >= n) return;     /* also every thread when n == 0, where C may be 0 */
-    const bool vec = C % 4 == 0 && (((size_t)x | (size_t)y) & 15) == 0;
-    const long long nvec = vec ? n / 4 : 0;
-    rm_channel_walk ch = rm_channel_start(first * 4, stride * 4, C);
-    for (long long v = first; v < nvec; v += stride, rm_channel_next(&ch)) {
-        const float4 a = reinterpret_cast<const float4*>(x)[v];
-        const int c = ch.c;
-        reinterpret_cast<float4*>(y)[v] = make_float4(f(a.x, c), f(a.y, c + 1), f(a.z, c + 2), f(a.w, c + 3));
-    }
-    ch = rm_channel_start(nvec * 4 + first, stride, C);
-    for (long long i = nvec * 4 + first; i < n; i += stride, rm_channel_next(&ch))
-        y[i] = f(x[i], ch.c);
+    const long long npack = packed && C % N == 0 ? n / N : 0;
+    rm_channel_walk ch = rm_channel_start(first * N, stride * N, C);
+    for (long long k = first; k < npack; k += stride, rm_channel_next(&ch))
+        pack(k, ch.c);
+    ch = rm_channel_start(npack * N + first, stride, C);
+    for (long long i = npack * N + first; i < n; i += stride, rm_channel_next(&ch))
+        elem(i, ch.c);
+}
+
+/* y[i] = f(x[i], c) over x seen as (n / C, C) with c the channel of element i, x and y of
+ * storage type T, 128 bits per access when alignment and C allow. The elementwise BN kernels
+ * (bn_forward_apply, bn_infer) are this loop with their own f. */
+template <typename T, typename F>
+__device__ __forceinline__ void rm_channel_map(const T* x, T* y, long long n, int C, F f)
+{
+    constexpr int N = rm_pack<T>::N;
+    rm_channel_for<N>(n, C, rm_aligned16(x, y), [&](long long k, int c) {
+        rm_pack<T> a = rm_pack_load(x, k);
+#pragma unroll
+        for (int j = 0; j < N; ++j) a.v[j] = f(a.v[j], c + j);
+        rm_pack_store(y, k, a);
+    }, [&](long long i, int c) { rm_store1(y, i, f(rm_load1(x, i), c)); });
 }
 #endif
 
