@@ -158,4 +158,28 @@ static void emu_launch(const char *kernel, const unsigned int *grid, const unsig
             }
 }
 
+/* The same for a kernel that never synchronizes its block's threads nor shares memory
+ * between them (engine.kernel_emulation decides from the source): each thread runs to its end
+ * in turn, in the calling OS thread. A team of OpenMP threads per block would give the same
+ * result, at the cost of thousands of thread wake-ups per launch on a two-core machine. */
+template <typename Body>
+static void emu_launch_serial(const char *kernel, const unsigned int *grid, const unsigned int *block, Body body)
+{
+    __sanitizer_set_death_callback(emu_sanitizer_fault);
+    gridDim = uint3{grid[0], grid[1], grid[2]};
+    blockDim = uint3{block[0], block[1], block[2]};
+    emu_current.kernel = kernel;
+    for (unsigned int z = 0; z < grid[2]; ++z)
+        for (unsigned int y = 0; y < grid[1]; ++y)
+            for (unsigned int x = 0; x < grid[0]; ++x) {
+                blockIdx = uint3{x, y, z};
+                for (unsigned int tz = 0; tz < block[2]; ++tz)
+                    for (unsigned int ty = 0; ty < block[1]; ++ty)
+                        for (unsigned int tx = 0; tx < block[0]; ++tx) {
+                            threadIdx = uint3{tx, ty, tz};
+                            body();
+                        }
+            }
+}
+
 #endif /* CUDA_HOST_SHIM_H */

@@ -56,14 +56,23 @@ def compiler() -> str:
     return cxx
 
 
+# What makes a block's threads depend on each other: a file using none of these (nor do the
+# headers beside it) has its threads run one after the other (emu_launch_serial), else as a
+# team per block (emu_launch).
+BLOCK_COOPERATION = ("__syncthreads", "__shared__", "__shfl", "__syncwarp")
+
+
 def entry_points(cu: Path) -> str:
     """C++ that includes the CUDA file `cu` and defines emu_<kernel> for each of its kernels."""
+    text = cu.read_text()
+    headers = "".join(h.read_text() for h in sorted(cu.parent.glob("*.cuh")))
+    run = "emu_launch" if any(word in text + headers for word in BLOCK_COOPERATION) else "emu_launch_serial"
     lines = [f'#include "{cu}"', ""]
-    for kernel, params in kernel_signatures(cu.read_text()).items():
+    for kernel, params in kernel_signatures(text).items():
         values = ", ".join(f"*({p.ctype}**)args[{k}]" if p.pointer else f"*({p.ctype}*)args[{k}]"
                            for k, p in enumerate(params))
         lines += [f'extern "C" void emu_{kernel}(const unsigned int* grid, const unsigned int* block, void** args)',
-                  f'{{ emu_launch("{kernel}", grid, block, [=] {{ {kernel}({values}); }}); }}', ""]
+                  f'{{ {run}("{kernel}", grid, block, [=] {{ {kernel}({values}); }}); }}', ""]
     return "\n".join(lines)
 
 
