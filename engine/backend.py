@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 DEVICES = ("cpu", "gpu", "auto")
@@ -60,6 +61,16 @@ def host_math(*arrays):
     except ImportError:
         return None
     return hostmath
+
+
+def fused_kernels(*arrays):
+    """engine.cuda_ops (the fused CUDA kernels) when every array is a float32 or bfloat16
+    device array (anything but a NumPy array: CuPy); None otherwise (NumPy, float64 CuPy):
+    callers then run their generic code."""
+    if not all(not isinstance(a, np.ndarray) and a.dtype in (np.float32, ml_dtypes.bfloat16) for a in arrays):
+        return None
+    from engine import cuda_ops
+    return cuda_ops
 
 
 class GpuProbe(NamedTuple):

@@ -16,10 +16,17 @@ one memcpy per window row (zeros at the border): the strided NumPy copy spent mo
 its time in the iterator, one step per 768-byte row, and needed the padded copy first.
 Each copy is split over images with the workspace's Team (engine.parallel), so on the
 CPU it runs on as many cores as the GEMM next to it.
+
+For float32 and bfloat16 CuPy arrays each direction is ONE fused kernel launch
+(engine/kernels/im2col.cu through engine.cuda_ops): im2col reads the unpadded input,
+16 bytes per thread where C allows; col2im is a gather, one thread per input element
+summing its patch gradients in float32, deterministic and without atomics. The code
+below (padded copy, strided views, K*K shifted accumulations) serves float64 (NumPy or
+CuPy) and bfloat16 NumPy.
 """
 from __future__ import annotations
 
-from engine.backend import host_math
+from engine.backend import fused_kernels, host_math
 
 
 def out_size(size: int, k: int, s: int, p: int) -> int:
@@ -53,6 +60,8 @@ def im2col(ws, x, k, s, p):
     col = ws.arena((n, ho, wo, k, k, c), x.dtype)
     if (host := host_math(x, col)) is not None:      # one C pass, no padded copy
         return host.im2col(x, col, k, s, p, ws.team.map)
+    if (fused := fused_kernels(x, col)) is not None:  # one kernel launch, no padded copy
+        return fused.im2col(x, k, s, p, col)
     xpad = padded(ws, x, p)
     if not xpad.flags.c_contiguous:
         raise ValueError("im2col: the input must be C-contiguous NHWC")
@@ -78,6 +87,8 @@ def clipped(k_off, s, p, in_size, out_count):
 def col2im(ws, dcol, dx, s, p):
     """dx (N, H, W, C) = the sum of every patch gradient of dcol (N, Ho, Wo, K, K, C) at
     the input position it was gathered from; padding positions are dropped."""
+    if (fused := fused_kernels(dcol, dx)) is not None:   # one launch: a gather, no atomics
+        return fused.col2im(dcol, dx, s, p)
     n, ho, wo, kh_count, kw_count, _ = dcol.shape
     _, h, w, _ = dx.shape
 

@@ -21,6 +21,12 @@ buffers), else into new ones; the BN partials live in one reused scratch buffer 
     bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None)
         -> (dx2d, dgamma, dbeta)                         # grads_out = (dgamma, dbeta)
     bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None) -> y2d
+    im2col(x, k, s, p, out) -> out              # NHWC x -> col (N, Ho, Wo, K, K, C); engine.conv
+    col2im(dcol, dx, s, p) -> dx                # a gather, float32 sums, no atomics
+    maxpool_forward(x, y, k, s, p) -> y         # engine.layers.MaxPool
+    maxpool_backward(x, dy, dx, k, s, p) -> dx  # a gather; ties to the first max in (kh, kw) order
+    add_relu_(y, shortcut) -> y                 # y = relu(y + shortcut), in place
+    relu_grad_(dy, y) -> dy                     # dy *= (y > 0), in place
     pack_fp16(x, scale, out=None) -> float16 array;  unpack_fp16(h, scale, out=None) -> float32
                                                                                    # engine.precision
 The optimizer kernels read eta, a_sgd, a_rms, gscale from `scal` on the device (so a
@@ -279,6 +285,145 @@ def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
             (x2d, y, np.int64(rows * C), np.int32(C), gamma, beta, mean, var, np.float32(eps),
              np.int32(bool(relu))))
     return y
+
+
+# ---- convolution gather, max pool, residual -----------------------------------------
+
+_INT_MAX = 2**31 - 1
+
+
+def _activation(a, name, ndim=None, like=None):
+    """Check an activation array of a storage type the kernels take (float32 or bfloat16;
+    that of `like`, when given), C-contiguous, of `ndim` dimensions; returns the kernel-name
+    suffix."""
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"cuda_ops: {name} must be {ndim}-D, got shape {a.shape}")
+    if a.dtype not in _BN_STORAGE:
+        raise TypeError(f"cuda_ops: {name} must be float32 or bfloat16, got {a.dtype}")
+    if like is not None and a.dtype != like.dtype:
+        raise TypeError(f"cuda_ops: {name} is {a.dtype}, expected {like.dtype} (that of the input)")
+    _check(a, a.dtype, name)
+    return _BN_STORAGE[a.dtype]
+
+
+def _shape(a, name, shape):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"cuda_ops: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def _window(name, x_shape, k, s, p):
+    """(N, H, W, C, Ho, Wo) of a K x K window, stride s, padding p over NHWC x_shape; the
+    kernels index within one image in int (H*W*C, Ho*Wo*K*K*C < 2^31)."""
+    n, h, w, c = (int(v) for v in x_shape)
+    k, s, p = int(k), int(s), int(p)
+    if not (k >= 1 and s >= 1 and p >= 0):
+        raise ValueError(f"cuda_ops: {name} needs k >= 1, s >= 1 and p >= 0, got k={k} s={s} p={p}")
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"cuda_ops: {name}: a {h}x{w} input is smaller than the {k}x{k} window (p={p})")
+    if max(h * w * c, ho * wo * k * k * c) > _INT_MAX:
+        raise ValueError(f"cuda_ops: {name}: one image of {h}x{w}x{c} (k={k}) is too large for the kernels' "
+                         "int offsets")
+    return n, h, w, c, ho, wo
+
+
+def _address(a) -> int:
+    """The device (CuPy) or host (NumPy, in emulation) address of a's first element."""
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data
+    return a.data.ptr
+
+
+def _geometry(h, w, c, k, s, p, ho, wo):
+    return tuple(np.int32(v) for v in (h, w, c, k, s, p, ho, wo))
+
+
+def im2col(x, k, s, p, out):
+    """out (N, Ho, Wo, K, K, C) = the zero-padded K x K patches of NHWC x, stride s, padding
+    p (one launch, a bit copy: 16 bytes per thread when C * itemsize % 16 == 0 and both
+    arrays are 16-byte aligned, else one element); returns out."""
+    variant = _activation(x, "x", 4)
+    n, h, w, c, ho, wo = _window("im2col", x.shape, k, s, p)
+    _activation(out, "out", 6, like=x)
+    _shape(out, "out", (n, ho, wo, k, k, c))
+    total = out.size
+    vec = c * x.itemsize % 16 == 0 and (_address(x) | _address(out)) % 16 == 0
+    if total:
+        _launch("im2col.cu", f"im2col_{variant}", _grid_1d(total // (16 // x.itemsize) if vec else total),
+                (THREADS,), (x, out, np.int64(total), *_geometry(h, w, c, k, s, p, ho, wo), np.int32(vec)))
+    return out
+
+
+def col2im(dcol, dx, s, p):
+    """dx (N, H, W, C) = the sum, in float32, of the patch gradients dcol (N, Ho, Wo, K, K,
+    C) over the positions they were gathered from (padding dropped), written once in dx's
+    type (one launch, a gather: deterministic, no atomics); returns dx."""
+    variant = _activation(dcol, "dcol", 6)
+    _activation(dx, "dx", 4, like=dcol)
+    k = int(dcol.shape[3])
+    if dcol.shape[4] != k:
+        raise ValueError(f"cuda_ops: dcol must be (N, Ho, Wo, K, K, C), got shape {tuple(dcol.shape)}")
+    n, h, w, c, ho, wo = _window("col2im", dx.shape, k, s, p)
+    _shape(dcol, "dcol", (n, ho, wo, k, k, c))
+    if dx.size:
+        _launch("im2col.cu", f"col2im_{variant}", _grid_1d(dx.size), (THREADS,),
+                (dcol, dx, np.int64(dx.size), *_geometry(h, w, c, k, s, p, ho, wo)))
+    return dx
+
+
+def maxpool_forward(x, y, k, s, p):
+    """y (N, Ho, Wo, C) = the max of each K x K window of NHWC x (stride s; padding p never
+    wins; NaN is a max; -inf for a window that sees only padding), one launch; returns y."""
+    variant = _activation(x, "x", 4)
+    n, h, w, c, ho, wo = _window("maxpool_forward", x.shape, k, s, p)
+    _activation(y, "y", 4, like=x)
+    _shape(y, "y", (n, ho, wo, c))
+    if y.size:
+        _launch("maxpool.cu", f"maxpool_forward_{variant}", _grid_1d(y.size), (THREADS,),
+                (x, y, np.int64(y.size), *_geometry(h, w, c, k, s, p, ho, wo)))
+    return y
+
+
+def maxpool_backward(x, dy, dx, k, s, p):
+    """dx (N, H, W, C, overwritten) = the gradient of maxpool_forward: each dy goes to the
+    first position of its window, in (kh, kw) order, that holds the max (found again from
+    x); one launch, a gather summing in float32; returns dx."""
+    variant = _activation(x, "x", 4)
+    n, h, w, c, ho, wo = _window("maxpool_backward", x.shape, k, s, p)
+    _activation(dy, "dy", 4, like=x)
+    _shape(dy, "dy", (n, ho, wo, c))
+    _activation(dx, "dx", 4, like=x)
+    _shape(dx, "dx", x.shape)
+    if dx.size:
+        _launch("maxpool.cu", f"maxpool_backward_{variant}", _grid_1d(dx.size), (THREADS,),
+                (x, dy, dx, np.int64(dx.size), *_geometry(h, w, c, k, s, p, ho, wo)))
+    return dx
+
+
+def _pair(a, b, names):
+    variant = _activation(a, names[0])
+    _activation(b, names[1], like=a)
+    _shape(b, names[1], a.shape)
+    return variant
+
+
+def add_relu_(y, shortcut):
+    """y = relu(y + shortcut) in place (the sum in float32, rounded once for bfloat16), one
+    launch; returns y."""
+    variant = _pair(y, shortcut, ("y", "shortcut"))
+    if y.size:
+        _launch("residual.cu", f"add_relu_{variant}", _grid_1d(-(-y.size // 4)), (THREADS,),
+                (y, shortcut, np.int64(y.size)))
+    return y
+
+
+def relu_grad_(dy, y):
+    """dy = dy * (y > 0) in place (y: add_relu_'s result), one launch; returns dy."""
+    variant = _pair(dy, y, ("dy", "y"))
+    if dy.size:
+        _launch("residual.cu", f"relu_grad_{variant}", _grid_1d(-(-dy.size // 4)), (THREADS,),
+                (dy, y, np.int64(dy.size)))
+    return dy
 
 
 # ---- FP16 communication ---------------------------------------------------------------

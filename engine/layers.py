@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import batchnorm, gemm
-from engine.backend import array_module, host_math
+from engine.backend import array_module, fused_kernels, host_math
 from engine.conv import clipped, col2im, im2col, out_size, padded
 from engine.parallel import SERIAL
 
@@ -216,10 +216,12 @@ class MaxPool(Layer):
 
     float32 NumPy arrays go through engine.hostmath's C loops: one pass over the input each
     way, the argmax found again in backward from the kept input (at 112x112x64, batch 8:
-    forward 15.7 -> 2.6 ms, backward 43.6 -> 6.6 ms). Elsewhere (CuPy, float64) it works on
-    the K*K shifted strided views of the -inf-padded input, one elementwise pass each,
-    rather than on an im2col patch array: that would be K*K times the input's size, written
-    and read again, for a reduction that needs no GEMM."""
+    forward 15.7 -> 2.6 ms, backward 43.6 -> 6.6 ms). float32 and bfloat16 CuPy arrays take
+    one fused kernel launch each way (engine/kernels/maxpool.cu, same rules; backward a
+    gather summing in float32). Elsewhere (float64, bfloat16 NumPy) it works on the K*K
+    shifted strided views of the -inf-padded input, one elementwise pass each, rather than
+    on an im2col patch array: that would be K*K times the input's size, written and read
+    again, for a reduction that needs no GEMM."""
 
     def __init__(self, name, ws, k=3, stride=2, pad=1):
         super().__init__(name, ws)
@@ -242,6 +244,8 @@ class MaxPool(Layer):
         y = self._output((n, out_size(h, k, s, p), out_size(w, k, s, p), c), x.dtype)
         if (host := host_math(x, y)) is not None:     # one C pass, not K*K
             return host.maxpool_forward(x, y, k, s, p, self.ws.team.map)
+        if (fused := fused_kernels(x, y)) is not None:     # one kernel launch
+            return fused.maxpool_forward(x, y, k, s, p)
         windows = list(self._windows(x))
 
         def pool(lo, hi):
@@ -257,8 +261,12 @@ class MaxPool(Layer):
         window position, each claiming the windows not claimed yet."""
         xp, x, ws = self.xp, self._x, self.ws
         dx = ws.take(x.shape, x.dtype)
-        if (host := host_math(x, dy)) is not None:
-            host.maxpool_backward(x, dy, dx, self.k, self.stride, self.pad, ws.team.map)
+        host, fused = host_math(x, dy), fused_kernels(x, dy, dx)
+        if host is not None or fused is not None:    # C loops, or one kernel launch (a gather)
+            if host is not None:
+                host.maxpool_backward(x, dy, dx, self.k, self.stride, self.pad, ws.team.map)
+            else:
+                fused.maxpool_backward(x, dy, dx, self.k, self.stride, self.pad)
             ws.give(dy)
             self._x = None
             return dx
@@ -348,6 +356,8 @@ def add_relu_(y, shortcut, team=SERIAL):
     y = relu(y + shortcut). The result is all that backward needs (its sign is the mask)."""
     if (host := host_math(y, shortcut)) is not None:
         return host.add_relu_(y, shortcut, team.map)
+    if (fused := fused_kernels(y, shortcut)) is not None:     # one kernel launch
+        return fused.add_relu_(y, shortcut)
     y += shortcut
     xp = array_module(y)
     xp.maximum(y, 0, out=y)
@@ -359,6 +369,8 @@ def add_relu_backward_(dy, y, team=SERIAL):
     in place over dy."""
     if (host := host_math(dy, y)) is not None:
         return host.relu_grad_(dy, y, team.map)
+    if (fused := fused_kernels(dy, y)) is not None:           # one kernel launch
+        return fused.relu_grad_(dy, y)
     xp = array_module(dy)
     xp.multiply(dy, y > 0, out=dy)
     return dy

@@ -17,7 +17,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from engine import cuda_ops, hostmath, kernel_check, kernel_emulation, precision
+from engine import conv, cuda_ops, hostmath, kernel_check, kernel_emulation, precision
+from engine.layers import MaxPool
+from engine.workspace import Workspace
 
 BF16 = cuda_ops.BF16
 
@@ -93,6 +95,13 @@ def test_every_kernel_of_every_file_is_launched(launches, rng):
         cuda_ops.bn_backward(xs.copy(), xs, y, gamma, mean, inv_std, True)
         cuda_ops.bn_infer_forward(xs, gamma, beta, mean, var, 1e-5, False)
     cuda_ops.unpack_fp16(cuda_ops.pack_fp16(x.ravel(), 2.0), 0.5)
+    img = rng.standard_normal((2, 5, 5, 8)).astype(np.float32)
+    for xs in (img, img.astype(BF16)):
+        col = cuda_ops.im2col(xs, 3, 2, 1, np.empty((2, 3, 3, 3, 3, 8), xs.dtype))
+        cuda_ops.col2im(col, np.empty_like(xs), 2, 1)
+        y = cuda_ops.maxpool_forward(xs, np.empty((2, 3, 3, 8), xs.dtype), 3, 2, 1)
+        cuda_ops.maxpool_backward(xs, y, np.empty_like(xs), 3, 2, 1)
+        cuda_ops.relu_grad_(cuda_ops.add_relu_(xs.copy(), xs), xs)
     flat = [x.ravel().copy() for _ in range(3)]
     for g in (x.ravel(), x.ravel().astype(np.float16)):
         cuda_ops.hybrid_update(*flat, g, None, scal_of(HYPER), *(HYPER[k] for k in FIXED))
@@ -334,6 +343,234 @@ def test_bn_infer(launches, rng, relu, rows, C, storage):
         assert rel_err(y, np.maximum(ref, 0) if relu else ref) < bound
         assert rel_err(y, hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)) < bound
         assert untouched(xd) and untouched(out)
+
+
+# ---- im2col, col2im, max pool, residual ---------------------------------------------------
+
+# (N, H, W, C, K, stride, pad): K = 1/3/7, s = 1/2, p = 0/1/3; C = 8, 16 take the 128-bit paths
+# of both storage types, C = 4, 12 that of float32 only, C = 3, 5, 7 the element paths; a
+# window larger than the input; p >= K, where some windows see only padding.
+WINDOWS = [(2, 7, 6, 8, 3, 1, 1), (1, 9, 9, 3, 7, 2, 3), (2, 5, 5, 16, 1, 2, 0), (1, 6, 7, 5, 3, 2, 0),
+           (3, 5, 4, 12, 3, 1, 1), (1, 3, 3, 4, 7, 1, 3), (1, 4, 5, 8, 1, 2, 1), (2, 8, 8, 7, 3, 2, 1),
+           (1, 6, 6, 4, 2, 2, 3)]
+WINDOW_IDS = [f"n{n}h{h}w{w}c{c}k{k}s{s}p{p}" for n, h, w, c, k, s, p in WINDOWS]
+# (input, output) offsets in elements: both aligned, both not (a view from element 1 of a
+# larger buffer), one each, and aligned again 16 or 32 bytes on
+PLACEMENTS = ((0, 0), (1, 1), (0, 1), (1, 0), (8, 8))
+U32 = 2.0**-24     # float32's unit roundoff
+
+
+def _out_hw(h, w, k, s, p):
+    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
+
+
+def _windows_of(a, k, s, ho, wo):
+    """(kh, kw, view of the padded `a` under that kernel position) for every position, in order."""
+    return [(kh, kw, a[:, kh:kh + s * (ho - 1) + 1:s, kw:kw + s * (wo - 1) + 1:s, :])
+            for kh in range(k) for kw in range(k)]
+
+
+def _reference_im2col(x, k, s, p):
+    x = np.asarray(x, np.float64)
+    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
+    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    col = np.empty((x.shape[0], ho, wo, k, k, x.shape[3]))
+    for kh, kw, win in _windows_of(xpad, k, s, ho, wo):
+        col[:, :, :, kh, kw, :] = win
+    return col
+
+
+def _reference_scatter(parts, shape, k, s, p):
+    """sum over (kh, kw) of parts(kh, kw) (N, Ho, Wo, C), each added at the input positions its
+    window position covers (padding dropped), in float64; and the sum of their |values|."""
+    n, h, w, c = shape
+    ho, wo = _out_hw(h, w, k, s, p)
+    total, absum = np.zeros((n, h + 2 * p, w + 2 * p, c)), np.zeros((n, h + 2 * p, w + 2 * p, c))
+    for (kh, kw, t), (_, _, a) in zip(_windows_of(total, k, s, ho, wo), _windows_of(absum, k, s, ho, wo)):
+        t += parts(kh, kw)
+        a += np.abs(parts(kh, kw))
+    return total[:, p:p + h, p:p + w], absum[:, p:p + h, p:p + w]
+
+
+def _reference_pool(x, k, s, p):
+    """Max pool in float64 by engine.hostmath's rules: per output, the max over the window's
+    elements inside x, the first in (kh, kw) order on ties, a NaN the max; -inf and position
+    -1 for a window of padding only. Returns (y, position kh*k + kw of the first max)."""
+    x = np.asarray(x, np.float64)
+    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
+    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    inside = np.pad(np.ones(x.shape, bool), ((0, 0), (p, p), (p, p), (0, 0)))
+    best = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
+    arg = np.full(best.shape, -1)
+    for (kh, kw, v), (_, _, ok) in zip(_windows_of(xpad, k, s, ho, wo), _windows_of(inside, k, s, ho, wo)):
+        with np.errstate(invalid="ignore"):
+            take = ok & ((arg < 0) | ((best == best) & ~(v <= best)))
+        best, arg = np.where(take, v, best), np.where(take, kh * k + kw, arg)
+    return best, arg
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
+def test_im2col_col2im(launches, rng, storage, n, h, w, c, k, s, p):
+    dtype = STORAGE[storage][0]
+    ho, wo = _out_hw(h, w, k, s, p)
+    for x_at, out_at in PLACEMENTS:
+        x = rng.standard_normal((n, h, w, c)).astype(dtype)
+        xd, col = placed(x, x_at), placed(np.full((n, ho, wo, k, k, c), np.nan, dtype), out_at)
+        assert cuda_ops.im2col(xd, k, s, p, col) is col
+        # a bit copy: exactly the float64 patches (zeros at the border) in the storage type
+        assert np.array_equal(_bits(col), _bits(_reference_im2col(x, k, s, p).astype(dtype))), (x_at, out_at)
+        assert untouched(xd) and untouched(col)
+        if dtype == np.float32 and p < k:
+            assert np.array_equal(col, hostmath.im2col(x, np.empty_like(col), k, s, p))
+        dcol = placed(rng.standard_normal(col.shape).astype(dtype), x_at)
+        dx = placed(np.full(x.shape, np.nan, dtype), out_at)
+        assert cuda_ops.col2im(dcol, dx, s, p) is dx
+        ref, absum = _reference_scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
+        # float32 sums of at most K*K terms: within K*K units of roundoff of the sum of |terms|;
+        # bfloat16 adds the one rounding of the result (2**-9 of it, 2**-8 with room)
+        bound = k * k * U32 * absum + (2.0**-8 * np.abs(ref) if storage == "bf16" else 0)
+        assert np.all(np.abs(dx.astype(np.float64) - ref) <= bound), (x_at, out_at)
+        assert untouched(dcol) and untouched(dx)
+        if dtype == np.float32:      # the CPU path's shifted accumulations, in the same order: bit for bit
+            assert np.array_equal(dx, conv.col2im(Workspace(np), np.array(dcol), np.empty_like(x), s, p))
+    assert launches[-1][1] == f"col2im_{storage}"
+
+
+def test_im2col_takes_16_byte_moves_only_when_aligned(launches, rng, monkeypatch):
+    """The launcher's vector flag: C * itemsize % 16 == 0 and both pointers 16-byte aligned
+    (a set flag with a misaligned pointer would abort under the alignment sanitizer)."""
+    flags, emulated = [], cuda_ops._launch
+    monkeypatch.setattr(cuda_ops, "_launch", lambda f, kern, grid, block, args: (
+        flags.append(int(args[-1])), emulated(f, kern, grid, block, args)))
+    for dtype, c in ((np.float32, 4), (np.float32, 6), (BF16, 8), (BF16, 12)):
+        for x_at, out_at in PLACEMENTS:
+            x = rng.standard_normal((1, 4, 4, c)).astype(dtype)
+            col = placed(np.zeros((1, 4, 4, 3, 3, c), dtype), out_at)
+            cuda_ops.im2col(placed(x, x_at), 3, 1, 1, col)
+            assert np.array_equal(_bits(col), _bits(_reference_im2col(x, 3, 1, 1).astype(dtype)))
+            aligned = c * np.dtype(dtype).itemsize % 16 == 0 and x_at % 8 == 0 and out_at % 8 == 0
+            assert flags[-1] == aligned, (dtype, c, x_at, out_at)
+    assert sum(flags) == 4 and len(flags) == 20
+
+
+POOL_VALUES = ("normal", "ties", "nan")
+
+
+def _pool_input(rng, shape, values, dtype):
+    if values == "ties":     # a handful of values: most windows hold their max more than once
+        return rng.integers(-2, 3, shape).astype(dtype)
+    x = rng.standard_normal(shape)
+    if values == "nan":
+        x[rng.random(shape) < 0.05] = np.nan
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("values", POOL_VALUES)
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
+def test_maxpool(launches, rng, storage, values, n, h, w, c, k, s, p):
+    dtype = STORAGE[storage][0]
+    ho, wo = _out_hw(h, w, k, s, p)
+    for x_at, out_at in PLACEMENTS:
+        x = _pool_input(rng, (n, h, w, c), values, dtype)
+        xd, y = placed(x, x_at), placed(np.zeros((n, ho, wo, c), dtype), out_at)
+        assert cuda_ops.maxpool_forward(xd, y, k, s, p) is y
+        ref_y, arg = _reference_pool(x, k, s, p)
+        assert np.array_equal(y.astype(np.float64), ref_y, equal_nan=True), (x_at, out_at)
+        assert (p >= k) == bool(np.any(arg < 0))       # windows of padding only: -inf, and only then
+        dy = placed(rng.standard_normal(y.shape).astype(dtype), x_at)
+        dx = placed(np.full(x.shape, np.nan, dtype), out_at)
+        assert cuda_ops.maxpool_backward(xd, dy, dx, k, s, p) is dx
+        dy64 = dy.astype(np.float64)
+        ref, absum = _reference_scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
+        terms = (-(-k // s)) ** 2        # windows that can hold one input position
+        bound = terms * U32 * absum + (2.0**-8 * np.abs(ref) if storage == "bf16" else 0)
+        assert np.all(np.abs(dx.astype(np.float64) - ref) <= bound), (x_at, out_at)
+        assert all(untouched(a) for a in (xd, y, dy, dx))
+        if dtype == np.float32 and p < k:    # engine.hostmath, the CPU path: bit for bit
+            assert np.array_equal(y, hostmath.maxpool_forward(x, np.empty_like(y), k, s, p), equal_nan=True)
+            assert np.array_equal(dx, hostmath.maxpool_backward(x, np.array(dy), np.empty_like(x), k, s, p))
+
+
+@pytest.mark.parametrize("values", ("normal", "ties"))
+@pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
+def test_maxpool_agrees_with_the_generic_numpy_layer(launches, rng, values, n, h, w, c, k, s, p):
+    """engine.layers.MaxPool on float64 NumPy (its generic path: shifted views of the
+    -inf-padded input, first hit claims) gives the kernels' results on finite inputs."""
+    x = _pool_input(rng, (n, h, w, c), values, np.float32)
+    layer = MaxPool("pool", Workspace(np), k, s, p)
+    y64 = layer.forward(x.astype(np.float64), train=True)
+    dy = rng.standard_normal(y64.shape).astype(np.float32)
+    dx64 = layer.backward(dy.astype(np.float64))
+    y = cuda_ops.maxpool_forward(x, np.empty(y64.shape, np.float32), k, s, p)
+    dx = cuda_ops.maxpool_backward(x, dy, np.empty_like(x), k, s, p)
+    assert np.array_equal(y, y64)
+    assert rel_err(dx, dx64) < 1e-6
+
+
+RESIDUAL_SIZES = [1, 7, 8 * 3 * 256 + 5]      # tails; the last wraps both grid-stride loops
+
+
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("size", RESIDUAL_SIZES)
+def test_add_relu_and_its_gradient(launches, rng, storage, size):
+    dtype = STORAGE[storage][0]
+    for y_at, s_at in PLACEMENTS:
+        y0 = rng.standard_normal(size).astype(dtype)
+        sc = rng.standard_normal(size).astype(dtype)
+        y0[rng.random(size) < 0.02] = np.nan          # NaN must reach the loss
+        yd, sd = placed(y0, y_at), placed(sc, s_at)
+        assert cuda_ops.add_relu_(yd, sd) is yd
+        # the sum in float32 rounded once: what y += s; maximum(y, 0) does with ml_dtypes
+        want = y0 + sc
+        want = np.maximum(want, np.zeros_like(want))
+        assert np.array_equal(yd.astype(np.float64), want.astype(np.float64), equal_nan=True), (y_at, s_at)
+        ref = np.maximum(y0.astype(np.float64) + sc, 0)
+        finite = ~np.isnan(ref)
+        assert np.all(np.abs(yd[finite].astype(np.float64) - ref[finite]) <= 2.0**-8 * np.abs(ref[finite]))
+        if dtype == np.float32:
+            assert np.array_equal(yd, hostmath.add_relu_(y0.copy(), sc), equal_nan=True)
+        dy0 = rng.standard_normal(size).astype(dtype)
+        dy0[rng.random(size) < 0.02] = np.inf          # a product: inf * 0 is NaN, as on the CPU
+        dyd = placed(dy0, s_at)
+        assert cuda_ops.relu_grad_(dyd, yd) is dyd
+        with np.errstate(invalid="ignore"):
+            want = (dy0.astype(np.float64) * (np.asarray(yd, np.float64) > 0)).astype(dtype)
+        nan = np.isnan(want.astype(np.float64))
+        assert np.array_equal(nan, np.isnan(dyd.astype(np.float64))) and nan.any() == (y0 <= 0)[dy0 == np.inf].any()
+        assert np.array_equal(_bits(dyd)[~nan], _bits(want)[~nan]), (y_at, s_at)    # -0 included
+        if dtype == np.float32:
+            assert np.array_equal(dyd, hostmath.relu_grad_(dy0.copy(), np.array(yd)), equal_nan=True)
+        assert untouched(yd) and untouched(sd) and untouched(dyd)
+    assert size < 6000 or -(-size // 8) > launches[-1][2][0] * cuda_ops.THREADS
+
+
+def test_window_launchers_refuse_wrong_arrays_by_name(launches):
+    x = np.zeros((1, 4, 4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"cuda_ops: out has shape \(1, 4, 4, 3, 3, 3\), expected \(1, 2, 2, 3, 3, 3\)"):
+        cuda_ops.im2col(x, 3, 2, 1, np.zeros((1, 4, 4, 3, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="cuda_ops: out is bfloat16, expected float32"):
+        cuda_ops.im2col(x, 3, 1, 1, np.zeros((1, 4, 4, 3, 3, 3), BF16))
+    with pytest.raises(TypeError, match="cuda_ops: x must be float32 or bfloat16, got float64"):
+        cuda_ops.maxpool_forward(x.astype(np.float64), np.zeros((1, 2, 2, 3)), 3, 2, 1)
+    with pytest.raises(ValueError, match="cuda_ops: x must be C-contiguous"):
+        cuda_ops.maxpool_forward(np.zeros((1, 4, 8, 3), np.float32)[:, :, ::2], np.zeros((1, 2, 2, 3), np.float32), 3, 2, 1)
+    with pytest.raises(ValueError, match="cuda_ops: dy has shape"):
+        cuda_ops.maxpool_backward(x, np.zeros((1, 3, 3, 3), np.float32), np.zeros_like(x), 3, 2, 1)
+    with pytest.raises(ValueError, match="cuda_ops: dcol must be"):
+        cuda_ops.col2im(np.zeros((1, 2, 2, 3, 1, 3), np.float32), x, 2, 1)
+    with pytest.raises(ValueError, match="cuda_ops: shortcut has shape"):
+        cuda_ops.add_relu_(x, x[:, :2].copy())
+    with pytest.raises(TypeError, match="cuda_ops: y is bfloat16, expected float32"):
+        cuda_ops.relu_grad_(x, x.astype(BF16))
+    with pytest.raises(ValueError, match="smaller than the 7x7 window"):
+        cuda_ops.im2col(x, 7, 1, 1, np.zeros((1, 1, 1, 7, 7, 3), np.float32))
+    assert launches == []
 
 
 # ---- launch checks and barrier faults -----------------------------------------------------

@@ -16,7 +16,11 @@ FILE_OF = {name: f.name for f in FILES for name in kc.kernel_signatures(f.read_t
 # Kernels that stream a whole tensor: each must use 128-bit global loads.
 STREAMING = ("hybrid_update_f32", "hybrid_update_f16", "sgd_update_f32", "sgd_update_f16",
              "bn_forward_apply_f32", "bn_forward_apply_bf16", "bn_backward_dx_f32", "bn_backward_dx_bf16",
-             "bn_infer_f32", "bn_infer_bf16", "pack_fp16")
+             "bn_infer_f32", "bn_infer_bf16", "pack_fp16",
+             # 16-byte (uint4) moves where C and alignment allow; packs of channels
+             "im2col_f32", "im2col_bf16", "col2im_f32", "col2im_bf16",
+             "maxpool_forward_f32", "maxpool_forward_bf16",
+             "add_relu_f32", "add_relu_bf16", "relu_grad_f32", "relu_grad_bf16")
 
 
 @lru_cache(maxsize=None)
@@ -27,7 +31,8 @@ def compiled(name: str, arch: str) -> kc.Compiled:
 def test_the_check_uses_the_loaders_options():
     assert kc.NVRTC_OPTIONS is cuda_ops.NVRTC_OPTIONS
     assert FILES and {f.name for f in FILES} >= {"optimizer_update.cu", "bn_forward.cu", "bn_backward.cu",
-                                                 "bn_infer.cu", "fp16_pack.cu"}
+                                                 "bn_infer.cu", "fp16_pack.cu", "im2col.cu",
+                                                 "maxpool.cu", "residual.cu"}
 
 
 @pytest.mark.parametrize("arch", kc.ARCHS)
@@ -169,6 +174,14 @@ def run_every_launcher(rng):
         cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
     h = cuda_ops.pack_fp16(w, 1024.0)
     cuda_ops.unpack_fp16(h, 1 / 1024)
+    for dtype in (np.float32, cuda_ops.BF16):
+        # Python ints for k, s, p on purpose
+        x = f32(2, 9, 9, 8).astype(dtype)
+        col = cuda_ops.im2col(x, 3, 2, 1, np.empty((2, 5, 5, 3, 3, 8), dtype))
+        cuda_ops.col2im(col, np.empty_like(x), 2, 1)
+        y = cuda_ops.maxpool_forward(x, np.empty((2, 5, 5, 8), dtype), 3, 2, 1)
+        cuda_ops.maxpool_backward(x, y, np.empty_like(x), 3, 2, 1)
+        cuda_ops.relu_grad_(cuda_ops.add_relu_(x.copy(), x), x)
 
 
 def test_every_launch_matches_its_kernel_signature(recorded):
@@ -230,6 +243,67 @@ def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
     x2d = np.random.default_rng().standard_normal((10, 4)).astype(np.float32)
     batchnorm.bn_train_forward(x2d, np.ones(4, np.float32), np.zeros(4, np.float32), 1e-5, False)
     assert seen == {}
+
+
+def test_conv_pool_and_residual_dispatch_device_arrays_to_the_fused_kernels(monkeypatch):
+    """engine.conv's im2col/col2im, MaxPool and the residual add+ReLU send float32 and
+    bfloat16 non-NumPy (CuPy) arrays to cuda_ops, one call each, in the workspace's buffers;
+    float64 device arrays and NumPy arrays keep their paths."""
+    from engine import backend, conv, layers
+
+    class DeviceArray:
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+            self.size = int(np.prod(self.shape))
+
+    class Workspace:
+        def __init__(self):
+            self.xp = types.SimpleNamespace(empty=lambda shape, dtype: DeviceArray(shape, dtype))
+            self.team, self.given = None, []
+
+        def arena(self, shape, dtype):
+            self.col = DeviceArray(shape, dtype)
+            return self.col
+
+        def take(self, shape, dtype):
+            self.taken = DeviceArray(shape, dtype)
+            return self.taken
+
+        def give(self, buf):
+            self.given.append(buf)
+
+    seen = []
+    # each launcher returns the array it writes: which argument that is
+    written = {"im2col": 4, "col2im": 1, "maxpool_forward": 1, "maxpool_backward": 2, "add_relu_": 0,
+               "relu_grad_": 0}
+    for name, k in written.items():
+        monkeypatch.setattr(cuda_ops, name, lambda *a, _n=name, _k=k: (seen.append((_n, a)), a[_k])[1])
+    for dtype in (np.float32, cuda_ops.BF16):
+        seen.clear()
+        ws = Workspace()
+        x = DeviceArray((2, 9, 9, 8), dtype)
+        col = conv.im2col(ws, x, 3, 2, 1)
+        assert col is ws.col and col.shape == (2, 5, 5, 3, 3, 8) and col.dtype == dtype
+        dx = DeviceArray(x.shape, dtype)
+        assert conv.col2im(ws, col, dx, 2, 1) is dx
+        pool = layers.MaxPool("pool", ws, 3, 2, 1)
+        y = pool.forward(x, train=True)
+        assert y.shape == (2, 5, 5, 8) and y.dtype == dtype
+        dy = DeviceArray(y.shape, dtype)
+        assert pool.backward(dy) is ws.taken and ws.given == [dy]
+        r, sc = DeviceArray(x.shape, dtype), DeviceArray(x.shape, dtype)
+        assert layers.add_relu_(r, sc) is r and layers.add_relu_backward_(dx, r) is dx
+        assert seen == [("im2col", (x, 3, 2, 1, col)), ("col2im", (col, dx, 2, 1)),
+                        ("maxpool_forward", (x, y, 3, 2, 1)), ("maxpool_backward", (x, dy, ws.taken, 3, 2, 1)),
+                        ("add_relu_", (r, sc)), ("relu_grad_", (dx, r))]
+    assert backend.fused_kernels(DeviceArray((4,), np.float64)) is None
+    assert backend.fused_kernels(DeviceArray((4,), np.float32), DeviceArray((4,), np.float64)) is None
+    # NumPy arrays stay on the host paths.
+    seen.clear()
+    a = np.random.default_rng().standard_normal((2, 5, 5, 3)).astype(np.float32)
+    layers.add_relu_backward_(layers.add_relu_(a.copy(), a), a)
+    layers.add_relu_(a.astype(cuda_ops.BF16), a.astype(cuda_ops.BF16))
+    assert backend.fused_kernels(a) is None and seen == []
 
 
 def test_each_kernel_is_compiled_and_fetched_once_per_device(monkeypatch):

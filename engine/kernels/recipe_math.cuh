@@ -266,6 +266,36 @@ __device__ __forceinline__ void rm_pack_store(rm_bf16* p, long long k, const rm_
                                                 rm_bf16x2(q.v[4], q.v[5]), rm_bf16x2(q.v[6], q.v[7]));
 }
 
+/* L consecutive elements of T starting at element `at` (a multiple of L), as float32: one
+ * 128-bit access when L is a whole pack (rm_pack<T>::N; `at` then 16-byte aligned when p is),
+ * else L = 1, one element. The windowed kernels (im2col.cu, maxpool.cu) walk channels this way. */
+template <int L, typename T>
+__device__ __forceinline__ void rm_load_lanes(const T* p, long long at, float* v)
+{
+    if constexpr (L == 1) {
+        v[0] = rm_load1(p, at);
+    } else {
+        static_assert(L == rm_pack<T>::N, "a lane group is one element or one 128-bit pack");
+        const rm_pack<T> q = rm_pack_load(p, at / L);
+#pragma unroll
+        for (int j = 0; j < L; ++j) v[j] = q.v[j];
+    }
+}
+
+template <int L, typename T>
+__device__ __forceinline__ void rm_store_lanes(T* p, long long at, const float* v)
+{
+    if constexpr (L == 1) {
+        rm_store1(p, at, v[0]);
+    } else {
+        static_assert(L == rm_pack<T>::N, "a lane group is one element or one 128-bit pack");
+        rm_pack<T> q;
+#pragma unroll
+        for (int j = 0; j < L; ++j) q.v[j] = v[j];
+        rm_pack_store(p, at / L, q);
+    }
+}
+
 /* Whether every pointer allows 128-bit accesses (a null pointer does). */
 template <typename... P>
 __device__ __forceinline__ bool rm_aligned16(const P*... p)
@@ -307,6 +337,29 @@ __device__ __forceinline__ void rm_channel_map(const T* x, T* y, long long n, in
     }, [&](long long i, int c) { rm_store1(y, i, f(rm_load1(x, i), c)); });
 }
 #endif
+
+/* ---- pooling and residual ------------------------------------------------------- */
+
+/* Whether a max pool window's scan, holding `best` so far, takes v: a larger value, or a
+ * NaN (the window's max, as with numpy.maximum); a tie keeps the earlier position (PyTorch's
+ * rule, in (kh, kw) order), and a NaN once taken stays. Also engine.hostmath's rule. */
+RM_FN int rm_pool_takes(float v, float best)
+{
+    return best == best && !(v <= best);
+}
+
+/* The end of a residual block: relu(y + shortcut); NaN stays NaN, -0 stays -0 (as hostmath). */
+RM_FN float rm_add_relu(float y, float shortcut)
+{
+    const float v = y + shortcut;
+    return v < 0.0f ? 0.0f : v;
+}
+
+/* Its gradient: dy * (y > 0), a product, so a non-finite dy stays non-finite (as hostmath). */
+RM_FN float rm_relu_mask_grad(float dy, float y)
+{
+    return dy * (y > 0.0f ? 1.0f : 0.0f);
+}
 
 /* Gradient through the fused ReLU: y is the BN(+ReLU) output of the forward pass. */
 RM_FN float rm_relu_grad(float dy, float y, int relu)
