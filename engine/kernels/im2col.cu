@@ -70,14 +70,10 @@ __device__ __forceinline__ void col2im_lanes(const T* dcol, T* dx, long long uni
                                              int s, int p, int Ho, int Wo)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
-    const int Cl = C / L;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < units; i += stride) {
-        const long long pix = i / Cl;                    // (n, ih, iw)
-        const int c = (int)(i - pix * Cl) * L;
-        const long long t = pix / W;
-        const int iw = (int)(pix - t * W);
-        const long long n = t / H;
-        const int ih = (int)(t - n * H);
+        const rm_nhwc at = rm_split_nhwc<L>(i, H, W, C);     // one dx element group
+        const long long pix = at.pix, n = at.n;
+        const int ih = at.h, iw = at.w, c = at.c;
         float acc[L];
 #pragma unroll
         for (int j = 0; j < L; ++j) acc[j] = 0.0f;

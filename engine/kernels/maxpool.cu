@@ -61,14 +61,10 @@ __device__ __forceinline__ void forward_lanes(const T* x, T* y, long long units,
                                               int p, int Ho, int Wo)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
-    const int Cl = C / L;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < units; i += stride) {
-        const long long pix = i / Cl;                    // (n, oh, ow)
-        const int c = (int)(i - pix * Cl) * L;
-        const long long t = pix / Wo;
-        const int ow = (int)(pix - t * Wo);
-        const long long n = t / Ho;
-        const int oh = (int)(t - n * Ho);
+        const rm_nhwc at = rm_split_nhwc<L>(i, Ho, Wo, C);   // one output element group
+        const long long pix = at.pix, n = at.n;
+        const int oh = at.h, ow = at.w, c = at.c;
         float best[L];
         int arg[L];
         pool_window<L>(x + n * H * W * C, oh, ow, c, H, W, C, K, s, p, best, arg);
@@ -90,14 +86,10 @@ __device__ __forceinline__ void backward_lanes(const T* x, const T* dy, T* dx, l
                                                int K, int s, int p, int Ho, int Wo)
 {
     const long long stride = (long long)gridDim.x * blockDim.x;
-    const int Cl = C / L;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < units; i += stride) {
-        const long long pix = i / Cl;                    // (n, ih, iw)
-        const int c = (int)(i - pix * Cl) * L;
-        const long long t = pix / W;
-        const int iw = (int)(pix - t * W);
-        const long long n = t / H;
-        const int ih = (int)(t - n * H);
+        const rm_nhwc at = rm_split_nhwc<L>(i, H, W, C);     // one dx element group
+        const long long pix = at.pix, n = at.n;
+        const int ih = at.h, iw = at.w, c = at.c;
         float acc[L];
 #pragma unroll
         for (int j = 0; j < L; ++j) acc[j] = 0.0f;

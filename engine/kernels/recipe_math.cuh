@@ -296,6 +296,27 @@ __device__ __forceinline__ void rm_store_lanes(T* p, long long at, const float* 
     }
 }
 
+/* Grid-stride item i of an NHWC walk in groups of L channels (i < N*H*W*C/L): the pixel
+ * index n*H*W + h*W + w, its n, h, w, and the group's first channel c. */
+struct rm_nhwc {
+    long long pix, n;
+    int h, w, c;
+};
+
+template <int L>
+__device__ __forceinline__ rm_nhwc rm_split_nhwc(long long i, int H, int W, int C)
+{
+    rm_nhwc at;
+    const int Cl = C / L;
+    at.pix = i / Cl;
+    at.c = (int)(i - at.pix * Cl) * L;
+    const long long t = at.pix / W;
+    at.w = (int)(at.pix - t * W);
+    at.n = t / H;
+    at.h = (int)(t - at.n * H);
+    return at;
+}
+
 /* Whether every pointer allows 128-bit accesses (a null pointer does). */
 template <typename... P>
 __device__ __forceinline__ bool rm_aligned16(const P*... p)
