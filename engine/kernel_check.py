@@ -12,8 +12,9 @@ NVRTC_OPTIONS (imported, never copied) as CuPy's RawModule assembles them with i
     kernel_signatures(source) -> {kernel: [Param(ctype, pointer)]}    # the extern "C" kernels
     check_launch_args(params, args) -> [problems]                     # numpy types vs C types
 
-NVRTC comes from the nvidia-cuda-nvrtc-cu12 wheel (libnvrtc.so.12), found through its
-package, or from the system library path. It generates code for sm_70 to sm_90 without a
+NVRTC comes from the nvidia-cuda-nvrtc-cu12 wheel (libnvrtc.so.12) or a CUDA 13 wheel
+(nvidia/cu13/lib/libnvrtc.so.13), found through the `nvidia` package, or from the system
+library path. It generates code for sm_70 to sm_90 without a
 device; with `--ptxas-options=-v` its log carries ptxas's register and spill report.
 """
 from __future__ import annotations
@@ -42,20 +43,27 @@ class NvrtcError(RuntimeError):
     """NVRTC is missing or rejected a kernel; the message carries NVRTC's log."""
 
 
+# Where the NVIDIA wheels put libnvrtc, under the `nvidia` namespace package: the CUDA 12
+# wheel (nvidia-cuda-nvrtc-cu12) in cuda_nvrtc/lib, the CUDA 13 ones in cu13/lib.
+NVRTC_WHEEL_DIRS = ("cuda_nvrtc/lib", "cu13/lib")
+
+
 def _find_nvrtc() -> str:
     try:
-        spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
-    except ModuleNotFoundError:     # no nvidia-* wheel at all (a core-only install)
+        spec = importlib.util.find_spec("nvidia")
+    except ModuleNotFoundError:
         spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for where in spec.submodule_search_locations:
-            libs = sorted(Path(where, "lib").glob("libnvrtc.so*"))
+    for where in (spec.submodule_search_locations or []) if spec is not None else []:
+        for sub in NVRTC_WHEEL_DIRS:
+            libs = sorted(Path(where, sub).glob("libnvrtc.so*"))
             if libs:
                 return str(libs[0])
     found = ctypes.util.find_library("nvrtc")
     if found:
         return found
-    raise NvrtcError("libnvrtc not found: install the nvidia-cuda-nvrtc-cu12 wheel (pip install -e '.[test]')")
+    raise NvrtcError("libnvrtc not found in the nvidia-cuda-nvrtc-cu12 or CUDA 13 wheels (nvidia/"
+                     + " or nvidia/".join(NVRTC_WHEEL_DIRS) + ") nor on the system library path: "
+                     "install the test extra (pip install -e '.[test]')")
 
 
 _NVRTC = None

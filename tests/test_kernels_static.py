@@ -386,3 +386,14 @@ def test_host_twin_agrees_with_the_flushing_device_within_the_stated_bound():
                                          ("w", w, w_dev, w_terms, hp["eta"] * flush_d + 4 * TINY)):
         excess = np.abs(host.astype(np.float64) - dev) - (rtol * terms + atol)
         assert excess.max() <= 0, (name, int(excess.argmax()), host[excess.argmax()], dev[excess.argmax()])
+
+
+@pytest.mark.parametrize("sub,name", [("cuda_nvrtc/lib", "libnvrtc.so.12"), ("cu13/lib", "libnvrtc.so.13")])
+def test_nvrtc_is_found_in_the_cuda12_and_the_cuda13_wheel_layouts(monkeypatch, tmp_path, sub, name):
+    from types import SimpleNamespace
+    (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / sub / name).touch()
+    (tmp_path / sub / "libnvrtc-builtins.so.99").touch()     # not NVRTC itself
+    monkeypatch.setattr(kc.importlib.util, "find_spec",
+                        lambda mod: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    assert kc._find_nvrtc() == str(tmp_path / sub / name)
