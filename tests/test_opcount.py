@@ -1,0 +1,66 @@
+"""The device operations of one GPU training step, counted on the stand-in CuPy of
+tests/gpu_standins.py (bench/opcount.py tabulates them): what each layer may launch.
+
+Each fused path is one launch per call; a regression to CuPy's multi-pass code (a padded
+copy, K*K strided accumulations, a mask and a multiply) shows up here as extra copies,
+fills or elementwise kernels from that layer."""
+import collections
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpu_standins
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import opcount  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def step():
+    """(trainer, ops of the second step's train_step and submit) of ResNet-18, 32 px, 2 images."""
+    with pytest.MonkeyPatch.context() as mp:
+        trainer = gpu_standins.trainer_on_standins(mp, ["--arch", "resnet18", "--image-size", "32",
+                                                        "--batch-per-rank", "2"])
+        try:
+            yield trainer, opcount.count_step(trainer, warmup=1)
+        finally:
+            trainer.close()
+
+
+def _by_layer(ops):
+    count = collections.defaultdict(collections.Counter)
+    for o in ops:
+        count[o.where][o.kind] += 1
+    return count
+
+
+def test_a_step_never_waits_for_the_device(step):
+    _, ops = step
+    assert not [o for o in ops if o.kind in ("sync", "d2h")]
+
+
+def test_each_layer_launches_only_its_fused_kernels_and_gemms(step):
+    trainer, ops = step
+    model, count = trainer.model, _by_layer(ops)
+    bns = len(model.batchnorms)
+    blocks = len(model.blocks)
+    from engine.layers import Conv2d
+    convs = [conv for block in model.blocks for conv in block.param_layers() if isinstance(conv, Conv2d)]
+    convs.append(model.conv1)
+    gathered = [c for c in convs if not c.is_pointwise]
+    # BN: 3 kernels forward (partials, finalize, apply), 3 backward; statistics and dgamma,
+    # dbeta written in place by the kernels, nothing else.
+    assert count["BatchNorm"] == {"kernel": 6 * bns}
+    assert count["MaxPool"] == {"kernel": 2}
+    # A residual block: the fused add+ReLU and its gradient; the shortcut's gradient joins the
+    # main branch's in one elementwise add.
+    assert count["ResidualBlock"] == {"kernel": 2 * blocks, "elementwise": blocks}
+    # A conv: one GEMM forward, dW and dx backward (the stem's dx is not needed); an im2col
+    # launch forward and again in backward for each gathered conv, plus col2im for its dx.
+    conv = count["Conv2d"]
+    assert conv["gemm"] == 3 * len(convs) - 1
+    assert conv["kernel"] == 3 * len(gathered) - 1
+    assert set(conv) <= {"gemm", "kernel"}
+    # No allocation in any layer: every buffer is reused from the previous step.
+    assert not [o for o in ops if o.kind == "alloc" and o.where in ("BatchNorm", "MaxPool", "Conv2d", "ResidualBlock")]
