@@ -367,6 +367,11 @@ class NcclCommunicator(Communicator):
         call(self._stream)
         done = self._timing_event()
         work = NcclWork(next(self._seq), name, buf.size, self, start, done)
+        if self._backend.current_stream().is_capturing():
+            # A node of a CUDA graph being captured (engine.graph_step): its events only mark
+            # the capture's fork and join, and CUDA refuses to query them. It is not tracked;
+            # the watchdog follows the eager collective that comes after every replay.
+            return work
         with self._lock:
             self._drop_finished()
             self._started += 1

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32: float32 throughout; tf32: float32 storage, GEMMs on TF32 tensor cores (GPU; "
                         "the CPU computes fp32); bf16: bfloat16 activations and GEMM inputs, float32 "
                         "accumulation, master weights, optimizer state and BN statistics")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="GPU: capture the whole training step once as a CUDA graph after two eager steps "
+                        "and replay it (one launch per step instead of hundreds; engine/graph_step.py)")
     g.add_argument("--fp16-allreduce", action="store_true",
                    help="all-reduce gradients in FP16 (compute stays FP32), as the paper did")
     g.add_argument("--threads", type=int, default=None,
@@ -174,6 +177,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.run_name is not None and (not args.run_name or os.sep in args.run_name or args.run_name in (".", "..")):
         p.error(f"--run-name must be a plain directory name, got {args.run_name!r}")
+    if args.cuda_graph and args.device == "cpu":
+        p.error("--cuda-graph needs a GPU: it captures CUDA work, and --device cpu has none")
+    if args.cuda_graph and args.trace:
+        p.error("--cuda-graph cannot be traced: --trace times every span with events read on the host, "
+                "which a captured step cannot do; trace an eager run")
     if args.resume and args.resume != "auto" and not os.path.exists(args.resume):
         p.error(f"--resume {args.resume}: no such file or directory")
     args.argv = list(sys.argv[1:] if argv is None else argv)     # for the command that resumes the run
@@ -203,7 +211,7 @@ class Trainer:
     def __init__(self, args, signals=None):
         from mpi4py import MPI
 
-        from engine.backend import job_backend
+        from engine.backend import DeviceError, job_backend
         from engine.control import StepControl
         from engine.comm import create_communicator
         from engine.data import DataError, build_datasets
@@ -265,6 +273,14 @@ class Trainer:
         self.saved_path, self.save_failing, self.stopped_by, self.exit_status = None, False, 0, 0
         self.control = StepControl(MPI.COMM_WORLD, signals or StopSignals(), 60 * a.checkpoint_minutes)
         self.stats = StepStats(be, comm)
+        self.grad_scale = 1.0 / self.world      # the all-reduce sums; the update averages
+        self.graphed = None
+        if a.cuda_graph:
+            from engine.graph_step import GraphedStep
+            if not be.is_gpu:
+                raise DeviceError("--cuda-graph needs a GPU, and this job runs on the CPU (--device auto found "
+                                  "none)", collective=True)
+            self.graphed = GraphedStep(be, self._step, self.optimizer, self.grad_scale)
         self.watchdog = Watchdog(comm, a.watchdog).start() if a.watchdog > 0 else None
 
     # ---- set-up helpers --------------------------------------------------------------------
@@ -433,19 +449,24 @@ class Trainer:
     def train_step(self, batch, coef):
         """Enqueue one step on this rank's shard; returns its (mean loss, top-1 hits), both
         left on the device (see engine.stepstats for reading them)."""
+        if self.graphed is not None:
+            return self.graphed(batch, coef)
+        return self._step(self.backend.asarray(batch.images), self.backend.asarray(batch.labels), coef)
+
+    def _step(self, images, labels, coef):
+        """The step on a batch already on the device (what --cuda-graph captures)."""
         from engine.loss import softmax_cross_entropy
         from engine.transforms import normalize
         be, tl, model = self.backend, self.timeline, self.model
-        labels = be.asarray(batch.labels)
         with tl.span("forward", "forward"):
-            x = normalize(batch.images, self.train_set.mean, self.train_set.std, be.xp, model.input_dtype)
+            x = normalize(images, self.train_set.mean, self.train_set.std, be.xp, model.input_dtype)
             logits = model.forward(x, train=True)
             loss, dlogits = softmax_cross_entropy(logits, labels, self.args.label_smoothing)
             hits = (logits.argmax(axis=1) == labels).sum()
         with tl.span("backward", "backward"):
             model.backward(dlogits, grad_ready=self.reducer.grad_ready)
         # Each bucket's update runs as soon as its all-reduce lands; 1/N folded into grad_scale.
-        reduced, opt, scale = self.reducer.reduced, self.optimizer, 1.0 / self.world
+        reduced, opt, scale = self.reducer.reduced, self.optimizer, self.grad_scale
         self.reducer.finish(update=lambda a, b: opt.update(reduced, a, b, coef=coef, grad_scale=scale))
         return loss, hits
 

@@ -120,12 +120,25 @@ class ValTransform:
         return _resize_box(src, box, self.size, self.size)
 
 
+_constants: dict = {}      # (mean, std, device) -> (mean, 1/std) as float32 arrays there
+
+
+def _channel_constants(mean, std, xp):
+    """mean and 1/std on the device of xp, copied there once per process: a captured CUDA
+    graph may not copy from the host (engine.graph_step), and every step would otherwise."""
+    device = None if xp is np else xp.cuda.runtime.getDevice()
+    key = (tuple(map(float, mean)), tuple(map(float, std)), device)
+    if key not in _constants:
+        _constants[key] = (xp.asarray(np.asarray(mean, np.float32)),
+                           xp.asarray(1.0 / np.asarray(std, np.float32)))
+    return _constants[key]
+
+
 def normalize(batch_uint8, mean, std, xp=np, dtype=np.float32):
     """uint8 NHWC -> float32 NHWC, (x - mean) / std per channel (on the device of xp),
     rounded once to `dtype` (the model's input dtype: bfloat16 in bf16 mode)."""
     x = xp.asarray(batch_uint8).astype(xp.float32)
-    m = xp.asarray(np.asarray(mean, np.float32))
-    inv = xp.asarray(1.0 / np.asarray(std, np.float32))
+    m, inv = _channel_constants(mean, std, xp)
     x -= m
     x *= inv
     return x if np.dtype(dtype) == np.float32 else x.astype(dtype)

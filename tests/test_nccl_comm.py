@@ -78,6 +78,9 @@ class StandInCuda:
             def wait_event(self, event):
                 cuda.log("stream wait")
 
+            def is_capturing(self):
+                return False
+
         class Device:
             def __init__(self, device_id):
                 self.id = device_id
