@@ -44,6 +44,12 @@ inline float4 make_float4(float x, float y, float z, float w) { return float4{x,
 inline uint2 make_uint2(unsigned int x, unsigned int y) { return uint2{x, y}; }
 inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return uint4{x, y, z, w}; }
 
+/* ---- grid-wide ordering: blocks run in turn, so one block's writes are seen by the next;
+ * the fence and the cache-global load have nothing more to do, the atomic is a real one. */
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline float __ldcg(const float* p) { return *p; }
+
 /* ---- launch geometry ------------------------------------------------------------------ */
 /* Blocks run in turn, so the grid and block shapes and the block index are one value for
  * every thread; the thread index is each OpenMP thread's own. */

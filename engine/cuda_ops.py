@@ -27,6 +27,8 @@ buffers), else into new ones; the BN partials live in one reused scratch buffer 
     maxpool_backward(x, dy, dx, k, s, p) -> dx  # a gather; ties to the first max in (kh, kw) order
     add_relu_(y, shortcut) -> y                 # y = relu(y + shortcut), in place
     relu_grad_(dy, y) -> dy                     # dy *= (y > 0), in place
+    softmax_xent(logits, labels, smoothing, *, dlogits=None, out=None, scratch=None)
+        -> (loss, dlogits, hits)     # engine.loss; loss, hits: 0-d float32 views of out (2,)
     pack_fp16(x, scale, out=None) -> float16 array;  unpack_fp16(h, scale, out=None) -> float32
                                                                                    # engine.precision
 The optimizer kernels read eta, a_sgd, a_rms, gscale from `scal` on the device (so a
@@ -69,9 +71,9 @@ def kernel_source(filename: str) -> str:
     """The code handed to NVRTC for engine/kernels/<filename> (engine.kernel_check compiles this too).
 
     CuPy's kernel cache keys on the code and the options, not on included files: the digest
-    of the shared header, appended as a comment, makes an edited header a new cache entry."""
-    digest = hashlib.sha256((KERNELS_DIR / "recipe_math.cuh").read_bytes()).hexdigest()
-    return (KERNELS_DIR / filename).read_text() + f"\n// recipe_math.cuh sha256 {digest}\n"
+    of the shared headers, appended as a comment, makes an edited header a new cache entry."""
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(KERNELS_DIR.glob("*.cuh")))).hexdigest()
+    return (KERNELS_DIR / filename).read_text() + f"\n// engine/kernels/*.cuh sha256 {digest}\n"
 
 
 def _module(filename: str):
@@ -212,6 +214,7 @@ def _out(xp, like, out):
 # that same stream order; a CUDA graph captured after warm-up (which sized the buffer)
 # keeps the pointer it baked in.
 _bn_scratch_buffers: dict = {}     # device (None: the host, in emulation) -> float32 buffer
+_bn_arrival_counters: dict = {}    # device -> uint32 zeros, one per grid column (grid_reduce.cuh)
 
 
 def _bn_scratch(xp, *sizes):
@@ -224,8 +227,18 @@ def _bn_scratch(xp, *sizes):
     return tuple(buf[end - size:end] for size, end in zip(sizes, ends))
 
 
+def _bn_arrivals(xp, columns: int):
+    """This device's grid-column arrival counters: zeros, made once (and again when a grid
+    needs more); every reducing kernel leaves the counters it used at zero again."""
+    device = None if xp is np else xp.cuda.runtime.getDevice()
+    counters = _bn_arrival_counters.get(device)
+    if counters is None or counters.size < columns:
+        counters = _bn_arrival_counters[device] = xp.zeros(columns, np.uint32)
+    return counters
+
+
 def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None):
-    """Training-mode BN (+ReLU): Welford partials, Chan merge, fused apply (3 launches).
+    """Training-mode BN (+ReLU): Welford partials and their Chan merge, fused apply (2 launches).
     x2d (and out) float32 or bfloat16; stats_out = (mean, var, inv_std), float32 (C,)
     arrays the merge kernel writes (new ones when None)."""
     variant = _bn_activation(x2d, "x2d")
@@ -236,18 +249,16 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None):
     part_n, part_mean, part_m2, scale, shift = _bn_scratch(xp, *(3 * [grid[1] * C]), C, C)
     mean, var, inv_std = _channel_outputs(xp, C, stats_out, ("mean", "var", "inv_std"))
     y = _out(xp, x2d, out)
-    _launch("bn_forward.cu", f"bn_stats_partial_{variant}", grid, BN_BLOCK,
-            (x2d, np.int64(rows), np.int32(C), part_n, part_mean, part_m2))
-    _launch("bn_forward.cu", "bn_stats_finalize", _grid_1d(C), (THREADS,),
-            (part_n, part_mean, part_m2, np.int32(grid[1]), np.int32(C), gamma, beta, np.float32(eps),
-             mean, var, inv_std, scale, shift))
+    _launch("bn_forward.cu", f"bn_stats_{variant}", grid, BN_BLOCK,
+            (x2d, np.int64(rows), np.int32(C), part_n, part_mean, part_m2, _bn_arrivals(xp, grid[0]),
+             gamma, beta, np.float32(eps), mean, var, inv_std, scale, shift))
     _launch("bn_forward.cu", f"bn_forward_apply_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (x2d, y, np.int64(rows * C), np.int32(C), scale, shift, np.int32(bool(relu))))
     return y, mean, var, inv_std
 
 
 def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None):
-    """Training-mode BN backward through the fused ReLU (3 launches); out may be dy2d.
+    """Training-mode BN backward through the fused ReLU (2 launches); out may be dy2d.
     dy2d, x2d, y2d (and out) one storage type, float32 or bfloat16; grads_out = (dgamma,
     dbeta), float32 (C,) arrays the finalize kernel writes (views into the flat gradient
     buffer; new arrays when None)."""
@@ -266,9 +277,8 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_o
     dx = _out(xp, x2d, out)
     relu_flag = np.int32(bool(relu))
     _launch("bn_backward.cu", f"bn_backward_reduce_{variant}", grid, BN_BLOCK,
-            (dy2d, x2d, y2d, np.int64(rows), np.int32(C), mean, inv_std, relu_flag, part_dy, part_dyxh))
-    _launch("bn_backward.cu", "bn_backward_finalize", _grid_1d(C), (THREADS,),
-            (part_dy, part_dyxh, np.int32(grid[1]), np.int32(C), dgamma, dbeta))
+            (dy2d, x2d, y2d, np.int64(rows), np.int32(C), mean, inv_std, relu_flag, part_dy, part_dyxh,
+             _bn_arrivals(xp, grid[0]), dgamma, dbeta))
     _launch("bn_backward.cu", f"bn_backward_dx_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (dy2d, x2d, y2d, np.int64(rows * C), np.int32(C), gamma, mean, inv_std, dgamma, dbeta,
              np.float32(1.0 / max(rows, 1)), relu_flag, dx))
@@ -424,6 +434,62 @@ def relu_grad_(dy, y):
         _launch("residual.cu", f"relu_grad_{variant}", _grid_1d(-(-dy.size // 4)), (THREADS,),
                 (dy, y, np.int64(dy.size)))
     return dy
+
+
+# ---- loss ----------------------------------------------------------------------------
+
+XENT_MAX_THREADS = 256          # SOFTMAX_XENT_THREADS of engine/kernels/softmax_xent.cu
+
+
+def _xent_block(items: int) -> tuple:
+    """A power of two from 32 (a warp) to XENT_MAX_THREADS covering `items` if it can: the
+    kernels' shared-memory trees need a power of two."""
+    t = 32
+    while t < min(items, XENT_MAX_THREADS):
+        t *= 2
+    return (t,)
+
+
+def softmax_xent(logits, labels, smoothing, *, dlogits=None, out=None, scratch=None):
+    """Softmax cross-entropy with label smoothing e = `smoothing` of float32 logits (N, K)
+    and int64 labels (N,), engine/loss.py's definition, in two launches: (loss, dlogits, hits)
+    with loss the batch mean and hits the top-1 count (NumPy's argmax tie rule: the first
+    index of the row max), both 0-d float32 views of `out` (a float32 array of 2, written by
+    the second kernel), and dlogits (N, K) float32 = (softmax - q) / N. `scratch`: a float32
+    array of 2N (the per-row losses and hits); out and scratch default to one new buffer.
+    A label outside [0, K) is never read through: its row's loss and gradient are NaN (the
+    loss then fails engine.metrics.check_finite) and its hit 0. The batch sums run in a fixed
+    order: the same inputs give the same bits on every run."""
+    if logits.ndim != 2:
+        raise ValueError(f"cuda_ops: logits must be 2-D (N, classes), got shape {tuple(logits.shape)}")
+    _check(logits, np.float32, "logits")
+    n, k = (int(v) for v in logits.shape)
+    if k < 1 or k > _INT_MAX:
+        raise ValueError(f"cuda_ops: logits need 1 to 2**31 - 1 classes, got {k}")
+    _check(labels, np.int64, "labels", n)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"cuda_ops: smoothing must be in [0, 1), got {smoothing}")
+    xp = array_module(logits)
+    if dlogits is None:
+        dlogits = xp.empty((n, k), np.float32)
+    _check(dlogits, np.float32, "dlogits")
+    _shape(dlogits, "dlogits", (n, k))
+    if out is None and scratch is None:
+        buf = xp.empty(2 + 2 * n, np.float32)
+        out, scratch = buf[:2], buf[2:]
+    if out is None:
+        out = xp.empty(2, np.float32)
+    if scratch is None:
+        scratch = xp.empty(2 * n, np.float32)
+    _check(out, np.float32, "out", 2)
+    _check(scratch, np.float32, "scratch", 2 * n)
+    row_loss, row_hit = scratch[:n], scratch[n:]
+    e = float(smoothing)
+    _launch("softmax_xent.cu", "softmax_xent_rows", (max(1, min(n, MAX_BLOCKS)),), _xent_block(k),
+            (logits, labels, np.int64(n), np.int32(k), *_f32(e, 1.0 - e, e / k), dlogits, row_loss, row_hit))
+    _launch("softmax_xent.cu", "softmax_xent_reduce", (1,), _xent_block(n),
+            (row_loss, row_hit, np.int64(n), out))
+    return out[0:1].reshape(()), dlogits, out[1:2].reshape(())
 
 
 # ---- FP16 communication ---------------------------------------------------------------

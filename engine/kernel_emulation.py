@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -57,16 +58,27 @@ def compiler() -> str:
 
 
 # What makes a block's threads depend on each other: a file using none of these (nor do the
-# headers beside it) has its threads run one after the other (emu_launch_serial), else as a
-# team per block (emu_launch).
+# headers it includes) has its threads run one after the other (emu_launch_serial), else as
+# a team per block (emu_launch).
 BLOCK_COOPERATION = ("__syncthreads", "__shared__", "__shfl", "__syncwarp")
+
+
+def _with_headers(cu: Path, seen=None) -> str:
+    """The text of `cu` and of every header it includes with #include "...", recursively."""
+    seen = set() if seen is None else seen
+    seen.add(cu)
+    text = cu.read_text()
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', text, flags=re.M):
+        header = cu.parent / name
+        if header.exists() and header not in seen:
+            text += _with_headers(header, seen)
+    return text
 
 
 def entry_points(cu: Path) -> str:
     """C++ that includes the CUDA file `cu` and defines emu_<kernel> for each of its kernels."""
     text = cu.read_text()
-    headers = "".join(h.read_text() for h in sorted(cu.parent.glob("*.cuh")))
-    run = "emu_launch" if any(word in text + headers for word in BLOCK_COOPERATION) else "emu_launch_serial"
+    run = "emu_launch" if any(word in _with_headers(cu) for word in BLOCK_COOPERATION) else "emu_launch_serial"
     lines = [f'#include "{cu}"', ""]
     for kernel, params in kernel_signatures(text).items():
         values = ", ".join(f"*({p.ctype}**)args[{k}]" if p.pointer else f"*({p.ctype}*)args[{k}]"

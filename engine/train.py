@@ -455,14 +455,13 @@ class Trainer:
 
     def _step(self, images, labels, coef):
         """The step on a batch already on the device (what --cuda-graph captures)."""
-        from engine.loss import softmax_cross_entropy
+        from engine.loss import softmax_cross_entropy_with_hits
         from engine.transforms import normalize
         be, tl, model = self.backend, self.timeline, self.model
         with tl.span("forward", "forward"):
             x = normalize(images, self.train_set.mean, self.train_set.std, be.xp, model.input_dtype)
             logits = model.forward(x, train=True)
-            loss, dlogits = softmax_cross_entropy(logits, labels, self.args.label_smoothing)
-            hits = (logits.argmax(axis=1) == labels).sum()
+            loss, dlogits, hits = softmax_cross_entropy_with_hits(logits, labels, self.args.label_smoothing)
         with tl.span("backward", "backward"):
             model.backward(dlogits, grad_ready=self.reducer.grad_ready)
         # Each bucket's update runs as soon as its all-reduce lands; 1/N folded into grad_scale.

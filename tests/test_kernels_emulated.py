@@ -21,6 +21,8 @@ from engine import conv, cuda_ops, hostmath, kernel_check, kernel_emulation, pre
 from engine.layers import MaxPool
 from engine.workspace import Workspace
 
+import softmax_xent_reference as xent
+
 BF16 = cuda_ops.BF16
 
 SEED = np.random.SeedSequence().entropy % 2**32
@@ -106,6 +108,7 @@ def test_every_kernel_of_every_file_is_launched(launches, rng):
     for g in (x.ravel(), x.ravel().astype(np.float16)):
         cuda_ops.hybrid_update(*flat, g, None, scal_of(HYPER), *(HYPER[k] for k in FIXED))
         cuda_ops.sgd_update(flat[0], flat[1], g, None, scal_of(HYPER), 0.9, 0.0)
+    cuda_ops.softmax_xent(x, rng.integers(0, 8, 40), 0.1)
     every = {(f.name, k) for f in kernel_check.kernel_files()
              for k in kernel_check.kernel_signatures(f.read_text())}
     assert {(f, k) for f, k, _ in launches} == every
@@ -288,6 +291,7 @@ def test_bn_forward(launches, rng, relu, rows, C, storage):
         ry, rmean, rvar = _reference_forward(x, gamma, beta, 1e-5, relu)
         hy, hmean, hvar, _ = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
         assert y is out and all(a is b for a, b in zip((mean, var, inv_std), stats))
+        assert not cuda_ops._bn_arrival_counters[None].any()    # left at zero for the next launch
         assert untouched(xd) and untouched(out) and untouched(buf) and np.isnan(buf[[0, -1]]).all()
         # y = x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
         floor = np.max(np.abs(x) * gamma / np.sqrt(rvar + 1e-5), initial=0)
@@ -296,7 +300,7 @@ def test_bn_forward(launches, rng, relu, rows, C, storage):
         assert rel_err(y, hy, floor) < bound and rel_err(mean, hmean) < 1e-5 and rel_err(var, hvar) < 1e-5
         if storage == "bf16":      # y is the float32 result rounded once, as ml_dtypes rounds it
             assert np.abs(y.astype(np.float32) - hy).max(initial=0) <= np.abs(hy).max(initial=0) * 2.0**-8 + 1e-6
-    stats_grid = next(grid for _, k, grid in launches if k.startswith("bn_stats_partial_"))
+    stats_grid = next(grid for _, k, grid in launches if k.startswith("bn_stats_"))
     assert rows < 100 or stats_grid[1] > 1       # several block rows, each walking several rows
 
 
@@ -322,6 +326,7 @@ def test_bn_backward(launches, rng, relu, rows, C, storage):
         dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x.astype(dtype), x_at), placed(y.astype(dtype), y_at),
                                                  gamma, mean, inv_std, relu, out=dyd, grads_out=grads)
         assert dx is dyd and untouched(dyd) and dgamma is grads[0] and dbeta is grads[1]
+        assert not cuda_ops._bn_arrival_counters[None].any()    # left at zero for the next launch
         assert untouched(buf) and np.isnan(buf[[0, -1]]).all()
         assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < bound
         assert rel_err(dx, hdx) < bound and rel_err(dgamma, hdg) < 1e-5 and rel_err(dbeta, hdb) < 1e-5
@@ -570,6 +575,87 @@ def test_window_launchers_refuse_wrong_arrays_by_name(launches):
         cuda_ops.relu_grad_(x, x.astype(BF16))
     with pytest.raises(ValueError, match="smaller than the 7x7 window"):
         cuda_ops.im2col(x, 7, 1, 1, np.zeros((1, 1, 1, 7, 7, 3), np.float32))
+    assert launches == []
+
+
+# ---- loss --------------------------------------------------------------------------------
+# Bounds and reference: tests/softmax_xent_reference.py (derived there from float32 rounding).
+
+@pytest.mark.parametrize("kind", xent.KINDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("n,k", xent.SIZES)
+def test_softmax_xent(launches, rng, n, k, smoothing, kind):
+    logits, labels = xent.logits_and_labels(rng, n, k, kind)
+    z, y = placed(logits, 1), placed(labels, 3)
+    d, out, scratch = placed(np.zeros((n, k), np.float32), 2), placed(np.zeros(2, np.float32), 1), \
+        placed(np.zeros(2 * n, np.float32), 5)
+    loss, dlogits, hits = cuda_ops.softmax_xent(z, y, smoothing, dlogits=d, out=out, scratch=scratch)
+    assert dlogits is d and loss.shape == hits.shape == () and loss.dtype == hits.dtype == np.float32
+    assert np.shares_memory(loss, out) and np.shares_memory(hits, out)
+    xent.check(logits, labels, smoothing, loss, dlogits, hits, scratch[:n], scratch[n:])
+    assert np.array_equal(z, logits) and np.array_equal(y, labels)
+    assert all(untouched(a) for a in (z, y, d, out, scratch))
+    # two launches; more rows than blocks: the block-stride loop over rows wraps
+    assert [kern for _, kern, _ in launches] == ["softmax_xent_rows", "softmax_xent_reduce"]
+    assert launches[0][2] == (min(n, cuda_ops.MAX_BLOCKS),)
+    if kind == "ties":
+        assert 0 < hits < n or n < 3
+    elif kind == "normal":      # deterministic: the same bits again, and from the default buffers
+        again = cuda_ops.softmax_xent(logits, labels, smoothing)
+        assert np.array_equal(again[1], d) and np.array_equal(np.stack(again[::2]), out)
+
+
+def test_softmax_xent_matches_the_generic_loss(launches, rng):
+    """engine.loss's xp code and the kernels: float32 both, a few ulp apart."""
+    from engine.loss import softmax_cross_entropy_with_hits
+    logits, labels = xent.logits_and_labels(rng, 33, 1000, "normal")
+    for e in (0.0, 0.1):
+        loss, d, hits = softmax_cross_entropy_with_hits(logits, labels, e)    # NumPy: the xp code
+        assert launches == []
+        got = cuda_ops.softmax_xent(logits, labels, e)
+        assert abs(float(got[0]) - float(loss)) <= 1e-5 * abs(float(loss))
+        assert np.max(np.abs(got[1] - d)) <= 2.0**-20 / 33 and float(got[2]) == hits
+        launches.clear()
+
+
+def test_softmax_xent_label_out_of_range_is_a_nan_row(launches, rng):
+    """No read through a bad label: its row's loss and gradient are NaN, its hit 0, so the
+    batch loss is NaN (engine.metrics.check_finite stops the job); the other rows are exact."""
+    n, k = 7, 10
+    logits, labels = xent.logits_and_labels(rng, n, k, "normal")
+    bad = labels.copy()
+    bad[[1, 4, 5]] = [-1, k, 2**40]
+    z, y, scratch = placed(logits, 0), placed(bad, 1), placed(np.zeros(2 * n, np.float32), 0)
+    loss, d, hits = cuda_ops.softmax_xent(z, y, 0.1, scratch=scratch)
+    assert np.isnan(loss) and np.all(np.isnan(d[[1, 4, 5]])) and np.all(np.isnan(scratch[[1, 4, 5]]))
+    good = [0, 2, 3, 6]
+    ref_rows, ref_d, ref_hit, _, _ = xent.reference(logits, labels, 0.1)
+    assert np.all(np.isfinite(d[good])) and np.all(np.isfinite(scratch[good]))
+    assert rel_err(scratch[good], ref_rows[good]) < 1e-5 and rel_err(d[good], ref_d[good]) < 1e-5
+    assert float(hits) == ref_hit[good].sum() and np.all(scratch[n:][[1, 4, 5]] == 0)
+    assert untouched(z) and untouched(y) and untouched(scratch)
+    from engine.metrics import NonFiniteLoss, check_finite
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        check_finite(float(loss), 1, 0.0)
+
+
+def test_softmax_xent_refuses_wrong_arrays_by_name(launches):
+    z = np.zeros((3, 4), np.float32)
+    y = np.zeros(3, np.int64)
+    with pytest.raises(TypeError, match="cuda_ops: logits must be float32, got float64"):
+        cuda_ops.softmax_xent(z.astype(np.float64), y, 0.0)
+    with pytest.raises(TypeError, match="cuda_ops: labels must be int64, got int32"):
+        cuda_ops.softmax_xent(z, y.astype(np.int32), 0.0)
+    with pytest.raises(ValueError, match="cuda_ops: labels has 2 elements, expected 3"):
+        cuda_ops.softmax_xent(z, y[:2], 0.0)
+    with pytest.raises(ValueError, match=r"cuda_ops: smoothing must be in \[0, 1\)"):
+        cuda_ops.softmax_xent(z, y, 1.0)
+    with pytest.raises(ValueError, match=r"cuda_ops: dlogits has shape \(4, 3\), expected \(3, 4\)"):
+        cuda_ops.softmax_xent(z, y, 0.0, dlogits=np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="cuda_ops: scratch has 4 elements, expected 6"):
+        cuda_ops.softmax_xent(z, y, 0.0, scratch=np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="cuda_ops: logits must be C-contiguous"):
+        cuda_ops.softmax_xent(np.zeros((3, 8), np.float32)[:, ::2], y, 0.0)
     assert launches == []
 
 

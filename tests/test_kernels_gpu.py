@@ -332,3 +332,34 @@ def test_layers_run_the_fused_kernels_on_device_arrays(cp, rng):
     assert rel_err(gpool.backward(cp.asarray(dy)).get(), hpool.backward(dy)) < 1e-6
     sc = rng.standard_normal(x.shape).astype(np.float32)
     np.testing.assert_array_equal(layers.add_relu_(xd.copy(), cp.asarray(sc)).get(), layers.add_relu_(x.copy(), sc))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("n,k", [(1, 10), (2, 1000), (7, 1001), (33, 10), (33, 1000), (256, 1000), (5000, 10)])
+def test_softmax_xent(cp, ops, rng, n, k, smoothing, kind):
+    """The fused loss against float64 NumPy within the float32 bounds of
+    tests/softmax_xent_reference.py (as the emulated tier); 5000 rows: more rows than blocks."""
+    import softmax_xent_reference as xent
+    logits, labels = xent.logits_and_labels(rng, n, k, kind)
+    z, y = cp.asarray(logits), cp.asarray(labels)
+    scratch = cp.zeros(2 * n, np.float32)
+    loss, d, hits = ops.softmax_xent(z, y, smoothing, scratch=scratch)
+    assert loss.shape == hits.shape == () and loss.dtype == hits.dtype == np.float32
+    s = cp.asnumpy(scratch)
+    xent.check(logits, labels, smoothing, cp.asnumpy(loss), cp.asnumpy(d), cp.asnumpy(hits), s[:n], s[n:])
+    # deterministic: the same bits on a second run
+    again = ops.softmax_xent(z, y, smoothing)
+    assert cp.asnumpy(again[0]) == cp.asnumpy(loss) and np.array_equal(cp.asnumpy(again[1]), cp.asnumpy(d))
+    from engine.loss import softmax_cross_entropy_with_hits
+    got = softmax_cross_entropy_with_hits(z, y, smoothing)          # engine.loss dispatches here
+    assert cp.asnumpy(got[0]) == cp.asnumpy(loss) and float(got[2]) == float(hits)
+
+
+def test_softmax_xent_bad_label_is_a_nan_row(cp, ops, rng):
+    logits = rng.standard_normal((4, 10)).astype(np.float32)
+    labels = np.array([1, -1, 10, 3])
+    loss, d, hits = ops.softmax_xent(cp.asarray(logits), cp.asarray(labels), 0.1)
+    d = cp.asnumpy(d)
+    assert np.isnan(float(loss)) and np.isnan(d[[1, 2]]).all() and np.isfinite(d[[0, 3]]).all()
+    assert float(hits) == (logits.argmax(axis=1) == labels)[[0, 3]].sum()

@@ -123,6 +123,14 @@ def test_bn_block_shape_matches_the_header():
     assert cuda_ops.BN_BLOCK == (tx, ty)
 
 
+def test_loss_blocks_fit_the_kernels_shared_trees():
+    source = (kc.KERNELS_DIR / "softmax_xent.cu").read_text()
+    assert int(re.search(r"#define SOFTMAX_XENT_THREADS (\d+)", source).group(1)) == cuda_ops.XENT_MAX_THREADS
+    for items in (0, 1, 10, 33, 64, 65, 1000, 1001, 10**6):
+        (t,) = cuda_ops._xent_block(items)
+        assert 32 <= t <= cuda_ops.XENT_MAX_THREADS and t & (t - 1) == 0 and (t >= items or t == 256)
+
+
 # ---- launcher arguments against the C signatures --------------------------------------
 
 def test_signature_parser():
@@ -182,6 +190,8 @@ def run_every_launcher(rng):
         y = cuda_ops.maxpool_forward(x, np.empty((2, 5, 5, 8), dtype), 3, 2, 1)
         cuda_ops.maxpool_backward(x, y, np.empty_like(x), 3, 2, 1)
         cuda_ops.relu_grad_(cuda_ops.add_relu_(x.copy(), x), x)
+    # a Python float for the smoothing on purpose
+    cuda_ops.softmax_xent(f32(rows, 1000), rng.integers(0, 1000, rows), 0.1)
 
 
 def test_every_launch_matches_its_kernel_signature(recorded):
@@ -304,6 +314,79 @@ def test_conv_pool_and_residual_dispatch_device_arrays_to_the_fused_kernels(monk
     layers.add_relu_backward_(layers.add_relu_(a.copy(), a), a)
     layers.add_relu_(a.astype(cuda_ops.BF16), a.astype(cuda_ops.BF16))
     assert backend.fused_kernels(a) is None and seen == []
+
+
+def test_loss_dispatches_float32_device_logits_to_the_fused_kernels(monkeypatch):
+    """engine.loss sends float32 non-NumPy (CuPy) logits to cuda_ops.softmax_xent (int64
+    labels as they are, other integers cast); NumPy logits keep the xp code, whose hits are
+    logits.argmax(axis=1) == labels summed (float64 device logits: the next test)."""
+    from engine import loss as loss_mod
+
+    class DeviceArray:
+        ndim = 2
+
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+            self.flags = types.SimpleNamespace(c_contiguous=True)
+
+        def astype(self, dtype):
+            return DeviceArray(self.shape, dtype)
+
+    class Xp:
+        @staticmethod
+        def asarray(a):
+            return a
+
+    seen = []
+    monkeypatch.setattr(cuda_ops, "softmax_xent", lambda *a, **k: (seen.append((a, k)), ("loss", "d", "hits"))[1])
+    monkeypatch.setattr(loss_mod, "array_module", lambda a: np if isinstance(a, np.ndarray) else Xp)
+    z, y = DeviceArray((4, 10), np.float32), DeviceArray((4,), np.int64)
+    assert loss_mod.softmax_cross_entropy_with_hits(z, y, 0.1) == ("loss", "d", "hits")
+    assert loss_mod.softmax_cross_entropy(z, y) == ("loss", "d")
+    assert seen == [((z, y, 0.1), {}), ((z, y, 0.0), {})]
+    seen.clear()
+    loss_mod.softmax_cross_entropy(z, DeviceArray((4,), np.int32))
+    assert seen[0][0][1].dtype == np.int64
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\), got \(3,\)"):
+        loss_mod.softmax_cross_entropy(z, DeviceArray((3,), np.int64))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        loss_mod.softmax_cross_entropy(z, y, 1.0)
+    # NumPy logits (float32 too) stay on the xp code.
+    seen.clear()
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((6, 5)).astype(np.float32)
+    logits[0] = 1.0                                           # a tied row: the first index wins
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    loss, d, hits = loss_mod.softmax_cross_entropy_with_hits(logits, labels, 0.1)
+    assert seen == [] and d.dtype == np.float32 and hits == (logits.argmax(axis=1) == labels).sum()
+    assert loss_mod.softmax_cross_entropy(logits.astype(np.float64), labels)[1].dtype == np.float64
+    assert seen == []
+
+
+def test_loss_on_the_standin_cupy_is_two_launches_and_device_scalars(monkeypatch):
+    """On the stand-in CuPy (tests/gpu_standins.py, kernels emulated on the host): float32
+    logits cost the two fused launches and two allocations (dlogits, the result buffer), and
+    loss and hits stay 0-d device arrays; float64 logits take the generic xp code."""
+    import gpu_standins
+    from engine.loss import softmax_cross_entropy, softmax_cross_entropy_with_hits
+    cupy = gpu_standins.install(monkeypatch, gpu_standins.emulated_launch)
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((5, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 5)
+    z, y = cupy.asarray(logits), cupy.asarray(labels)
+    gpu_standins.reset()
+    loss, d, hits = softmax_cross_entropy_with_hits(z, y, 0.1)
+    assert [(o.kind, o.name) for o in gpu_standins.OPS if o.kind != "alloc"] == [
+        ("kernel", "softmax_xent.cu:softmax_xent_rows"), ("kernel", "softmax_xent.cu:softmax_xent_reduce")]
+    assert sum(o.kind == "alloc" for o in gpu_standins.OPS) == 2
+    assert isinstance(loss, cupy.ndarray) and loss.shape == hits.shape == () and hits.dtype == np.float32
+    ref_loss, ref_d = softmax_cross_entropy(logits, labels, 0.1)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    assert np.max(np.abs(cupy.asnumpy(d) - ref_d)) <= 1e-7
+    assert float(hits) == (logits.argmax(axis=1) == labels).sum()
+    gpu_standins.reset()
+    softmax_cross_entropy_with_hits(z.astype(np.float64), y, 0.1)
+    assert not [o for o in gpu_standins.OPS if o.kind == "kernel"]
 
 
 def test_each_kernel_is_compiled_and_fetched_once_per_device(monkeypatch):

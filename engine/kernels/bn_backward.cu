@@ -1,21 +1,24 @@
 // Training-mode batch norm backward over x (rows = N*H*W, C), through the fused ReLU; dy, x,
-// y and dx float32 (_f32) or bfloat16 (_bf16) in memory, float32 math and sums for both:
+// y and dx float32 (_f32) or bfloat16 (_bf16) in memory, float32 math and sums for both, in
+// two launches:
 //   bn_backward_reduce    grid (ceil(C/32), G), block (32, 8): per channel, partial sums of
 //                         g = relu'(y)*dy and of g*xhat over strided rows, reduced in shared
-//                         memory; one partial per block row.
-//   bn_backward_finalize  one thread per channel adds the G partials: dbeta = sum g,
-//                         dgamma = sum g*xhat.
+//                         memory; one partial per block row. The last block of each grid
+//                         column to finish (grid_reduce.cuh) adds the column's G partials in
+//                         block-row order: dbeta = sum g, dgamma = sum g*xhat.
 //   bn_backward_dx        dx = gamma*inv_std*(g - dbeta/R - xhat*dgamma/R), elementwise with
 //                         128-bit loads (4 float32 or 8 bfloat16) when C is a multiple of that
 //                         and every pointer 16-byte aligned. dx may be dy itself (the model
 //                         passes dy as `out`): each element is read before it is written.
 #include "recipe_math.cuh"
+#include "grid_reduce.cuh"
 
 
 template <typename T>
 __device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T* y, long long rows, int C,
                                                 const float* mean, const float* inv_std, int relu,
-                                                float* part_dy, float* part_dyxh)
+                                                float* part_dy, float* part_dyxh, unsigned int* arrivals,
+                                                float* dgamma, float* dbeta)
 {
     __shared__ float sh_dy[RM_BN_TY][RM_BN_TX], sh_dyxh[RM_BN_TY][RM_BN_TX];
     const int c = blockIdx.x * RM_BN_TX + threadIdx.x;
@@ -44,36 +47,33 @@ __device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T
         part_dy[(long long)blockIdx.y * C + c] = sh_dy[0][threadIdx.x];
         part_dyxh[(long long)blockIdx.y * C + c] = sh_dyxh[0][threadIdx.x];
     }
+    if (!rm_last_block_of_column(arrivals) || threadIdx.y != 0 || c >= C)
+        return;
+    float t_dy = 0.0f, t_dyxh = 0.0f;
+    for (int k = 0; k < (int)gridDim.y; ++k) {
+        t_dy += rm_load_partial(part_dy, (long long)k * C + c);
+        t_dyxh += rm_load_partial(part_dyxh, (long long)k * C + c);
+    }
+    dbeta[c] = t_dy;
+    dgamma[c] = t_dyxh;
 }
 
 extern "C" __global__ void bn_backward_reduce_f32(const float* dy, const float* x, const float* y,
                                                   long long rows, int C, const float* mean,
                                                   const float* inv_std, int relu, float* part_dy,
-                                                  float* part_dyxh)
+                                                  float* part_dyxh, unsigned int* arrivals, float* dgamma,
+                                                  float* dbeta)
 {
-    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh);
+    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh, arrivals, dgamma, dbeta);
 }
 
 extern "C" __global__ void bn_backward_reduce_bf16(const rm_bf16* dy, const rm_bf16* x, const rm_bf16* y,
                                                    long long rows, int C, const float* mean,
                                                    const float* inv_std, int relu, float* part_dy,
-                                                   float* part_dyxh)
+                                                   float* part_dyxh, unsigned int* arrivals, float* dgamma,
+                                                   float* dbeta)
 {
-    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh);
-}
-
-extern "C" __global__ void bn_backward_finalize(const float* part_dy, const float* part_dyxh, int G,
-                                                int C, float* dgamma, float* dbeta)
-{
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float s_dy = 0.0f, s_dyxh = 0.0f;
-    for (int k = 0; k < G; ++k) {
-        s_dy += part_dy[(long long)k * C + c];
-        s_dyxh += part_dyxh[(long long)k * C + c];
-    }
-    dbeta[c] = s_dy;
-    dgamma[c] = s_dyxh;
+    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh, arrivals, dgamma, dbeta);
 }
 
 __device__ __forceinline__ float dx1(float dy, float x, float y, int c, const float* gamma,

@@ -1,22 +1,26 @@
-// Training-mode batch norm over NHWC seen as x (rows = N*H*W, C), in three launches, x and y
+// Training-mode batch norm over NHWC seen as x (rows = N*H*W, C), in two launches, x and y
 // float32 (_f32) or bfloat16 (_bf16) in memory, float32 math and statistics for both:
-//   bn_stats_partial   grid (ceil(C/32), G), block (32, 8): each thread runs Welford over a
+//   bn_stats           grid (ceil(C/32), G), block (32, 8): each thread runs Welford over a
 //                      strided set of rows of one channel (a warp reads 32 consecutive
 //                      channels of a row: coalesced); the 8 threads of a channel are merged
 //                      in shared memory (Chan); one partial (n, mean, M2) per block row.
-//   bn_stats_finalize  one thread per channel merges the G partials (Chan), then writes
-//                      mean, biased var, inv_std (saved for backward) and the folded
-//                      scale = gamma*inv_std, shift = beta - mean*scale.
+//                      The last block of each grid column to finish (grid_reduce.cuh) then
+//                      merges the column's G partials per channel, in block-row order
+//                      (Chan), and writes mean, biased var, inv_std (saved for backward) and
+//                      the folded scale = gamma*inv_std, shift = beta - mean*scale.
 //   bn_forward_apply   y = x*scale + shift (+ReLU), 128-bit loads and stores (4 float32 or
 //                      8 bfloat16) when C is a multiple of that and x, y are 16-byte aligned.
 // Welford within a thread and Chan's merge between threads keep the variance exact when
 // |mean| >> std, where E[x^2] - E[x]^2 in fp32 would cancel.
 #include "recipe_math.cuh"
+#include "grid_reduce.cuh"
 
 
 template <typename T>
-__device__ __forceinline__ void stats_partial(const T* x, long long rows, int C, float* part_n,
-                                              float* part_mean, float* part_m2)
+__device__ __forceinline__ void stats(const T* x, long long rows, int C, float* part_n, float* part_mean,
+                                      float* part_m2, unsigned int* arrivals, const float* gamma,
+                                      const float* beta, float eps, float* mean, float* var, float* inv_std,
+                                      float* scale, float* shift)
 {
     __shared__ float sh_n[RM_BN_TY][RM_BN_TX], sh_mean[RM_BN_TY][RM_BN_TX], sh_m2[RM_BN_TY][RM_BN_TX];
     const int c = blockIdx.x * RM_BN_TX + threadIdx.x;
@@ -47,40 +51,38 @@ __device__ __forceinline__ void stats_partial(const T* x, long long rows, int C,
         part_mean[at] = s.mean;
         part_m2[at] = s.m2;
     }
-}
-
-extern "C" __global__ void bn_stats_partial_f32(const float* x, long long rows, int C, float* part_n,
-                                                float* part_mean, float* part_m2)
-{
-    stats_partial(x, rows, C, part_n, part_mean, part_m2);
-}
-
-extern "C" __global__ void bn_stats_partial_bf16(const rm_bf16* x, long long rows, int C, float* part_n,
-                                                 float* part_mean, float* part_m2)
-{
-    stats_partial(x, rows, C, part_n, part_mean, part_m2);
-}
-
-extern "C" __global__ void bn_stats_finalize(const float* part_n, const float* part_mean,
-                                             const float* part_m2, int G, int C, const float* gamma,
-                                             const float* beta, float eps, float* mean, float* var,
-                                             float* inv_std, float* scale, float* shift)
-{
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    rm_moments s = {0.0f, 0.0f, 0.0f};
-    for (int k = 0; k < G; ++k) {
-        rm_moments o = {part_n[(long long)k * C + c], part_mean[(long long)k * C + c], part_m2[(long long)k * C + c]};
-        rm_moments_merge(&s, &o);
+    if (!rm_last_block_of_column(arrivals) || threadIdx.y != 0 || c >= C)
+        return;
+    rm_moments m = {0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < (int)gridDim.y; ++k) {
+        const long long at = (long long)k * C + c;
+        rm_moments o = {rm_load_partial(part_n, at), rm_load_partial(part_mean, at), rm_load_partial(part_m2, at)};
+        rm_moments_merge(&m, &o);
     }
-    const float v = s.n > 0.0f ? s.m2 / s.n : 0.0f;
+    const float v = m.n > 0.0f ? m.m2 / m.n : 0.0f;
     const float is = rm_bn_inv_std(v, eps);
     const float sc = rm_bn_scale(gamma[c], is);
-    mean[c] = s.mean;
+    mean[c] = m.mean;
     var[c] = v;
     inv_std[c] = is;
     scale[c] = sc;
-    shift[c] = rm_bn_shift(beta[c], s.mean, sc);
+    shift[c] = rm_bn_shift(beta[c], m.mean, sc);
+}
+
+extern "C" __global__ void bn_stats_f32(const float* x, long long rows, int C, float* part_n, float* part_mean,
+                                        float* part_m2, unsigned int* arrivals, const float* gamma,
+                                        const float* beta, float eps, float* mean, float* var, float* inv_std,
+                                        float* scale, float* shift)
+{
+    stats(x, rows, C, part_n, part_mean, part_m2, arrivals, gamma, beta, eps, mean, var, inv_std, scale, shift);
+}
+
+extern "C" __global__ void bn_stats_bf16(const rm_bf16* x, long long rows, int C, float* part_n,
+                                         float* part_mean, float* part_m2, unsigned int* arrivals,
+                                         const float* gamma, const float* beta, float eps, float* mean,
+                                         float* var, float* inv_std, float* scale, float* shift)
+{
+    stats(x, rows, C, part_n, part_mean, part_m2, arrivals, gamma, beta, eps, mean, var, inv_std, scale, shift);
 }
 
 template <typename T>

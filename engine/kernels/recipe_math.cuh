@@ -397,4 +397,35 @@ RM_FN float rm_bn_dx(float dy, float x, float mean, float inv_std, float gamma,
     return gamma * inv_std * (dy - mean_dy - xhat * mean_dyxh);
 }
 
+/* ---- loss (softmax_xent.cu) ----------------------------------------------------- */
+
+/* Whether a row's argmax scan, holding (best, at) so far, takes (v, k): NumPy's argmax rule,
+ * the first index of the largest value, a NaN (the first one) above everything. Any two
+ * candidates compare the same whichever is `best`, so a tree merge of per-thread results
+ * finds what a scan in index order finds. */
+RM_FN int rm_argmax_takes(float v, long long k, float best, long long at)
+{
+    if (v != v) return best == best || k < at;
+    if (best != best) return 0;
+    return v > best || (v == best && k < at);
+}
+
+/* One row's smoothed cross-entropy, as engine/loss.py defines it: with s = z - max(z),
+ * log_z = log(sum exp s) and log_p = s - log_z,
+ *   loss = (1 - e) * (-log_p[label]) - e * mean_k log_p
+ *        = (1 - e) * (log_z - s[label]) - e * (sum_s / K - log_z). */
+RM_FN float rm_xent_loss(float log_z, float s_label, float sum_s, int K, float one_minus_e, float e)
+{
+    return one_minus_e * (log_z - s_label) - e * (sum_s / (float)K - log_z);
+}
+
+/* d loss / d z of one element before the 1/N of the batch mean: softmax - q, with
+ * q = (1 - e) * onehot + e / K, subtracted in engine/loss.py's order. */
+RM_FN float rm_xent_grad(float s, float log_z, int is_label, float one_minus_e, float e_over_k)
+{
+    float p = expf(s - log_z);
+    if (is_label) p -= one_minus_e;
+    return p - e_over_k;
+}
+
 #endif /* RECIPE_MATH_CUH */
