@@ -15,7 +15,9 @@ is the twin of cuBLAS's: the bf16 inputs widened to float32 (exact), one float32
 rounded once to the output's dtype (ml_dtypes rounds to nearest even, as the GPU does).
 
 a and b are 2-D, each C-contiguous or the transpose of a C-contiguous array (`w.T`); out is
-C-contiguous (M, N) and must not overlap a or b.
+C-contiguous (M, N) and must not overlap a or b. `accumulate=True` adds the product to what
+out holds (cuBLAS's beta = 1: a residual block's two input gradients meet in the GEMM of its
+first 1x1 conv, with no separate pass over them and, on a GPU, one rounding instead of two).
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ def activation_dtype(precision: str) -> np.dtype:
     return _bf16() if precision == "bf16" else np.dtype(np.float32)
 
 
-def matmul(a, b, out, precision: str = "fp32"):
-    """out = a @ b in `precision` (see the module docstring); returns out."""
+def matmul(a, b, out, precision: str = "fp32", accumulate: bool = False):
+    """out = a @ b (out += a @ b with `accumulate`) in `precision` (see the module
+    docstring); returns out."""
     m, k = a.shape
     k2, n = b.shape
     if k != k2 or tuple(out.shape) != (m, n):
@@ -49,19 +52,23 @@ def matmul(a, b, out, precision: str = "fp32"):
     if a.dtype != b.dtype:
         raise TypeError(f"matmul: inputs of different dtypes ({a.dtype}, {b.dtype})")
     if array_module(out) is np:
-        return _host_matmul(a, b, out)
-    return _cublas_matmul(a, b, out, precision)
+        return _host_matmul(a, b, out, accumulate)
+    return _cublas_matmul(a, b, out, precision, accumulate)
 
 
-def _host_matmul(a, b, out):
+def _host_matmul(a, b, out, accumulate=False):
     if a.dtype == out.dtype and a.dtype.kind == "f" and a.dtype.itemsize >= 4:
+        if accumulate:          # NumPy has no beta: the product, then one add
+            out += np.matmul(a, b)
+            return out
         return np.matmul(a, b, out=out)         # float32/float64: the BLAS, in place
     if a.dtype != _bf16():
         raise TypeError(f"matmul: unsupported dtypes {a.dtype} -> {out.dtype}")
     f32 = np.float32
-    if out.dtype == f32:
-        return np.matmul(a.astype(f32), b.astype(f32), out=out)
-    out[...] = np.matmul(a.astype(f32), b.astype(f32))     # one rounding, to nearest even
+    product = np.matmul(a.astype(f32), b.astype(f32))
+    if accumulate:
+        product += out.astype(f32)              # in float32, as cuBLAS adds beta * C
+    out[...] = product                          # one rounding (to nearest even for bf16)
     return out
 
 
@@ -103,7 +110,7 @@ def _column_major(x):
     raise ValueError("matmul: each input must be C-contiguous or the transpose of a C-contiguous array")
 
 
-def _cublas_matmul(a, b, out, precision):
+def _cublas_matmul(a, b, out, precision, accumulate=False):
     """Row-major out (M, N) = a @ b is column-major out^T = b^T a^T: cuBLAS multiplies b's
     operand by a's, m = N, n = M, ldc = N."""
     from cupy.cuda import device
@@ -116,7 +123,7 @@ def _cublas_matmul(a, b, out, precision):
         return out
     compute = _compute_type(a.dtype, out.dtype, precision)
     scalar = ctypes.c_double if compute == _COMPUTE_64F else ctypes.c_float
-    alpha, beta = scalar(1.0), scalar(0.0)
+    alpha, beta = scalar(1.0), scalar(1.0 if accumulate else 0.0)
     b_ptr, b_op, ldb = _column_major(b)
     a_ptr, a_op, lda = _column_major(a)
     cublas.gemmEx(device.get_cublas_handle(), b_op, a_op, n, m, k,

@@ -109,9 +109,11 @@ class Conv2d(Layer):
         self._x = x if train else None
         return y
 
-    def backward(self, dy, need_dx=True):
+    def backward(self, dy, need_dx=True, add_to=None):
         """dW = cols^T dy; dx = col2im(dy W^T). The gather is redone here rather than kept
-        from forward: storing it would cost K*K times the input's memory."""
+        from forward: storing it would cost K*K times the input's memory. `add_to`: a
+        gradient of x from another branch, which dx is added to (in the GEMM itself for a
+        1x1/1 conv); returns that buffer then."""
         x, prec = self._x, self.ws.precision
         if x is None:
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
@@ -121,7 +123,9 @@ class Conv2d(Layer):
         gemm.matmul(cols.T, dy2d, self.dweight.reshape(-1, self.cout), prec)     # float32 in every mode
         self.ready(self)            # dW is final; the weight is still read for dx below
         dx = None
-        if need_dx:
+        if need_dx and add_to is not None and self.is_pointwise:
+            dx = gemm.matmul(dy2d, w2d.T, add_to.reshape(-1, self.cin), prec, accumulate=True).reshape(x.shape)
+        elif need_dx:
             dx = self.ws.take(x.shape, x.dtype)
             if self.is_pointwise:
                 gemm.matmul(dy2d, w2d.T, dx.reshape(-1, self.cin), prec)
@@ -130,6 +134,10 @@ class Conv2d(Layer):
             else:
                 gemm.matmul(dy2d, w2d.T, cols, prec)    # the patch gradients reuse the gather buffer
                 col2im(self.ws, col, dx, self.stride, self.pad)
+            if add_to is not None:
+                add_to += dx
+                self.ws.give(dx)
+                dx = add_to
         self.ws.give(dy)
         self._x = None
         return dx

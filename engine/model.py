@@ -52,7 +52,8 @@ class ResidualBlock:
 
     Forward: y = relu(main(x) + shortcut(x)), summed in place in the last BN's output.
     Backward: the downsample branch first, then the main branch from its last layer;
-    the input gradient is the sum of both.
+    the input gradient is the sum of both, added by the first conv into the shortcut's
+    gradient (in its GEMM, for a bottleneck's 1x1 conv).
     """
 
     def __init__(self, name, ws, kind, cin, planes, stride):
@@ -97,13 +98,14 @@ class ResidualBlock:
         else:
             d_short = dz
         g = dz
+        first = self.main[0]
         for layer in reversed(self.main):
             if layer is self.last_bn:
                 g = layer.backward(g, consume=d_short is not dz)
+            elif layer is first:        # the input gradient: the main branch's added to d_short
+                g = layer.backward(g, add_to=d_short)
             else:
                 g = layer.backward(g)
-        g += d_short
-        self.ws.give(d_short)
         self._y = None
         return g
 

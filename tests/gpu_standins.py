@@ -351,7 +351,7 @@ def _matmul(a, b, out=None):
     return ndarray(out)
 
 
-def _gemm_ex(a, b, out, precision):
+def _gemm_ex(a, b, out, precision, accumulate=False):
     """engine.gemm's one cublasGemmEx call (its argument mapping is tested in
     tests/test_gemm.py against a column-major emulator): one logged GEMM, computed by the
     CPU twin on the same buffers."""
@@ -362,8 +362,8 @@ def _gemm_ex(a, b, out, precision):
     if not o.flags.c_contiguous:
         raise ValueError("matmul: out must be C-contiguous")
     if log("gemm", f"gemmEx {a.shape[0]}x{a.shape[1]}x{b.shape[1]} {precision}", 0,
-           replay=lambda: gemm._host_matmul(a, b, o)):
-        gemm._host_matmul(a, b, o)
+           replay=lambda: gemm._host_matmul(a, b, o, accumulate)):
+        gemm._host_matmul(a, b, o, accumulate)
     return out
 
 

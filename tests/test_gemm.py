@@ -124,3 +124,23 @@ def test_cublas_refuses_a_strided_operand(fake_cublas):
     b = np.ones((4, 3), np.float32).view(FakeDeviceArray)
     with pytest.raises(ValueError, match="C-contiguous or the transpose"):
         gemm.matmul(a, b, np.empty((4, 3), np.float32).view(FakeDeviceArray))
+
+
+@pytest.mark.parametrize("dtype,out_dtype,precision", [
+    (np.float32, np.float32, "fp32"), (BF16, BF16, "bf16"), (np.float64, np.float64, "fp32")])
+def test_accumulate_adds_the_product_to_out_on_both_paths(fake_cublas, dtype, out_dtype, precision):
+    """accumulate=True is beta = 1 on cuBLAS (C read and added) and out += a @ b on the host."""
+    rng = np.random.default_rng()
+    a, b = _operands(rng, 6, 11, 4, dtype, False, True)
+    start = rng.standard_normal((6, 4)).astype(out_dtype)
+    want = start.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
+    tol = 2e-2 if out_dtype == BF16 else 1e-5
+    device = start.copy().view(FakeDeviceArray)
+    gemm.matmul(a.view(FakeDeviceArray), b.view(FakeDeviceArray), device, precision, accumulate=True)
+    np.testing.assert_allclose(np.asarray(device).astype(np.float64), want, rtol=tol, atol=1e-5)
+    host = start.copy()
+    gemm._host_matmul(a, b, host, accumulate=True)
+    np.testing.assert_allclose(host.astype(np.float64), want, rtol=tol, atol=1e-5)
+    if out_dtype == BF16:        # one rounding of the float32 sum, as cuBLAS rounds C
+        f32 = start.astype(np.float32) + a.astype(np.float32) @ b.astype(np.float32)
+        np.testing.assert_array_equal(host.view(np.uint16), f32.astype(BF16).view(np.uint16))

@@ -49,18 +49,32 @@ def test_each_layer_launches_only_its_fused_kernels_and_gemms(step):
     convs = [conv for block in model.blocks for conv in block.param_layers() if isinstance(conv, Conv2d)]
     convs.append(model.conv1)
     gathered = [c for c in convs if not c.is_pointwise]
-    # BN: 3 kernels forward (partials, finalize, apply), 3 backward; statistics and dgamma,
-    # dbeta written in place by the kernels, nothing else.
-    assert count["BatchNorm"] == {"kernel": 6 * bns}
+    # BN: 2 kernels forward (statistics, apply), 2 backward (sums, dx); statistics and
+    # dgamma, dbeta written in place by the kernels, nothing else.
+    assert count["BatchNorm"] == {"kernel": 4 * bns}
     assert count["MaxPool"] == {"kernel": 2}
-    # A residual block: the fused add+ReLU and its gradient; the shortcut's gradient joins the
-    # main branch's in one elementwise add.
-    assert count["ResidualBlock"] == {"kernel": 2 * blocks, "elementwise": blocks}
+    # A residual block: the fused add+ReLU and its gradient, nothing else (the two input
+    # gradients meet in the first conv: in its GEMM for a 1x1, one add otherwise).
+    assert count["ResidualBlock"] == {"kernel": 2 * blocks}
     # A conv: one GEMM forward, dW and dx backward (the stem's dx is not needed); an im2col
     # launch forward and again in backward for each gathered conv, plus col2im for its dx.
     conv = count["Conv2d"]
     assert conv["gemm"] == 3 * len(convs) - 1
     assert conv["kernel"] == 3 * len(gathered) - 1
-    assert set(conv) <= {"gemm", "kernel"}
+    # The branches' sum: an add after a 3x3 first conv (ResNet-18's), none after a 1x1.
+    assert conv["elementwise"] == sum(not block.main[0].is_pointwise for block in model.blocks)
+    assert set(conv) <= {"gemm", "kernel", "elementwise"}
     # No allocation in any layer: every buffer is reused from the previous step.
     assert not [o for o in ops if o.kind == "alloc" and o.where in ("BatchNorm", "MaxPool", "Conv2d", "ResidualBlock")]
+
+
+def test_the_loss_and_top1_are_two_fused_launches(step):
+    """engine/kernels/softmax_xent.cu: rows, then the batch sums; allocated are only dlogits
+    and the buffer of the loss, the hit count and the per-row partials. The step itself
+    (train) only copies the batch in: the top-1 count comes with the loss."""
+    _, ops = step
+    count = _by_layer(ops)
+    assert count["loss"] == {"kernel": 2, "alloc": 2}
+    assert [o.name for o in ops if o.where == "loss" and o.kind == "kernel"] == [
+        "softmax_xent.cu:softmax_xent_rows", "softmax_xent.cu:softmax_xent_reduce"]
+    assert count["train"] == {"h2d": 2, "alloc": 2}
