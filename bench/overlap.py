@@ -14,7 +14,7 @@ load drift on a shared machine hits all modes alike):
     early      as per-bucket, but updates may already run inside backward
 
 For each bucket size it prints the median step time (slowest rank), and the hidden
-fraction two ways (README "Reading the overlap figures"):
+fraction two ways (docs/overlap.md, "Reading the overlap figures"):
 
     hidden (steps) = (serial - overlapped) / (serial - compute)
     hidden (trace) = from the timeline: all-reduce time covered by compute / all-reduce time

@@ -52,7 +52,7 @@ KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 # The one option tuple of every kernel compile. No fast math: sqrtf and division stay
 # correctly rounded, as in the host build the CPU path uses. CuPy appends -ftz=true after
 # these (and NVRTC keeps the last), so float32 subnormals flush to zero on the device:
-# README, "Kernels", says what that changes.
+# docs/kernels.md says what that changes.
 NVRTC_OPTIONS = ("--std=c++17", f"--include-path={KERNELS_DIR}")
 
 THREADS = 256

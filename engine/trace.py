@@ -32,7 +32,7 @@ times: they are what the host did. Per step:
     hidden   = (comm - exposed) / comm          (1 = all communication hidden)
 
 `bench/overlap.py` also measures the design's hidden fraction from whole-step times,
-(serial - overlapped) / comm; README "Reading the overlap figures" explains both.
+(serial - overlapped) / comm; docs/overlap.md, "Reading the overlap figures", explains both.
 """
 from __future__ import annotations
 

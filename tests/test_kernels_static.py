@@ -49,7 +49,7 @@ def test_the_check_compiles_with_the_options_cupy_assembles(arch):
 
 
 def test_cupy_flushes_denormals_and_an_ftz_false_of_ours_cannot_undo_it(monkeypatch):
-    """Evidence for README's FTZ note: .ftz instructions in the PTX of the run-time options."""
+    """Evidence for the FTZ note of docs/kernels.md: .ftz instructions in the PTX of the run-time options."""
     source = cuda_ops.kernel_source("optimizer_update.cu")
     run_time = compiled("optimizer_update.cu", "sm_80").ptx
     ieee = kc.compile_source(source, "optimizer_update.cu", "sm_80", ("-ftz=false",)).ptx  # after CuPy's
@@ -444,7 +444,7 @@ def device_hybrid_step(w, d, m, g, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale)
 
 
 def test_host_twin_agrees_with_the_flushing_device_within_the_stated_bound():
-    """README's FTZ bound: per step, w, d and m of the IEEE host build differ from the flushing
+    """The FTZ bound of docs/kernels.md: per step, w, d and m of the IEEE host build differ from the flushing
     kernel by float32 rounding plus at most a few 2**-126 (m), (a_sgd + a_rms/eps) * 2**-126 (d)
     and eta times that (w), for tiny second moments and subnormal gradients alike."""
     from engine import hostmath

@@ -4,9 +4,9 @@
     python -m engine.simulate --preset dgx-h100 --gpus 8,64,512,4096 --bucket-mb 0,4,25
     python -m engine.simulate --trace runs/predict.rank0.json --arch resnet50 --classes 10 \\
         --batch 8 --intra-alpha-us 60 --intra-gbs 2 --gpus 2 --per-node 2
-    python -m engine.simulate --study docs/simulate.png          # README "Overlap at scale"
+    python -m engine.simulate --study docs/simulate.png          # docs/overlap.md, "Overlap at scale"
 
-(core model here; the command line in cli.py, README's study in study.py)
+(core model here; the command line in cli.py, the study of docs/overlap.md in study.py)
 
 It uses the engine's own pieces, never a copy: the model's flat layout (`ResNet.layout`,
 each layer's `grad_range`) and the reducer's bucket planner (`engine.reducer.plan_buckets`);

@@ -43,7 +43,7 @@ def parse(argv=None):
     p.add_argument("--images", type=int, default=1281167, help="images per epoch (ImageNet's by default)")
     p.add_argument("--out-trace", help="write the overlapped step of the first configuration here")
     p.add_argument("--plot", metavar="PNG", help="plot the sweep: step time and scaling against devices")
-    p.add_argument("--study", metavar="PNG", help="print README's study tables and plot them to PNG")
+    p.add_argument("--study", metavar="PNG", help="print the study tables of docs/overlap.md and plot them to PNG")
     a = p.parse_args(argv)
     for opt in ("intra_alpha_us", "inter_alpha_us", "decode_ms", "contention", "comm_contention"):
         if getattr(a, opt) is not None and getattr(a, opt) < 0:
