@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h engi
 
 # An extra's packages, read from pyproject.toml; the stamp file keeps the list it installed.
 $(VENV)/.extra-%: $(STAMP) pyproject.toml
-	@echo "== installing the '$*' extras into $(VENV) (for test: pytest, torch CPU, CuPy and NVIDIA wheels: .venv about 3 GB)"
+	@echo "== installing the '$*' extras into $(VENV) (for test: pytest, torch CPU, CuPy and NVIDIA wheels, cuDNN included: .venv about 4.3 GB)"
 	$(PY) -c "import sys, tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies'][sys.argv[1]]))" $* > $@.txt
 	$(PY) -m pip install --progress-bar off -r $@.txt
 	mv $@.txt $@
