@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from engine import cudnn
-from engine.backend import get_backend, gpu_count
+from engine.backend import gpu_count
 from engine.conv import out_size
 from engine.gemm import PRECISIONS
+
+from cudnn_helpers import compile_stub, conv_reference, resnet_convs
 
 
 # These run in their own processes, with a library of their choosing.
@@ -211,31 +213,6 @@ def test_each_precisions_descriptors(precision):
     assert cudnn.forward_output_dim(conv, x, w) == (8, 14, 14, 256)
 
 
-def resnet_convs(arch="resnet50", size=224):
-    """Every conv of the engine's model with the input size it sees at `size` px:
-    [(name, h, w, cin, cout, k, stride, pad)]. Sizes follow the layers: conv1, the 3x3/2
-    max pool, then each block (main branch from the block input, downsample likewise)."""
-    from engine.model import ResNet
-    model = ResNet(arch, 10, get_backend("cpu"))
-    out = []
-
-    def add(conv, h):
-        out.append((conv.name, h, h, conv.cin, conv.cout, conv.k, conv.stride, conv.pad))
-        return out_size(h, conv.k, conv.stride, conv.pad)
-
-    h = add(model.conv1, size)
-    h = out_size(h, 3, 2, 1)
-    for block in model.blocks:
-        hin, hm = h, h
-        for layer in block.main[::2]:
-            hm = add(layer, hm)
-        if block.downsample:
-            assert add(block.downsample[0], hin) == hm
-        h = hm
-    assert h == size // 32
-    return out
-
-
 def test_forward_output_dim_equals_ours_for_every_resnet50_conv():
     batch = 32
     convs = resnet_convs("resnet50", 224)
@@ -329,20 +306,6 @@ def test_handle_on_a_stream_and_destroy_twice():
         h.set_stream(stream)
 
 
-def _conv_reference(x, w_krsc, stride, pad):
-    """NumPy NHWC cross-correlation in float64, weight (Cout, KH, KW, Cin)."""
-    n, h, wd, c = x.shape
-    cout, k, _, _ = w_krsc.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho, wo = out_size(h, k, stride, pad), out_size(wd, k, stride, pad)
-    y = np.zeros((n, ho, wo, cout))
-    for i in range(k):
-        for j in range(k):
-            patch = xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride, :]
-            y += np.einsum("nhwc,oc->nhwo", patch, w_krsc[:, i, j, :].astype(np.float64))
-    return y
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("math", ["fma", "tensor_op"])
 def test_one_forward_and_both_backward_convolutions_against_numpy(math):
@@ -384,7 +347,7 @@ def test_one_forward_and_both_backward_convolutions_against_numpy(math):
         cp.cuda.get_current_stream().synchronize()
     finally:
         handle.destroy()
-    y_ref = _conv_reference(x, w, s, p)
+    y_ref = conv_reference(x, w, None, s, p)[0]
     tol = 1e-4 if math == "fma" else 3e-2       # TF32 on the tensor cores
     np.testing.assert_allclose(cp.asnumpy(gy), y_ref, rtol=tol, atol=tol * np.abs(y_ref).max())
     # adjoints: <y(x, w), dy> is bilinear, so <x, dx> and <w, dw> both equal it
@@ -538,12 +501,7 @@ def test_gpu_only_wrappers_pass_every_argument_to_the_right_place(tmp_path):
     alpha and beta went where they belong), the searches' results are read field by field,
     the workspace sizes come from the right direction, errors carry the stub's status and
     message, and a slow call leaves the GIL free."""
-    import shutil
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    lib = compile_stub(tmp_path)
+    if lib is None:
         pytest.skip("no C compiler")
-    lib = tmp_path / "libcudnn.so.9"
-    src = Path(__file__).with_name("cudnn_stub.c")
-    res = subprocess.run([cc, "-O1", "-shared", "-fPIC", "-o", str(lib), str(src)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
     assert _run(STUB_SCRIPT, ENGINE_CUDNN_LIBRARY=str(lib)).strip().endswith("stub ok")
