@@ -47,19 +47,12 @@ shapes. dtype names: "float32", "float16", "bfloat16"; math names: "default", "t
 "tensor_op_allow_conversion", "fma". `PRECISIONS` maps the engine's precision modes to
 (data dtype, compute dtype, math type).
 
-Weight layout (for phase 2). Our conv weights are HWIO, (KH, KW, Cin, Cout), so that
-W.reshape(-1, Cout) is im2col's GEMM operand. cuDNN's filter descriptors take only two
-layouts, both with Cout outermost: NCHW = KCRS (Cout, Cin, KH, KW) and NHWC = KRSC
-(Cout, KH, KW, Cin), and the legacy filter descriptor has no strides, so HWIO cannot be
-described to cuDNN. With NHWC activations cuDNN wants KRSC. Phase 2 must therefore change
-the conv weight layout ONCE, for everything, to OHWI = (Cout, KH, KW, Cin), not transpose
-per step: the flat parameter/gradient buffers and the bf16 working copy (engine.flat,
-model.params_lp), engine.torchvision_io (torchvision's OIHW -> OHWI is permute(0, 2, 3, 1)),
-the checkpoints (a layout version, old ones converted on load), the initialisation (fan-out
-is unchanged), and the CPU path: im2col's forward becomes col @ W.reshape(Cout, -1).T (a
-transposed GEMM operand, free in BLAS), dW = dy^T @ col comes out in OHWI directly, dx =
-dy @ W.reshape(Cout, -1), and the flipped kernel of the dx-as-conv path flips/swaps in OHWI.
-Until then nothing in the engine uses this module.
+Weight layout. cuDNN's filter descriptors take only two layouts, both with Cout outermost:
+NCHW = KCRS (Cout, Cin, KH, KW) and NHWC = KRSC (Cout, KH, KW, Cin), and the legacy filter
+descriptor has no strides. With NHWC activations cuDNN wants KRSC, so the engine keeps its
+conv weights in that layout, OHWI = (Cout, KH, KW, Cin), everywhere (the flat buffers, the
+bf16 working copy, torchvision I/O, checkpoints, the CPU path): no transpose per step.
+engine.cudnn_conv is what calls this module.
 """
 import importlib.util
 import os
@@ -760,8 +753,7 @@ cdef class TensorDesc:
 
 cdef class FilterDesc:
     """A 4-d filter descriptor in cuDNN's NHWC filter format, KRSC = (Cout, KH, KW, Cin)
-    (cudnnSetFilter4dDescriptor with CUDNN_TENSOR_NHWC). Not the engine's HWIO: see the
-    module docstring."""
+    (cudnnSetFilter4dDescriptor with CUDNN_TENSOR_NHWC): the engine's OHWI conv weights."""
 
     cdef cudnnFilterDescriptor_t _d
     cdef readonly int cout, kh, kw, cin

@@ -16,6 +16,14 @@ Reading: a truncated, corrupt or foreign file raises CheckpointError naming the 
 resuming from a directory takes the newest checkpoint that verifies and names the ones it
 skipped. Pruning keeps the newest checkpoints of one run, recognised by the run identity
 in each header (not by file name), so runs sharing a directory never delete each other's.
+
+Conv weight layout. Conv weights are OHWI (Cout, KH, KW, Cin) since issue 17 (cuDNN's
+filter layout for NHWC); checkpoints written before hold them HWIO (KH, KW, Cin, Cout),
+in the flat parameters and in every flat optimizer buffer, and carry the layout signature
+of that time. Each header now says `conv_weights: "OHWI"`. `check_compatible(...,
+layout=)` accepts an old checkpoint of the same model (its signature equals
+layout.hwio_signature()), and `upgrade_conv_layout` transposes its conv slots on load;
+without `layout=`, such a checkpoint is refused with a message naming the change.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import zipfile
 import numpy as np
 
 FORMAT = "engine-checkpoint-1"
+CONV_WEIGHTS = "OHWI"           # the conv weight layout of the flat arrays, in each header
 _NAME = re.compile(r"^ckpt-(\d{8})\.npz$")
 
 
@@ -47,7 +56,7 @@ def save(path: str, arrays: dict, meta: dict) -> None:
     """Atomically write `arrays` (name -> numpy array) and `meta` (JSON-able) to `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    header = dict(meta, format=FORMAT)
+    header = dict(meta, format=FORMAT, conv_weights=CONV_WEIGHTS)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -81,13 +90,67 @@ def load(path: str) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def check_compatible(path: str, meta: dict, expected: dict) -> None:
-    """Refuse a checkpoint whose run description differs from the current run's."""
+def check_compatible(path: str, meta: dict, expected: dict, layout=None) -> None:
+    """Refuse a checkpoint whose run description differs from the current run's. With
+    `layout` (the model's FlatLayout), a checkpoint of the same model in the old HWIO conv
+    layout is accepted: load it through upgrade_conv_layout."""
     for key, want in expected.items():
         have = meta.get(key)
-        if have != want:
-            raise CheckpointError(f"{path}: checkpoint was written with {key}={have!r}, "
-                                  f"this run has {key}={want!r}; refusing to resume from it")
+        if have == want:
+            continue
+        if key == "layout" and _is_hwio(meta):
+            if layout is not None and have == layout.hwio_signature():
+                continue
+            raise CheckpointError(f"{path}: checkpoint was written before conv weights changed layout from "
+                                  f"HWIO (KH, KW, Cin, Cout) to OHWI (Cout, KH, KW, Cin) (issue 17), "
+                                  + ("and not for this model; " if layout is not None else
+                                     "and this run cannot convert it; ")
+                                  + f"its layout={have!r}, this run has layout={want!r}; refusing to resume from it")
+        raise CheckpointError(f"{path}: checkpoint was written with {key}={have!r}, "
+                              f"this run has {key}={want!r}; refusing to resume from it")
+
+
+def _is_hwio(meta: dict) -> bool:
+    """Whether a checkpoint's header predates the OHWI conv layout."""
+    return meta.get("conv_weights", "HWIO") == "HWIO"
+
+
+def upgrade_conv_layout(path: str, arrays: dict, meta: dict, layout, say=print) -> tuple[dict, dict]:
+    """(arrays, meta) of a loaded checkpoint with conv weights in this engine's OHWI layout.
+
+    A checkpoint already in it comes back as it is. One written in the old HWIO layout for
+    `layout`'s model (header signature == layout.hwio_signature()) is converted: each conv
+    (4-d) slot of every flat array ("params" and the optimizer's buffers, "optimizer.d",
+    "optimizer.m", ...) is transposed (KH, KW, Cin, Cout) -> (Cout, KH, KW, Cin), and the
+    header's layout signatures (the run's and the optimizer state's) are set to the new
+    one; `say` gets one message. Anything else raises CheckpointError."""
+    new, old = layout.signature(), layout.hwio_signature()
+    have = meta.get("layout")
+    if not _is_hwio(meta) or have == new:
+        return arrays, meta
+    if have != old:
+        raise CheckpointError(f"{path}: checkpoint in the old HWIO conv layout was not written for this "
+                              f"model (layout={have!r}); cannot convert it")
+    convs = [s for s in layout.slots if len(s.shape) == 4]
+    out, converted = dict(arrays), []
+    for key, array in arrays.items():
+        if not (key == "params" or key.startswith("optimizer.")):
+            continue
+        if array.shape != (layout.total,):
+            raise CheckpointError(f"{path}: {key} has shape {array.shape}, expected ({layout.total},)")
+        flat = array.copy()
+        for s in convs:
+            cout, kh, kw, cin = s.shape
+            flat[s.offset:s.stop] = array[s.offset:s.stop].reshape(kh, kw, cin, cout).transpose(3, 0, 1, 2).ravel()
+        out[key] = flat
+        converted.append(key)
+    meta = dict(meta, layout=new, conv_weights=CONV_WEIGHTS)
+    opt = meta.get("optimizer_state")
+    if isinstance(opt, dict) and opt.get("layout") == old:
+        meta["optimizer_state"] = dict(opt, layout=new)
+    say(f"{path}: converted the checkpoint's conv weights from the old HWIO layout to OHWI "
+        f"({len(convs)} conv slots in {', '.join(converted)})")
+    return out, meta
 
 
 def path_for(directory: str, global_step: int) -> str:

@@ -1,9 +1,10 @@
 """im2col and col2im on NHWC activations, generic in the array module (NumPy or CuPy).
 
 A KxK convolution with stride s and padding p becomes one GEMM:
-    col (N*Ho*Wo, K*K*Cin) @ W (K*K*Cin, Cout)
-with the weight in HWIO layout (K, K, Cin, Cout), so W.reshape(-1, Cout) is a view and
-col's row (oh, ow) lists the input patch in (kh, kw, cin) order.
+    col (N*Ho*Wo, K*K*Cin) @ W (Cout, K*K*Cin)^T
+with the weight in OHWI layout (Cout, K, K, Cin), so W.reshape(Cout, -1) is a view (its
+transpose a free transposed GEMM operand) and col's row (oh, ow) lists the input patch in
+the same (kh, kw, cin) order as a row of W.
 
 The gather is ONE strided copy: in a zero-padded NHWC input, the KW*Cin values under a
 kernel row are contiguous, so col viewed as (N, Ho, Wo, KH, KW*Cin) is a strided view of

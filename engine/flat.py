@@ -20,7 +20,7 @@ ALIGN = 16
 @dataclass(frozen=True)
 class Slot:
     name: str            # torchvision-style name, e.g. "layer3.2.conv2.weight"
-    shape: tuple         # our in-memory layout (conv weights are HWIO, see layers.py)
+    shape: tuple         # our in-memory layout (conv weights are OHWI, see layers.py)
     offset: int          # first element in the flat buffer
     decay: bool          # weight decay applies (False for batch-norm and bias parameters)
 
@@ -72,6 +72,17 @@ class FlatLayout:
         return xp.asarray(mask)
 
     def signature(self) -> str:
-        """A digest of names, shapes and offsets: equal on every rank or the job is refused."""
-        text = ";".join(f"{s.name}:{s.shape}:{s.offset}" for s in self.slots)
+        """A digest of names, shapes and offsets: equal on every rank or the job is refused.
+        Conv weights are OHWI (Cout, KH, KW, Cin); their shapes are in the digest, so it
+        differs from the one this layout had while they were HWIO (hwio_signature)."""
+        return self._digest(lambda s: s.shape)
+
+    def hwio_signature(self) -> str:
+        """The signature this layout had before conv weights became OHWI (issue 17): every
+        4-d slot's shape written (KH, KW, Cin, Cout). It recognises a checkpoint of the same
+        model written in the old layout (engine.checkpoint.upgrade_conv_layout)."""
+        return self._digest(lambda s: (*s.shape[1:], s.shape[0]) if len(s.shape) == 4 else s.shape)
+
+    def _digest(self, shape_of) -> str:
+        text = ";".join(f"{s.name}:{shape_of(s)}:{s.offset}" for s in self.slots)
         return hashlib.sha256(text.encode()).hexdigest()

@@ -4,7 +4,10 @@ Layouts (ours; engine/torchvision_io.py converts to and from torchvision's):
   * activations: NHWC, C-contiguous; float32 (fp32, tf32), bfloat16 (bf16) or float64 (the
     finite-difference tests); in every mode the pooled features, the logits and their
     gradients are float32 or float64, as are parameters, gradients and BN statistics;
-  * conv weight: HWIO (KH, KW, Cin, Cout), so W.reshape(-1, Cout) is the GEMM operand;
+  * conv weight: OHWI (Cout, KH, KW, Cin), the filter layout cuDNN wants for NHWC
+    activations (its KRSC; see engine.cudnn); W.reshape(Cout, -1) is a view whose rows
+    list a filter in im2col's (kh, kw, cin) order, so y = cols @ W.reshape(Cout, -1).T,
+    dW = dy^T @ cols and dcols = dy @ W.reshape(Cout, -1), all without a copy;
   * fc weight: (in, out), so logits = x @ W + b.
 
 Parameters and gradients are views into the model's two flat buffers (`bind`). Every
@@ -85,7 +88,7 @@ class Conv2d(Layer):
         self._x = None
 
     def param_shapes(self):
-        return {"weight": (self.k, self.k, self.cin, self.cout)}
+        return {"weight": (self.cout, self.k, self.k, self.cin)}      # OHWI
 
     def bind(self, layout, params, grads, ready, gemm_params=None):
         super().bind(layout, params, grads, ready)
@@ -105,34 +108,34 @@ class Conv2d(Layer):
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         y = self._output((n, ho, wo, self.cout), x.dtype)
         cols, _ = self._cols(x)
-        gemm.matmul(cols, self.gemm_weight.reshape(-1, self.cout), y.reshape(-1, self.cout), self.ws.precision)
+        gemm.matmul(cols, self.gemm_weight.reshape(self.cout, -1).T, y.reshape(-1, self.cout), self.ws.precision)
         self._x = x if train else None
         return y
 
     def backward(self, dy, need_dx=True, add_to=None):
-        """dW = cols^T dy; dx = col2im(dy W^T). The gather is redone here rather than kept
-        from forward: storing it would cost K*K times the input's memory. `add_to`: a
-        gradient of x from another branch, which dx is added to (in the GEMM itself for a
-        1x1/1 conv); returns that buffer then."""
+        """dW = dy^T cols; dx = col2im(dy W), W as (Cout, K*K*Cin). The gather is redone
+        here rather than kept from forward: storing it would cost K*K times the input's
+        memory. `add_to`: a gradient of x from another branch, which dx is added to (in
+        the GEMM itself for a 1x1/1 conv); returns that buffer then."""
         x, prec = self._x, self.ws.precision
         if x is None:
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
         dy2d = dy.reshape(-1, self.cout)
-        w2d = self.gemm_weight.reshape(-1, self.cout)
+        w2d = self.gemm_weight.reshape(self.cout, -1)
         cols, col = self._cols(x)
-        gemm.matmul(cols.T, dy2d, self.dweight.reshape(-1, self.cout), prec)     # float32 in every mode
+        gemm.matmul(dy2d.T, cols, self.dweight.reshape(self.cout, -1), prec)     # float32 in every mode
         self.ready(self)            # dW is final; the weight is still read for dx below
         dx = None
         if need_dx and add_to is not None and self.is_pointwise:
-            dx = gemm.matmul(dy2d, w2d.T, add_to.reshape(-1, self.cin), prec, accumulate=True).reshape(x.shape)
+            dx = gemm.matmul(dy2d, w2d, add_to.reshape(-1, self.cin), prec, accumulate=True).reshape(x.shape)
         elif need_dx:
             dx = self.ws.take(x.shape, x.dtype)
             if self.is_pointwise:
-                gemm.matmul(dy2d, w2d.T, dx.reshape(-1, self.cin), prec)
+                gemm.matmul(dy2d, w2d, dx.reshape(-1, self.cin), prec)
             elif self.dx_as_conv and dy2d.shape[0] >= 4 * self.cout:
                 self._dx_by_conv(dy, dx)
             else:
-                gemm.matmul(dy2d, w2d.T, cols, prec)    # the patch gradients reuse the gather buffer
+                gemm.matmul(dy2d, w2d, cols, prec)      # the patch gradients reuse the gather buffer
                 col2im(self.ws, col, dx, self.stride, self.pad)
             if add_to is not None:
                 add_to += dx
@@ -143,10 +146,12 @@ class Conv2d(Layer):
         return dx
 
     def _dx_by_conv(self, dy, dx):
-        """dx = dy (padded by K-1-pad) convolved with the flipped, transposed kernel."""
+        """dx = dy (padded by K-1-pad) convolved with the flipped, transposed kernel:
+        wflip[kh, kw, co, ci] = W[co, K-1-kh, K-1-kw, ci], laid out (KH, KW, Cout, Cin) so
+        that wflip.reshape(-1, Cin) is the GEMM operand of dy's im2col columns."""
         xp, k = self.xp, self.k
         wflip = self.ws.scratch("conv-dx-weight", (k, k, self.cout, self.cin), dy.dtype)
-        xp.copyto(wflip, self.gemm_weight[::-1, ::-1].transpose(0, 1, 3, 2))
+        xp.copyto(wflip, self.gemm_weight[:, ::-1, ::-1, :].transpose(1, 2, 0, 3))
         col = im2col(self.ws, dy, k, 1, k - 1 - self.pad)
         gemm.matmul(col.reshape(-1, k * k * self.cout), wflip.reshape(-1, self.cin),
                     dx.reshape(-1, self.cin), self.ws.precision)

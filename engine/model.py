@@ -14,8 +14,8 @@ included, so a reducer can launch each bucket as soon as its last range arrives.
 reports before it computes its input gradient, which still reads its parameters: a caller
 may update params[start:stop] from the next call on (or after backward), not inside the call.
 
-Names are torchvision's ("layer3.2.conv2.weight"); shapes are ours (conv HWIO, fc
-(in, out)); engine.torchvision_io converts for state_dict()/load_state_dict().
+Names are torchvision's ("layer3.2.conv2.weight"); shapes are ours (conv OHWI = (Cout, KH,
+KW, Cin), fc (in, out)); engine.torchvision_io converts for state_dict()/load_state_dict().
 
 Precision (`precision=`, engine.gemm): fp32 and tf32 keep everything float32; bf16 takes
 bfloat16 images (`model.input_dtype`), keeps bfloat16 activations and a bfloat16 working copy
@@ -240,9 +240,12 @@ class ResNet:
             if s.name == "fc.weight" or s.name == "fc.bias":
                 bound = 1.0 / np.sqrt(self.fc.fin)
                 view[...] = rng.uniform(-bound, bound, s.shape)
-            elif len(s.shape) == 4:
-                kh, kw, _, cout = s.shape
-                view[...] = rng.standard_normal(s.shape) * np.sqrt(2.0 / (kh * kw * cout))
+            elif len(s.shape) == 4:     # conv, OHWI; fan_out = KH*KW*Cout
+                cout, kh, kw, cin = s.shape
+                # Drawn in the (KH, KW, Cin, Cout) order of the former HWIO layout, so a
+                # seed gives the same network as before the layout change.
+                draw = rng.standard_normal((kh, kw, cin, cout)) * np.sqrt(2.0 / (kh * kw * cout))
+                view[...] = draw.transpose(3, 0, 1, 2)
             elif what == "weight":
                 view[...] = 0.0 if layer in last_bns else 1.0
         self.params[...] = self.xp.asarray(host)

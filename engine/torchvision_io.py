@@ -1,7 +1,7 @@
 """Weights in torchvision's names and layouts, to and from our flat buffers.
 
 torchvision          ours
-conv  (O, I, KH, KW) (KH, KW, I, O)     HWIO, see engine/layers.py
+conv  (O, I, KH, KW) (O, KH, KW, I)     OHWI, see engine/layers.py
 fc    (out, in)      (in, out)
 bn    weight, bias, running_mean, running_var, num_batches_tracked
                      weight, bias in the flat buffer; eval_mean, eval_var on the layer
@@ -20,16 +20,16 @@ import numpy as np
 
 
 def _to_ours(name, array):
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 4:                 # OIHW -> OHWI
+        return array.transpose(0, 2, 3, 1)
     if name == "fc.weight":
         return array.T
     return array
 
 
 def _to_torchvision(name, array):
-    if array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
+    if array.ndim == 4:                 # OHWI -> OIHW
+        return array.transpose(0, 3, 1, 2)
     if name == "fc.weight":
         return array.T
     return array

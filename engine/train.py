@@ -372,7 +372,7 @@ class Trainer:
                                          f"with another --run-name")
                 return None
             path, _, meta, skipped = checkpoint.newest_intact(source)
-            checkpoint.check_compatible(path, meta, self._run_identity())
+            checkpoint.check_compatible(path, meta, self._run_identity(), layout=self.model.layout)
             return dict(path=path, step=int(meta["global_step"]), skipped=[str(e) for e in skipped])
 
         return rundir.decided_by_rank0(world, decide)
@@ -428,6 +428,7 @@ class Trainer:
         from engine import checkpoint
         path = chosen["path"]
         arrays, meta = checkpoint.load(path)
+        arrays, meta = checkpoint.upgrade_conv_layout(path, arrays, meta, self.model.layout, self.progress.warn)
         for skipped in chosen["skipped"]:
             self.progress.warn(f"skipped: {skipped}")
         xp = self.backend.xp

@@ -6,7 +6,7 @@ from engine.flat import ALIGN, FlatLayout
 
 def _layout():
     return FlatLayout([("fc.bias", (10,), False), ("fc.weight", (10, 7), True),
-                       ("bn1.weight", (5,), False), ("conv1.weight", (3, 3, 2, 5), True)])
+                       ("bn1.weight", (5,), False), ("conv1.weight", (5, 3, 3, 2), True)])
 
 
 def test_slots_are_aligned_disjoint_and_in_given_order():
@@ -24,7 +24,7 @@ def test_views_alias_the_flat_buffer():
     buf = lay.alloc(np)
     views = lay.views(buf)
     rng = np.random.default_rng()
-    w = rng.standard_normal((3, 3, 2, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
     views["conv1.weight"][...] = w
     s = lay.by_name["conv1.weight"]
     np.testing.assert_array_equal(buf[s.offset:s.stop], w.ravel())

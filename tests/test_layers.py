@@ -80,7 +80,7 @@ def test_conv2d(rng, k, s, p, hw):
     for kh in range(k):
         for kw in range(k):
             patch = xpad[:, kh:kh + s * y.shape[1]:s, kw:kw + s * y.shape[2]:s, :][:, :y.shape[1], :y.shape[2]]
-            ref += patch @ conv.weight[kh, kw]
+            ref += patch @ conv.weight[:, kh, kw, :].T      # OHWI: (Cout, KH, KW, Cin)
     assert rel_err(y, ref) < 1e-12
     dx = conv.backward(r.copy())
     assert done == [conv]

@@ -190,7 +190,7 @@ def test_layout_order_decay_and_views():
     for s in model.layout.slots:
         assert s.decay == (s.name.endswith("weight") and len(s.shape) in (2, 4)), s.name
     params, grads = model.named_parameters(), model.named_gradients()
-    assert params["layer2.0.conv2.weight"].shape == (3, 3, 128, 128)
+    assert params["layer2.0.conv2.weight"].shape == (128, 3, 3, 128)      # OHWI
     assert np.shares_memory(params["fc.weight"], model.params)
     assert np.shares_memory(grads["conv1.weight"], model.grads)
     assert model.params.dtype == np.float32 and model.params.size == model.layout.total
@@ -305,3 +305,32 @@ def test_gpu_step_equals_cpu_step(rng):
     assert abs(loss_c - loss_g) < 1e-10 * abs(loss_c)
     assert calls_c == calls_g
     assert np.linalg.norm(grads_g - grads_c) < 1e-9 * np.linalg.norm(grads_c)
+
+
+def test_conv_weights_are_ohwi_and_torchvision_io_round_trips(tmp_path):
+    """Every conv slot is (Cout, KH, KW, Cin) (cuDNN's KRSC for NHWC); state_dict() gives
+    torchvision's OIHW, element by element, and loading it back restores every parameter."""
+    from engine.layers import Conv2d
+    src = build_model("resnet18", 6, CPU, seed=1)
+    convs = [src.conv1] + [l for b in src.blocks for l in b.main + b.downsample if isinstance(l, Conv2d)]
+    assert len(convs) == 20
+    params = src.named_parameters()
+    for c in convs:
+        shape = (c.cout, c.k, c.k, c.cin)
+        assert src.layout.by_name[f"{c.name}.weight"].shape == shape == c.weight.shape, c.name
+        assert c.dweight.shape == shape and c.gemm_weight.shape == shape
+    assert params["layer2.0.downsample.0.weight"].shape == (128, 1, 1, 64)
+    state = src.state_dict()
+    w, t = params["conv1.weight"], state["conv1.weight"]
+    assert w.shape == (64, 7, 7, 3) and t.shape == (64, 3, 7, 7)
+    for o, i, kh, kw in [(0, 0, 0, 0), (5, 2, 6, 1), (63, 1, 3, 4)]:
+        assert t[o, i, kh, kw] == w[o, kh, kw, i]
+    for c in convs:
+        np.testing.assert_array_equal(state[f"{c.name}.weight"], params[f"{c.name}.weight"].transpose(0, 3, 1, 2))
+    dst = build_model("resnet18", 6, CPU, seed=2)
+    dst.load_state_dict(state)
+    np.testing.assert_array_equal(dst.params, src.params)
+    back = dst.state_dict()
+    assert list(back) == list(state)
+    for k in state:
+        np.testing.assert_array_equal(back[k], state[k])

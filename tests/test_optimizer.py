@@ -19,7 +19,7 @@ def rng():
 def small_layout():
     return FlatLayout([("fc.bias", (10,), False), ("fc.weight", (10, 33), True),
                        ("bn1.weight", (7,), False), ("bn1.bias", (7,), False),
-                       ("conv1.weight", (3, 3, 3, 8), True)])
+                       ("conv1.weight", (8, 3, 3, 3), True)])
 
 
 def setup(rng, layout):
