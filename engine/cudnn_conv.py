@@ -192,6 +192,7 @@ class CudnnConvolutions:
         self._search_buffer = None
         self.searches = 0          # how many keys were searched (the cache's misses)
         self.fallback = {}         # shape -> why it failed the self-check
+        self._admitted = set()     # shapes admit() has self-checked
 
     # ---- set-up --------------------------------------------------------------------------
 
@@ -466,6 +467,18 @@ class CudnnConvolutions:
     def uses_cudnn(self, shape):
         """False for a shape that failed the self-check (it must go through im2col)."""
         return ConvShape(*shape) not in self.fallback
+
+    def admit(self, shape, run_im2col, warn):
+        """Whether `shape` runs through cuDNN: self-checked against `run_im2col` the first
+        time it is seen (in the job's first steps, before any CUDA graph is captured), a
+        failure said once through `warn`; then the cached answer."""
+        shape = ConvShape(*shape)
+        if shape not in self._admitted:
+            self._admitted.add(shape)
+            result = self.self_check([shape], run_im2col)
+            if result.warning:
+                warn(result.warning)
+        return self.uses_cudnn(shape)
 
     def close(self):
         """Drop the descriptors, the workspace and the handle (destroyed if we made it)."""

@@ -86,6 +86,9 @@ class Conv2d(Layer):
         # against this: 56x56x64 -45%, 28x28x128 -16%, 14x14x256 -5%, 7x7x512 +45%).
         self.dx_as_conv = stride == 1 and k > 1 and pad <= k - 1
         self._x = None
+        # (engine.cudnn_conv.CudnnConvolutions, warn) when the job runs its convs through
+        # cuDNN (--conv); each shape is self-checked against this layer's im2col path first.
+        self.cudnn = None
 
     def param_shapes(self):
         return {"weight": (self.cout, self.k, self.k, self.cin)}      # OHWI
@@ -101,14 +104,40 @@ class Conv2d(Layer):
         col = im2col(self.ws, x, self.k, self.stride, self.pad)
         return col.reshape(-1, self.k * self.k * self.cin), col
 
+    def _dnn(self, x):
+        """The cuDNN convolutions when this conv's shape at x runs through them, else None."""
+        if self.cudnn is None:
+            return None
+        convs, warn = self.cudnn
+        n, h, w, _ = x.shape
+        shape = (n, h, w, self.cin, self.cout, self.k, self.stride, self.pad)
+        return convs if convs.admit(shape, self._im2col_directions, warn) else None
+
+    def _im2col_directions(self, shape, x, w, dy):
+        """(y, dx, dW) of this conv's im2col path for weight w, on a workspace of its own:
+        the reference of the cuDNN self-check."""
+        from engine.workspace import Workspace
+        ref = Conv2d(self.name, Workspace(self.xp, SERIAL, self.ws.precision), self.cin, self.cout, self.k,
+                     self.stride, self.pad)
+        ref.weight = ref.gemm_weight = w
+        ref.dweight = self.xp.empty(w.shape, w.dtype)
+        ref.ready = lambda layer: None
+        y = ref.forward(x, train=True).copy()
+        dx = ref.backward(dy.copy())
+        return y, dx, ref.dweight
+
     def forward(self, x, train):
         n, h, w, c = x.shape
         if c != self.cin:
             raise ValueError(f"{self.name}: expected {self.cin} input channels, got {c}")
         ho, wo = out_size(h, self.k, self.stride, self.pad), out_size(w, self.k, self.stride, self.pad)
         y = self._output((n, ho, wo, self.cout), x.dtype)
-        cols, _ = self._cols(x)
-        gemm.matmul(cols, self.gemm_weight.reshape(self.cout, -1).T, y.reshape(-1, self.cout), self.ws.precision)
+        if (dnn := self._dnn(x)) is not None:
+            dnn.forward(x, self.gemm_weight, y, self.stride, self.pad)
+        else:
+            cols, _ = self._cols(x)
+            gemm.matmul(cols, self.gemm_weight.reshape(self.cout, -1).T, y.reshape(-1, self.cout),
+                        self.ws.precision)
         self._x = x if train else None
         return y
 
@@ -120,6 +149,8 @@ class Conv2d(Layer):
         x, prec = self._x, self.ws.precision
         if x is None:
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
+        if (dnn := self._dnn(x)) is not None:
+            return self._backward_by_cudnn(dnn, x, dy, need_dx, add_to)
         dy2d = dy.reshape(-1, self.cout)
         w2d = self.gemm_weight.reshape(self.cout, -1)
         cols, col = self._cols(x)
@@ -141,6 +172,18 @@ class Conv2d(Layer):
                 add_to += dx
                 self.ws.give(dx)
                 dx = add_to
+        self.ws.give(dy)
+        self._x = None
+        return dx
+
+    def _backward_by_cudnn(self, dnn, x, dy, need_dx, add_to):
+        """backward() through cuDNN: dW, the report, then dx (added into add_to by beta = 1)."""
+        dnn.backward_filter(x, dy, self.dweight, self.stride, self.pad)
+        self.ready(self)
+        dx = None
+        if need_dx:
+            dx = add_to if add_to is not None else self.ws.take(x.shape, x.dtype)
+            dnn.backward_data(dy, self.gemm_weight, dx, self.stride, self.pad, accumulate=add_to is not None)
         self.ws.give(dy)
         self._x = None
         return dx

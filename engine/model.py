@@ -147,6 +147,7 @@ class ResNet:
             layer.bind(self.layout, self.params, self.grads, self._layer_done, self.params_lp)
             layer.grad_range = (start, stop)
         self.batchnorms = [l for l in reversed(order) if isinstance(l, BatchNorm)]
+        self.convs = [l for l in reversed(order) if isinstance(l, Conv2d)]
         self._grad_ready = None
         self._done = None
         self._trained = False

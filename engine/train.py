@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32: float32 throughout; tf32: float32 storage, GEMMs on TF32 tensor cores (GPU; "
                         "the CPU computes fp32); bf16: bfloat16 activations and GEMM inputs, float32 "
                         "accumulation, master weights, optimizer state and BN statistics")
+    g.add_argument("--conv", default="im2col", choices=("im2col", "auto", "cudnn"),
+                   help="GPU convolutions: im2col + one GEMM (the default until cuDNN has run on a GPU), "
+                        "cudnn (engine/cudnn_conv.py; each conv shape self-checked against im2col at first "
+                        "sight, a failing one falls back with a warning), auto (cudnn where libcudnn loads); "
+                        "fp32 and tf32 only; the CPU always uses im2col")
+    g.add_argument("--cudnn-workspace-mb", type=float, default=64.0,
+                   help="--conv cudnn: no algorithm needing more workspace than this is chosen")
     g.add_argument("--cuda-graph", action="store_true",
                    help="GPU: capture the whole training step once as a CUDA graph after two eager steps "
                         "and replay it (one launch per step instead of hundreds; engine/graph_step.py)")
@@ -177,6 +184,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.run_name is not None and (not args.run_name or os.sep in args.run_name or args.run_name in (".", "..")):
         p.error(f"--run-name must be a plain directory name, got {args.run_name!r}")
+    if args.conv == "cudnn" and args.device == "cpu":
+        p.error("--conv cudnn needs a GPU; the CPU convolves by im2col")
+    if args.conv == "cudnn" and args.precision == "bf16":
+        p.error("--conv cudnn runs fp32 and tf32: in bf16 cuDNN would write bf16 weight gradients, "
+                "which the float32 gradient buffer does not take; use --conv im2col or auto")
+    if args.cudnn_workspace_mb < 0:
+        p.error(f"--cudnn-workspace-mb must be >= 0, got {args.cudnn_workspace_mb}")
     if args.cuda_graph and args.device == "cpu":
         p.error("--cuda-graph needs a GPU: it captures CUDA work, and --device cpu has none")
     if args.cuda_graph and args.trace:
@@ -251,6 +265,7 @@ class Trainer:
                                         mu1=a.momentum, weight_decay=a.weight_decay, team=self.model.ws.team,
                                         weight_copy=self.model.params_lp)
         self.coefficients = self._schedule()
+        self._route_convs()
         # Without --trace the timeline is disabled: no span, no figure, no synchronize. On a
         # GPU, compute spans are timed by events on the compute stream, on the same reference
         # event as the communicator's all-reduce times (comm.host_time), renewed every step.
@@ -284,6 +299,25 @@ class Trainer:
         self.watchdog = Watchdog(comm, a.watchdog).start() if a.watchdog > 0 else None
 
     # ---- set-up helpers --------------------------------------------------------------------
+
+    def _route_convs(self) -> None:
+        """--conv: the model's convolutions through cuDNN where asked for and possible."""
+        from engine.backend import DeviceError
+        a = self.args
+        if a.conv == "im2col" or not self.backend.is_gpu or a.precision == "bf16":
+            return                          # auto on the CPU or in bf16: im2col
+        from engine import cudnn, cudnn_conv
+        try:
+            cudnn.version()
+        except cudnn.CudnnMissing as e:
+            if a.conv == "cudnn":
+                raise DeviceError(f"--conv cudnn: {e}") from None
+            self._warn(f"--conv auto: convolutions by im2col, cuDNN did not load ({str(e).splitlines()[0]})")
+            return
+        convs = cudnn_conv.CudnnConvolutions(cudnn_conv.gpu_handle_factory(), a.precision,
+                                             int(a.cudnn_workspace_mb * (1 << 20)))
+        for conv in self.model.convs:
+            conv.cudnn = (convs, self._warn)
 
     def _warn(self, message: str) -> None:
         print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)

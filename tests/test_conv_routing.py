@@ -1,0 +1,100 @@
+"""--conv cudnn through the real Trainer: the stand-in CuPy of tests/gpu_standins.py (its
+arrays are host memory at real addresses, the fused kernels emulated) and the stand-in
+libcudnn of tests/cudnn_stub.c, which convolves on host memory. Each case runs in a fresh
+interpreter, since engine.cudnn opens its library once per process."""
+import pytest
+
+from cudnn_helpers import compile_stub, run_python
+
+# 8 images: at 32 px ResNet-18's last stage is 1x1, and its batch norm over 2 rows would
+# turn the 1e-7 differences of two float32 summation orders into 1e-3.
+ARGV = ["--arch", "resnet18", "--image-size", "32", "--batch-per-rank", "8"]
+
+
+def _train(argv, steps=2, broken=None):
+    """(trainer, losses) of `steps` steps on the stand-ins; `broken`: a conv shape whose
+    cuDNN forward is made wrong by 1%, as a bad descriptor would make it."""
+    import gpu_standins
+    from engine import cudnn, cudnn_conv
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cudnn_conv, "gpu_handle_factory", lambda stream=None: lambda: cudnn.Handle(0x5150))
+        if broken is not None:
+            forward = cudnn_conv.CudnnConvolutions.forward
+
+            def wrong(self, x, w, y, stride, pad):
+                out = forward(self, x, w, y, stride, pad)
+                if tuple(x.shape) + (w.shape[0],) == broken:
+                    y *= 1.01
+                return out
+            mp.setattr(cudnn_conv.CudnnConvolutions, "forward", wrong)
+        trainer = gpu_standins.trainer_on_standins(mp, ARGV + argv, gpu_standins.emulated_launch)
+        try:
+            losses = [loss for _, _, loss in gpu_standins.run_steps(trainer, steps, read_loss=True)]
+        finally:
+            trainer.close()
+    return trainer, losses
+
+
+def case_cudnn_trains_as_im2col():
+    import numpy as np
+    import gpu_standins
+    # One step: the hybrid update's RMSprop term divides by each gradient's running size,
+    # so the next step's gradients would compare the update's amplification, not the convs.
+    eager, ref = _train([], steps=1)
+    routed, got = _train(["--conv", "cudnn"], steps=1)
+    convs = routed.model.convs[0].cudnn[0]
+    assert all(conv.cudnn[0] is convs for conv in routed.model.convs)
+    from cudnn_helpers import resnet_convs
+    distinct = {shape[1:] for shape in resnet_convs("resnet18", 32)}      # (h, w, cin, cout, k, s, p)
+    # every shape self-checked once and searched once, none fell back
+    assert len(convs._admitted) == convs.searches == len(distinct) and not convs.fallback
+    # the same training within float32 roundoff of two summation orders
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    g, h = gpu_standins._np(routed.model.grads), gpu_standins._np(eager.model.grads)
+    assert np.linalg.norm(g - h) <= 1e-3 * np.linalg.norm(h), np.linalg.norm(g - h) / np.linalg.norm(h)
+    print("ok", convs.searches)
+
+
+def case_a_wrong_shape_falls_back_with_one_warning():
+    import io
+    import contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        routed, _ = _train(["--conv", "cudnn"], steps=1, broken=(8, 8, 8, 64, 64))
+    convs = routed.model.convs[0].cudnn[0]
+    assert list(convs.fallback) and all(s[:5] == (8, 8, 8, 64, 64) for s in convs.fallback), convs.fallback
+    warnings = [line for line in err.getvalue().splitlines() if "cuDNN self-check" in line]
+    assert len(warnings) == 1 and "8x8x8x64" in warnings[0].replace(" ", ""), warnings
+    print("ok")
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    lib = compile_stub(tmp_path_factory.mktemp("cudnn_stub"))
+    if lib is None:
+        pytest.skip("no C compiler")
+    return lib
+
+
+def _case(stub, call):
+    return run_python(f"import test_conv_routing as t\nt.{call}\n", ENGINE_CUDNN_LIBRARY=str(stub))
+
+
+@pytest.mark.slow
+def test_a_cudnn_run_trains_as_the_im2col_run(stub):
+    assert _case(stub, "case_cudnn_trains_as_im2col()").startswith("ok")
+
+
+@pytest.mark.slow
+def test_a_conv_shape_that_fails_the_self_check_falls_back_with_one_warning(stub):
+    assert _case(stub, "case_a_wrong_shape_falls_back_with_one_warning()").startswith("ok")
+
+
+def test_conv_options_are_refused_where_they_cannot_run(capsys):
+    from engine.train import parse_args
+    for argv, says in ((["--device", "cpu", "--conv", "cudnn"], "--conv cudnn needs a GPU"),
+                       (["--conv", "cudnn", "--precision", "bf16"], "--conv cudnn runs fp32 and tf32"),
+                       (["--cudnn-workspace-mb", "-1"], "--cudnn-workspace-mb must be >= 0")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert says in capsys.readouterr().err
