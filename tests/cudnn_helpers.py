@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from engine.backend import get_backend
 from engine.conv import out_size
@@ -26,6 +27,20 @@ def compile_stub(directory):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return lib
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    """The stand-in libcudnn, built once per test module (a test module imports this fixture)."""
+    lib = compile_stub(tmp_path_factory.mktemp("cudnn_stub"))
+    if lib is None:
+        pytest.skip("no C compiler")
+    return lib
+
+
+def run_case(module, call, stub):
+    """`module.call` (a case function's call, as text) in a fresh interpreter on the stub."""
+    return run_python(f"import {module} as t\nt.{call}\n", ENGINE_CUDNN_LIBRARY=str(stub))
 
 
 def run_python(code, timeout=300, **env):

@@ -4,7 +4,7 @@ libcudnn of tests/cudnn_stub.c, which convolves on host memory. Each case runs i
 interpreter, since engine.cudnn opens its library once per process."""
 import pytest
 
-from cudnn_helpers import compile_stub, run_python
+from cudnn_helpers import run_case, stub  # noqa: F401  (stub: the fixture)
 
 # 8 images: at 32 px ResNet-18's last stage is 1x1, and its batch norm over 2 rows would
 # turn the 1e-7 differences of two float32 summation orders into 1e-3.
@@ -68,16 +68,8 @@ def case_a_wrong_shape_falls_back_with_one_warning():
     print("ok")
 
 
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    lib = compile_stub(tmp_path_factory.mktemp("cudnn_stub"))
-    if lib is None:
-        pytest.skip("no C compiler")
-    return lib
-
-
 def _case(stub, call):
-    return run_python(f"import test_conv_routing as t\nt.{call}\n", ENGINE_CUDNN_LIBRARY=str(stub))
+    return run_case("test_conv_routing", call, stub)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from cudnn_helpers import compile_stub, conv_reference, resnet_convs, run_python
+from cudnn_helpers import conv_reference, resnet_convs, run_case, stub  # noqa: F401  (stub: the fixture)
 from engine import cudnn_conv
 from engine.cudnn_conv import ConvShape, error_bound
 
@@ -342,16 +342,8 @@ def case_self_check_bf16_refused_by_the_library_falls_back():
 
 # ---- in pytest ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    lib = compile_stub(tmp_path_factory.mktemp("cudnn_stub"))
-    if lib is None:
-        pytest.skip("no C compiler")
-    return lib
-
-
 def _case(stub, call):
-    return run_python(f"import test_cudnn_conv as t\nt.{call}\n", ENGINE_CUDNN_LIBRARY=str(stub))
+    return run_case("test_cudnn_conv", call, stub)
 
 
 @pytest.mark.parametrize("arch,precision", [("resnet18", "fp32"), ("resnet50", "fp32"), ("resnet50", "tf32")])
