@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32 and tf32 only; the CPU always uses im2col")
     g.add_argument("--cudnn-workspace-mb", type=float, default=64.0,
                    help="--conv cudnn: no algorithm needing more workspace than this is chosen")
+    g.add_argument("--cudnn-search", default="find", choices=("find", "heuristic"),
+                   help="--conv cudnn: choose each conv's algorithms by timing them on real buffers "
+                        "(cudnnFind...AlgorithmEx, once per shape) or by cuDNN's heuristic")
     g.add_argument("--cuda-graph", action="store_true",
                    help="GPU: capture the whole training step once as a CUDA graph after two eager steps "
                         "and replay it (one launch per step instead of hundreds; engine/graph_step.py)")
@@ -315,7 +318,7 @@ class Trainer:
             self._warn(f"--conv auto: convolutions by im2col, cuDNN did not load ({str(e).splitlines()[0]})")
             return
         convs = cudnn_conv.CudnnConvolutions(cudnn_conv.gpu_handle_factory(), a.precision,
-                                             int(a.cudnn_workspace_mb * (1 << 20)))
+                                             int(a.cudnn_workspace_mb * (1 << 20)), search=a.cudnn_search)
         for conv in self.model.convs:
             conv.cudnn = (convs, self._warn)
 

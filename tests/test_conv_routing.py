@@ -41,7 +41,8 @@ def case_cudnn_trains_as_im2col():
     # One step: the hybrid update's RMSprop term divides by each gradient's running size,
     # so the next step's gradients would compare the update's amplification, not the convs.
     eager, ref = _train([], steps=1)
-    routed, got = _train(["--conv", "cudnn"], steps=1)
+    routed, got = _train(["--conv", "cudnn", "--cudnn-search", "heuristic"], steps=1)
+    assert routed.model.convs[0].cudnn[0].search == "heuristic"
     convs = routed.model.convs[0].cudnn[0]
     assert all(conv.cudnn[0] is convs for conv in routed.model.convs)
     from cudnn_helpers import resnet_convs
