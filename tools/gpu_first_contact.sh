@@ -50,6 +50,8 @@ for p in fp32 tf32 bf16; do
 done
 stage train-graph 120 "$PY" -m engine.train --device gpu --max-steps 5 --cuda-graph --dataset digits \
   --batch-per-rank 32 --eval-every 0 --no-checkpoint --print-every 1 --runs-dir "$OUT/runs"
+stage train-cudnn 120 "$PY" -m engine.train --device gpu --max-steps 5 --conv cudnn --dataset digits \
+  --batch-per-rank 32 --eval-every 0 --no-checkpoint --print-every 1 --runs-dir "$OUT/runs"
 stage bench-step 240 "$PY" bench/step.py --device gpu --cuda-graph --json "$OUT/step.json"
 stage bench-kernels 120 "$PY" bench/kernels.py --gpu
 echo "gpu-first-contact: $(grep -vc ': exit 0$' "$OUT/summary.txt") of $(wc -l < "$OUT/summary.txt") stages failed; see $OUT/summary.txt"
