@@ -663,6 +663,37 @@ class FakeNccl:
         pass
 
 
+class Patches:
+    """The part of pytest's monkeypatch that install() uses, for tools run without pytest
+    (bench/opcount.py after `make train`'s core install): `with Patches() as mp:` undoes
+    every setattr and setitem on exit, newest first."""
+
+    _MISSING = object()
+
+    def __init__(self):
+        self._undo = []
+
+    def setattr(self, obj, name, value, raising=True):
+        old = getattr(obj, name, self._MISSING)
+        if old is self._MISSING and raising:
+            raise AttributeError(f"{obj!r} has no attribute {name!r}")
+        self._undo.append(lambda: delattr(obj, name) if old is self._MISSING else setattr(obj, name, old))
+        setattr(obj, name, value)
+
+    def setitem(self, mapping, key, value):
+        old = mapping.get(key, self._MISSING)
+        self._undo.append(lambda: mapping.pop(key, None) if old is self._MISSING else mapping.__setitem__(key, old))
+        mapping[key] = value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        while self._undo:
+            self._undo.pop()()
+        return False
+
+
 def install(monkeypatch, launch=counted_launch):
     """Put the stand-in in place of CuPy (and NCCL) for this test; returns the module."""
     from engine import cuda_ops, gemm, nccl

@@ -78,3 +78,14 @@ def test_the_loss_and_top1_are_two_fused_launches(step):
     assert [o.name for o in ops if o.where == "loss" and o.kind == "kernel"] == [
         "softmax_xent.cu:softmax_xent_rows", "softmax_xent.cu:softmax_xent_reduce"]
     assert count["train"] == {"h2d": 2, "alloc": 2}
+
+
+def test_the_bench_runs_without_pytest_and_undoes_its_patches(capsys):
+    """bench/opcount.py patches through gpu_standins.Patches (README runs it after the core
+    install, which has no pytest) and leaves CuPy's module slot and the engine as they were."""
+    import sys as _sys
+    from engine import cuda_ops, gemm
+    before = (_sys.modules.get("cupy"), cuda_ops._launch, gemm._cublas_matmul)
+    assert opcount.main(["--arch", "resnet18", "--image-size", "32", "--batch", "2"]) == 0
+    assert "device operations:" in capsys.readouterr().out
+    assert (_sys.modules.get("cupy"), cuda_ops._launch, gemm._cublas_matmul) == before
