@@ -63,6 +63,12 @@ def host_math(*arrays):
     return hostmath
 
 
+def device_of(xp):
+    """The current CUDA device of the array module xp (None for NumPy): the key of the
+    engine's per-device caches (engine.cuda_ops's scratch, engine.transforms's constants)."""
+    return None if xp is np else xp.cuda.runtime.getDevice()
+
+
 def fused_kernels(*arrays):
     """engine.cuda_ops (the fused CUDA kernels) when every array is a float32 or bfloat16
     device array (anything but a NumPy array: CuPy); None otherwise (NumPy, float64 CuPy):

@@ -45,7 +45,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from engine.backend import array_module
+from engine.backend import array_module, device_of
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 
@@ -217,12 +217,18 @@ _bn_scratch_buffers: dict = {}     # device (None: the host, in emulation) -> fl
 _bn_arrival_counters: dict = {}    # device -> uint32 zeros, one per grid column (grid_reduce.cuh)
 
 
+def _per_device(cache, xp, size, make):
+    """cache's buffer for the current device, replaced by make(size) when missing or smaller."""
+    device = device_of(xp)
+    buf = cache.get(device)
+    if buf is None or buf.size < size:
+        buf = cache[device] = make(size)
+    return buf
+
+
 def _bn_scratch(xp, *sizes):
     """Consecutive float32 views of the given sizes into this device's BN scratch."""
-    device = None if xp is np else xp.cuda.runtime.getDevice()
-    buf = _bn_scratch_buffers.get(device)
-    if buf is None or buf.size < sum(sizes):
-        buf = _bn_scratch_buffers[device] = xp.empty(sum(sizes), np.float32)
+    buf = _per_device(_bn_scratch_buffers, xp, sum(sizes), lambda n: xp.empty(n, np.float32))
     ends = np.cumsum(sizes)
     return tuple(buf[end - size:end] for size, end in zip(sizes, ends))
 
@@ -230,11 +236,7 @@ def _bn_scratch(xp, *sizes):
 def _bn_arrivals(xp, columns: int):
     """This device's grid-column arrival counters: zeros, made once (and again when a grid
     needs more); every reducing kernel leaves the counters it used at zero again."""
-    device = None if xp is np else xp.cuda.runtime.getDevice()
-    counters = _bn_arrival_counters.get(device)
-    if counters is None or counters.size < columns:
-        counters = _bn_arrival_counters[device] = xp.zeros(columns, np.uint32)
-    return counters
+    return _per_device(_bn_arrival_counters, xp, columns, lambda n: xp.zeros(n, np.uint32))
 
 
 def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None):

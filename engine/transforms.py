@@ -23,6 +23,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from engine.backend import device_of
 from engine.data import to_rgb
 
 RESIZE_RATIO = 256 / 224
@@ -126,8 +127,7 @@ _constants: dict = {}      # (mean, std, device) -> (mean, 1/std) as float32 arr
 def _channel_constants(mean, std, xp):
     """mean and 1/std on the device of xp, copied there once per process: a captured CUDA
     graph may not copy from the host (engine.graph_step), and every step would otherwise."""
-    device = None if xp is np else xp.cuda.runtime.getDevice()
-    key = (tuple(map(float, mean)), tuple(map(float, std)), device)
+    key = (tuple(map(float, mean)), tuple(map(float, std)), device_of(xp))
     if key not in _constants:
         _constants[key] = (xp.asarray(np.asarray(mean, np.float32)),
                            xp.asarray(1.0 / np.asarray(std, np.float32)))
