@@ -367,44 +367,39 @@ class CudnnConvolutions:
             raise CudnnConvError(shape, "shapes", f"weight {tuple(w.shape)} is not (Cout, K, K, {cin})")
         return shape
 
-    def _run(self, shape, direction, call, *args):
+    def _call(self, direction, call, x_like, w, stride, pad, arrays, args):
+        """Check `arrays` for the shape of (x_like, w), then `call(handle, *args(plan, ptr,
+        algo, workspace pointer, workspace bytes))` with the direction's chosen algorithm."""
+        shape = self._shape_of(x_like, w, stride, pad)
+        self._check(shape, direction, **arrays)
+        plan = self._plan(shape)
+        algo = plan.algos[direction]
+        handle, arguments = self.handle, args(plan, self._pointer, algo.algo, *self._ws(algo))
         try:
-            call(*args)
+            call(handle, *arguments)
         except Exception as e:
             raise CudnnConvError(shape, direction, f"{type(e).__name__}: {e}", e) from e
 
     def forward(self, x, w, y, stride, pad):
         """y = conv(x, w): x (N, H, W, Cin), w (Cout, K, K, Cin), y (N, Ho, Wo, Cout)."""
-        shape = self._shape_of(x, w, stride, pad)
-        self._check(shape, "forward", x=x, w=w, y=y)
-        plan = self._plan(shape)
-        algo = plan.algos["forward"]
-        ptr = self._pointer
-        self._run(shape, "forward", self.api.convolution_forward, self.handle, plan.x, ptr(x), plan.w, ptr(w),
-                  plan.conv, algo.algo, plan.y, ptr(y), *self._ws(algo), 1.0, 0.0)
+        self._call("forward", self.api.convolution_forward, x, w, stride, pad, dict(x=x, w=w, y=y),
+                   lambda plan, ptr, algo, ws, nws: (plan.x, ptr(x), plan.w, ptr(w), plan.conv, algo,
+                                                     plan.y, ptr(y), ws, nws, 1.0, 0.0))
         return y
 
     def backward_data(self, dy, w, dx, stride, pad, accumulate=False):
         """dx = conv^T(dy, w); with accumulate, dx += it (beta = 1)."""
-        shape = self._shape_of(dx, w, stride, pad)
-        self._check(shape, "backward_data", dy=dy, w=w, dx=dx)
-        plan = self._plan(shape)
-        algo = plan.algos["backward_data"]
-        ptr = self._pointer
-        self._run(shape, "backward_data", self.api.convolution_backward_data, self.handle, plan.w, ptr(w), plan.y,
-                  ptr(dy), plan.conv, algo.algo, plan.x, ptr(dx), *self._ws(algo), 1.0,
-                  1.0 if accumulate else 0.0)
+        self._call("backward_data", self.api.convolution_backward_data, dx, w, stride, pad, dict(dy=dy, w=w, dx=dx),
+                   lambda plan, ptr, algo, ws, nws: (plan.w, ptr(w), plan.y, ptr(dy), plan.conv, algo,
+                                                     plan.x, ptr(dx), ws, nws, 1.0, 1.0 if accumulate else 0.0))
         return dx
 
     def backward_filter(self, x, dy, dw, stride, pad):
         """dw = the weight gradient of conv(x, .) for the output gradient dy (overwritten)."""
-        shape = self._shape_of(x, dw, stride, pad)
-        self._check(shape, "backward_filter", x=x, dy=dy, dw=dw)
-        plan = self._plan(shape)
-        algo = plan.algos["backward_filter"]
-        ptr = self._pointer
-        self._run(shape, "backward_filter", self.api.convolution_backward_filter, self.handle, plan.x, ptr(x),
-                  plan.y, ptr(dy), plan.conv, algo.algo, plan.w, ptr(dw), *self._ws(algo), 1.0, 0.0)
+        self._call("backward_filter", self.api.convolution_backward_filter, x, dw, stride, pad,
+                   dict(x=x, dy=dy, dw=dw),
+                   lambda plan, ptr, algo, ws, nws: (plan.x, ptr(x), plan.y, ptr(dy), plan.conv, algo,
+                                                     plan.w, ptr(dw), ws, nws, 1.0, 0.0))
         return dw
 
     # ---- the self-check ------------------------------------------------------------------
