@@ -12,7 +12,7 @@ PYTEST   := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: venv build train test test-fast bench gpu-check gpu-wheels gpu-check-offline gpu-run gpu-first-contact clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.h engine/kernels/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.pxi csrc/*.h engine/kernels/*)
 	@echo "== creating $(VENV) and installing the engine with its core dependencies (numpy, mpi4py, the"
 	@echo "== MPICH wheel, scikit-learn, Pillow, threadpoolctl), then compiling its C extensions"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -346,24 +346,12 @@ OPTIONAL_SYMBOLS = (
     "cudnnConvolutionBackwardData", "cudnnConvolutionBackwardFilter")
 
 
+include "libload.pxi"
+
+
 def _candidates():
     """Paths to try, in order (see the module docstring)."""
-    explicit = os.environ.get(LIBRARY_ENV)
-    if explicit:
-        return [explicit]          # an explicit choice is never silently replaced
-    paths = []
-    try:
-        spec = importlib.util.find_spec("nvidia")
-    except (ImportError, ValueError):
-        spec = None
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    for sub in WHEEL_DIRS:
-        for root in roots:
-            path = os.path.join(root, sub, LIBRARY_NAME)
-            if os.path.exists(path) and path not in paths:
-                paths.append(path)
-    paths.append(LIBRARY_NAME)
-    return paths
+    return _library_candidates(LIBRARY_ENV, WHEEL_DIRS, LIBRARY_NAME)
 
 
 cdef void* _symbol(void* lib, str name, bint required) except? NULL:
@@ -383,22 +371,16 @@ cdef int _load() except -1:
         return 0
     if _load_failure is not None:
         raise CudnnMissing(_load_failure)
-    tried = []
-    cdef void* lib = NULL
+    tried, opened = [], []
     cdef size_t v = 0
-    for path in _candidates():
-        lib = dlopen(path.encode(), RTLD_NOW | RTLD_LOCAL)
-        if lib != NULL:
-            _loaded_path = path
-            break
-        err = dlerror()
-        tried.append(f"  {path}: {err.decode(errors='replace') if err != NULL else 'not found'}")
+    cdef void* lib = _open_first(_candidates(), tried, opened)
     if lib == NULL:
         _load_failure = ("cuDNN is not available: libcudnn.so.9 could not be loaded from\n"
                          + "\n".join(tried)
                          + "\nInstall it with `pip install nvidia-cudnn-cu12` (the 'test' extra; nvidia-cudnn-cu13 "
                          f"for CUDA 13), or set {LIBRARY_ENV} to the library's path.")
         raise CudnnMissing(_load_failure)
+    _loaded_path = opened[0]
     try:
         _resolve(lib)
         with nogil:

@@ -123,21 +123,12 @@ _loaded_path = None
 _load_failure = None
 
 
+include "libload.pxi"
+
+
 def _candidates():
     """Paths to try, in order (see the module docstring)."""
-    explicit = os.environ.get(LIBRARY_ENV)
-    if explicit:
-        return [explicit]          # an explicit choice is never silently replaced
-    paths = []
-    try:
-        spec = importlib.util.find_spec("nvidia.nccl")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        for root in spec.submodule_search_locations:
-            paths.append(os.path.join(root, "lib", "libnccl.so.2"))
-    paths.append("libnccl.so.2")
-    return paths
+    return _library_candidates(LIBRARY_ENV, ("nccl/lib",), "libnccl.so.2")
 
 
 cdef void* _symbol(void* lib, const char* name, bint required) except? NULL:
@@ -154,21 +145,15 @@ cdef int _load() except -1:
         return 0
     if _load_failure is not None:
         raise NcclMissing(_load_failure)
-    tried = []
-    cdef void* lib = NULL
-    for path in _candidates():
-        lib = dlopen(path.encode(), RTLD_NOW | RTLD_LOCAL)
-        if lib != NULL:
-            _loaded_path = path
-            break
-        err = dlerror()
-        tried.append(f"  {path}: {err.decode(errors='replace') if err != NULL else 'not found'}")
+    tried, opened = [], []
+    cdef void* lib = _open_first(_candidates(), tried, opened)
     if lib == NULL:
         _load_failure = ("NCCL is not available: libnccl.so.2 could not be loaded from\n"
                          + "\n".join(tried)
                          + "\nInstall it with `pip install nvidia-nccl-cu12` (the 'gpu' extra; nvidia-nccl-cu13 for CUDA 13), "
                          f"or set {LIBRARY_ENV} to the library's path.")
         raise NcclMissing(_load_failure)
+    _loaded_path = opened[0]
     _api.get_version = <ncclGetVersion_t>_symbol(lib, b"ncclGetVersion", True)
     _api.get_unique_id = <ncclGetUniqueId_t>_symbol(lib, b"ncclGetUniqueId", True)
     _api.comm_init_rank = <ncclCommInitRank_t>_symbol(lib, b"ncclCommInitRank", True)
