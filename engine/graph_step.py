@@ -41,9 +41,7 @@ class GraphedStep:
     out) eagerly for WARMUP_STEPS steps, then captures it once and replays the graph."""
 
     def __init__(self, backend, step, optimizer, grad_scale: float):
-        if not backend.is_gpu:
-            raise ValueError("--cuda-graph needs a GPU (--device gpu); the CPU runs every step eagerly")
-        self.xp = xp = backend.xp
+        self.xp = xp = backend.xp           # CuPy: engine.train refuses --cuda-graph on the CPU
         self.step, self.optimizer, self.grad_scale = step, optimizer, grad_scale
         self.stream = xp.cuda.Stream(non_blocking=False)
         self.pool = xp.cuda.MemoryPool()
@@ -54,7 +52,7 @@ class GraphedStep:
 
     def __enter__(self):
         """The stream and the private pool, for a step and for what reads its results."""
-        self._stream_ctx = self.stream.__enter__()
+        self.stream.__enter__()
         self._alloc = self.xp.cuda.using_allocator(self.pool.malloc)
         self._alloc.__enter__()
         return self
@@ -93,5 +91,5 @@ class GraphedStep:
         try:
             self.outputs = self.step(self.images, self.labels, coef)
         finally:
-            graph = self.stream.end_capture()
-        self.graph = graph
+            graph = self.stream.end_capture()     # always leave capture mode
+        self.graph = graph                        # kept only when the whole step was captured
