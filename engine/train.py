@@ -307,6 +307,9 @@ class Trainer:
         """--conv: the model's convolutions through cuDNN where asked for and possible."""
         from engine.backend import DeviceError
         a = self.args
+        if a.conv == "cudnn" and not self.backend.is_gpu:
+            raise DeviceError("--conv cudnn needs a GPU, and this job runs on the CPU (--device auto found "
+                              "none)", collective=True)
         if a.conv == "im2col" or not self.backend.is_gpu or a.precision == "bf16":
             return                          # auto on the CPU or in bf16: im2col
         from engine import cudnn, cudnn_conv

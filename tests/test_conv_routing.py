@@ -91,3 +91,12 @@ def test_conv_options_are_refused_where_they_cannot_run(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert says in capsys.readouterr().err
+
+
+def test_conv_cudnn_on_a_job_that_found_no_gpu_is_an_error(tmp_path):
+    """--device auto fell back to the CPU: --conv cudnn is refused, not quietly im2col."""
+    from engine.backend import DeviceError
+    from engine.train import Trainer, parse_args
+    argv = ["--conv", "cudnn", "--runs-dir", str(tmp_path), "--no-checkpoint", "--watchdog", "0"]
+    with pytest.raises(DeviceError, match="--conv cudnn needs a GPU"):
+        Trainer(parse_args(argv))
