@@ -41,6 +41,12 @@ input gradient (engine.layers), which is done by the next call. Launching at the
 rather than after the input gradient starts every all-reduce one GEMM earlier (ResNet-50,
 64 px, per-layer buckets, 2 CPU ranks: 30 ms of a 350 ms step exposed otherwise).
 bench/overlap.py measures which of these is faster.
+
+`update_once=True` (the GPU job) waits for every bucket and then runs ONE update over the
+whole buffer: there the waits only order the streams, the per-bucket updates would all be
+queued behind backward anyway, and the optimizer's kernel takes any range in one launch,
+so per-bucket updates would cost one launch per bucket (19 of ResNet-50's step at 4 MB)
+and buy no overlap.
 """
 from __future__ import annotations
 
@@ -123,7 +129,8 @@ def check_same_config(comm, config: dict) -> None:
 
 class Reducer:
     def __init__(self, layout, grads, comm, *, bucket_mb: float = 25.0, first_bucket_mb: float = 1.0,
-                 fp16: bool = False, fp16_scale: float = 1.0, timeline=None, early_update: bool = False):
+                 fp16: bool = False, fp16_scale: float = 1.0, timeline=None, early_update: bool = False,
+                 update_once: bool = False):
         if grads.size != layout.total or grads.dtype != np.float32:
             raise ValueError(f"reducer: grads must be float32 with layout.total={layout.total} "
                              f"elements, got {grads.dtype} with {grads.size}")
@@ -139,7 +146,10 @@ class Reducer:
         # The buffer the all-reduce leaves its sums in, which the optimizer reads.
         self.reduced = layout.alloc(array_module(grads), np.float16) if fp16 else grads
         self.timeline = timeline if timeline is not None and timeline.enabled else None
-        self.early_update = early_update
+        if early_update and update_once:
+            raise ValueError("reducer: early_update (per bucket, inside backward) and update_once "
+                             "(one update after every bucket) exclude each other")
+        self.early_update, self.update_once = early_update, update_once
         self._reset()
 
     def _reset(self):
@@ -196,14 +206,17 @@ class Reducer:
             if not block and not work.done():
                 return
             self._wait(i, work)
-            if self._update is not None:
-                a, b = self.buckets[i]
-                if self.timeline is not None:
-                    with self.timeline.span(f"update b{i}", "update", {"bucket": i}):
-                        self._update(a, b)
-                else:
-                    self._update(a, b)
+            self._run_update(f"update b{i}", *self.buckets[i], {"bucket": i})
             self._updated += 1
+
+    def _run_update(self, label, a, b, args) -> None:
+        if self._update is None:
+            return
+        if self.timeline is None:
+            self._update(a, b)
+            return
+        with self.timeline.span(label, "update", args):
+            self._update(a, b)
 
     def _wait(self, i, work) -> None:
         t0 = time.perf_counter()
@@ -229,7 +242,12 @@ class Reducer:
                                "gradients were reported")
         if update is not None:
             self._update = update
-        self._apply_ready_updates(block=True)
+        if self.update_once:
+            for i, work in self._works:
+                self._wait(i, work)
+            self._run_update("update", 0, self.layout.total, {"buckets": len(self._works)})
+        else:
+            self._apply_ready_updates(block=True)
         self._frozen = True
         self._reset()
 

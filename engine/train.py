@@ -278,7 +278,7 @@ class Trainer:
         if a.trace:     # per-layer forward/backward spans; none of their cost without --trace
             instrument(self.model, self.timeline)
         self.reducer = Reducer(self.model.layout, self.model.grads, comm, bucket_mb=a.bucket_mb,
-                               fp16=a.fp16_allreduce, timeline=self.timeline)
+                               fp16=a.fp16_allreduce, timeline=self.timeline, update_once=be.is_gpu)
         # Same layout and options on every rank, then rank 0's initial parameters everywhere.
         self.reducer.startup(self.model.params, {k: v for k, v in vars(a).items()})
         self.model.refresh_weight_copy()        # the broadcast wrote params
@@ -505,7 +505,8 @@ class Trainer:
             loss, dlogits, hits = softmax_cross_entropy_with_hits(logits, labels, self.args.label_smoothing)
         with tl.span("backward", "backward"):
             model.backward(dlogits, grad_ready=self.reducer.grad_ready)
-        # Each bucket's update runs as soon as its all-reduce lands; 1/N folded into grad_scale.
+        # Each bucket's update runs as soon as its all-reduce lands (on a GPU, one update after
+        # the last: engine.reducer's update_once); 1/N folded into grad_scale.
         reduced, opt, scale = self.reducer.reduced, self.optimizer, self.grad_scale
         self.reducer.finish(update=lambda a, b: opt.update(reduced, a, b, coef=coef, grad_scale=scale))
         return loss, hits

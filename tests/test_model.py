@@ -138,14 +138,17 @@ class _InstantComm:
         return self._Work()
 
 
-def _reducer_step(seed, x, labels, optimizer, coef, early):
-    """One ResNet-18 step through a Reducer with one bucket per layer; returns the
-    parameters after it and, per update, how many layers backward had reported by then."""
+def _reducer_step(seed, x, labels, optimizer, coef, mode):
+    """One ResNet-18 step through a Reducer with one bucket per layer, updating per bucket
+    after backward (mode "normal"), inside backward ("early") or once after it ("once");
+    returns the parameters after it and, per update, its range and how many layers backward
+    had reported by then."""
     from engine.optimizer import make_optimizer
     from engine.reducer import Reducer
     model = build_model("resnet18", 4, CPU, seed=seed)
     opt = make_optimizer(optimizer, model.params, model.layout, CPU)
-    reducer = Reducer(model.layout, model.grads, _InstantComm(), bucket_mb=0, early_update=early)
+    reducer = Reducer(model.layout, model.grads, _InstantComm(), bucket_mb=0, early_update=mode == "early",
+                      update_once=mode == "once")
     reported, updated_after = [], []
 
     def grad_ready(a, b):
@@ -153,7 +156,7 @@ def _reducer_step(seed, x, labels, optimizer, coef, early):
         reducer.grad_ready(a, b)
 
     def update(a, b):
-        updated_after.append(len(reported))
+        updated_after.append((a, b, len(reported)))
         opt.update(reducer.reduced, a, b, coef=coef)
     reducer.prepare(update)
     _step(model, x, labels, grad_ready)
@@ -172,12 +175,39 @@ def test_early_update_step_equals_a_normal_step(rng, optimizer):
     x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(0, 4, 2)
     coef = Coefficients(eta=0.5, a_sgd=0.5, a_rms=0.01)
-    normal, _ = _reducer_step(seed, x, labels, optimizer, coef, early=False)
-    early, updated_after = _reducer_step(seed, x, labels, optimizer, coef, early=True)
+    normal, _ = _reducer_step(seed, x, labels, optimizer, coef, "normal")
+    early, updated_after = _reducer_step(seed, x, labels, optimizer, coef, "early")
     layers = 20 + 20 + 1
-    assert updated_after == list(range(2, layers + 1)) + [layers]    # fc at the 2nd report, conv1 in finish
+    # fc at the 2nd report, conv1 in finish
+    assert [n for _, _, n in updated_after] == list(range(2, layers + 1)) + [layers]
     assert np.isfinite(early).all()
     np.testing.assert_array_equal(early, normal)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "hybrid"])
+def test_update_once_step_equals_per_bucket_updates(rng, optimizer):
+    """The GPU job's update_once: ONE update over the whole flat buffer after backward
+    (not one per bucket) gives, bit for bit, the parameters of per-bucket updates (the
+    update is elementwise: no range split changes a bit)."""
+    from engine.schedule import Coefficients
+    seed = int(rng.integers(1 << 30))
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 2)
+    coef = Coefficients(eta=0.5, a_sgd=0.5, a_rms=0.01)
+    per_bucket, updates = _reducer_step(seed, x, labels, optimizer, coef, "normal")
+    once, updated = _reducer_step(seed, x, labels, optimizer, coef, "once")
+    total = updates[-1][1]
+    assert len(updates) == 20 + 20 + 1 and updated == [(0, total, 20 + 20 + 1)]
+    assert np.isfinite(once).all() and not np.array_equal(once, _reducer_step(seed, x, labels, optimizer,
+                                                                              Coefficients(0, 0, 0), "once")[0])
+    np.testing.assert_array_equal(once, per_bucket)
+
+
+def test_update_once_excludes_early_update():
+    from engine.reducer import Reducer
+    model = build_model("resnet18", 4, CPU)
+    with pytest.raises(ValueError, match="exclude each other"):
+        Reducer(model.layout, model.grads, _InstantComm(), early_update=True, update_once=True)
 
 
 def test_layout_order_decay_and_views():
