@@ -3,13 +3,22 @@
 Three functions, the contract between the model and the fused CUDA kernels
 (engine/cuda_ops.py has versions with the same signatures):
 
-    bn_train_forward(x2d, gamma, beta, eps, relu) -> (y2d, mean, var, inv_std)
-    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu) -> (dx2d, dgamma, dbeta)
-    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu) -> y2d
+    bn_train_forward(x2d, gamma, beta, eps, relu, residual=None) -> (y2d, mean, var, inv_std)
+    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, gate=False) -> (dx2d, dgamma, dbeta)
+    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, residual=None) -> y2d
 
 `var` is the biased variance over the N*H*W rows (what normalizes the batch), `relu` fuses
 a ReLU after the affine transform (its backward masks with y2d > 0, so y2d is only read
-when relu is true). The code below is generic in the array module (NumPy or CuPy); float32
+when relu is true).
+
+A residual block ends in its last BN: `residual` (the shortcut) is added after the affine
+transform and before the ReLU, y = relu(bn(x) + shortcut), so the block's sum costs no
+pass of its own. Its backward needs the gradient g = dy * (y > 0) twice (for the BN and for
+the shortcut): the first BN backward to see dy, called with `gate=True` (and relu False),
+leaves g in dy2d itself, y2d being the block's output. The CUDA kernels do both inside
+their BN passes (the ReLU gradient in the reduce kernel); the host paths below run the
+separate residual passes (engine.hostmath's add_relu_/relu_grad_, the same float32 math)
+around the plain BN. The code below is generic in the array module (NumPy or CuPy); float32
 NumPy arrays go to engine.hostmath instead: the host build of the same per-element math as
 the CUDA kernels (engine/kernels/recipe_math.cuh), one fused C loop per pass, sums in float64,
 2-5x faster than the NumPy passes.
@@ -82,18 +91,40 @@ def _rowdot(xp, a, b):
     return xp.einsum("ij,ij->j", a, b)
 
 
-def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None, team=SERIAL):
+def add_residual_(y, shortcut, relu, team=SERIAL):
+    """y = y + shortcut (+ReLU) in place: the end of a residual block on the host paths."""
+    if relu and (host := host_math(y, shortcut)) is not None:
+        return host.add_relu_(y, shortcut, team.map)
+    y += shortcut
+    if relu:
+        array_module(y).maximum(y, 0, out=y)
+    return y
+
+
+def relu_grad_(dy, y, team=SERIAL):
+    """dy = dy * (y > 0) in place (a product: a non-finite dy stays non-finite)."""
+    if (host := host_math(dy, y)) is not None:
+        return host.relu_grad_(dy, y, team.map)
+    return array_module(dy).multiply(dy, y > 0, out=dy)
+
+
+def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None, residual=None, team=SERIAL):
     """Normalize with this batch's statistics; returns (y2d, mean, var, inv_std), all (C,)."""
     if (fused := _fused(x2d)) is not None:
-        return fused.bn_train_forward(x2d, gamma, beta, eps, relu, out=out, stats_out=stats_out)
-    if _host_bf16(x2d):
-        y, *stats = bn_train_forward(_wide(x2d), gamma, beta, eps, relu, stats_out=stats_out, team=team)
+        return fused.bn_train_forward(x2d, gamma, beta, eps, relu, out=out, stats_out=stats_out,
+                                      residual=residual)
+    if _host_bf16(x2d):     # the sum in float32 too, one rounding at the end as on the device
+        y, *stats = bn_train_forward(_wide(x2d), gamma, beta, eps, relu, stats_out=stats_out,
+                                     residual=_wide(residual), team=team)
         return (_narrow(y, out), *stats)
+    plain_relu = relu and residual is None
     host = host_math(x2d, gamma, beta)
     if host is not None:
-        y, *stats = host.bn_train_forward(x2d, gamma, beta, eps, relu, out, team.map)
+        y, *stats = host.bn_train_forward(x2d, gamma, beta, eps, plain_relu, out, team.map)
     else:
-        y, *stats = xp_bn_train_forward(x2d, gamma, beta, eps, relu, out=out)
+        y, *stats = xp_bn_train_forward(x2d, gamma, beta, eps, plain_relu, out=out)
+    if residual is not None:
+        add_residual_(y, residual, relu, team)
     return (y, *_store(stats_out, stats))
 
 
@@ -115,16 +146,20 @@ def xp_bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None):
     return y, mean, var, inv_std
 
 
-def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, team=SERIAL):
+def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, residual=None, team=SERIAL):
     """Normalize with given statistics (evaluation mode)."""
     if (fused := _fused(x2d)) is not None:
-        return fused.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out)
+        return fused.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out, residual=residual)
     if _host_bf16(x2d):
-        return _narrow(bn_infer_forward(_wide(x2d), gamma, beta, mean, var, eps, relu, team=team), out)
+        return _narrow(bn_infer_forward(_wide(x2d), gamma, beta, mean, var, eps, relu,
+                                        residual=_wide(residual), team=team), out)
+    plain_relu = relu and residual is None
     host = host_math(x2d, gamma, beta, mean, var)
     if host is not None:
-        return host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out, team.map)
-    return xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, out=out)
+        y = host.bn_infer_forward(x2d, gamma, beta, mean, var, eps, plain_relu, out, team.map)
+    else:
+        y = xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, plain_relu, out=out)
+    return y if residual is None else add_residual_(y, residual, relu, team)
 
 
 def xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
@@ -138,15 +173,23 @@ def xp_bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
     return y
 
 
-def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None, team=SERIAL):
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None, gate=False,
+                team=SERIAL):
     """Gradients of bn_train_forward: returns (dx2d, dgamma, dbeta).
 
     With g the gradient after the ReLU mask and xc = x - mean:
       dbeta = sum g,  dgamma = inv_std * sum(g * xc),
       dx = gamma*inv_std * (g - dbeta/M - xc * inv_std^2 * sum(g * xc)/M).
+    `gate`: g = dy2d * (y2d > 0) is first left in dy2d (see the module's docstring).
     """
+    if gate and (relu or out is dy2d):
+        raise ValueError("bn_backward: gate leaves the gated gradient in dy2d; it takes relu=False "
+                         "and an `out` other than dy2d")
     if (fused := _fused(dy2d)) is not None:
-        return fused.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out, grads_out=grads_out)
+        return fused.bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, out=out, grads_out=grads_out,
+                                 gate=gate)
+    if gate:
+        relu_grad_(dy2d, y2d, team)
     if _host_bf16(dy2d):
         dx, *grads = bn_backward(_wide(dy2d), _wide(x2d), _wide(y2d), gamma, mean, inv_std, relu,
                                  grads_out=grads_out, team=team)

@@ -16,17 +16,15 @@ buffers), else into new ones; the BN partials live in one reused scratch buffer 
 
     hybrid_update(w, d, m, g, mask, scal, mu1, mu2, eps, wd, w_lp=None)  # scal: float32 device
     sgd_update(w, d, g, mask, scal, mu1, wd, w_lp=None)                  # array of SCALARS
-    bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None)
+    bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None, residual=None)
         -> (y2d, mean, var, inv_std)                     # stats_out = (mean, var, inv_std)
-    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None)
+    bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None, gate=False)
         -> (dx2d, dgamma, dbeta)                         # grads_out = (dgamma, dbeta)
-    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None) -> y2d
+    bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, residual=None) -> y2d
     im2col(x, k, s, p, out) -> out              # NHWC x -> col (N, Ho, Wo, K, K, C); engine.conv
     col2im(dcol, dx, s, p) -> dx                # a gather, float32 sums, no atomics
     maxpool_forward(x, y, k, s, p) -> y         # engine.layers.MaxPool
     maxpool_backward(x, dy, dx, k, s, p) -> dx  # a gather; ties to the first max in (kh, kw) order
-    add_relu_(y, shortcut) -> y                 # y = relu(y + shortcut), in place
-    relu_grad_(dy, y) -> dy                     # dy *= (y > 0), in place
     softmax_xent(logits, labels, smoothing, *, dlogits=None, out=None, scratch=None)
         -> (loss, dlogits, hits)     # engine.loss; loss, hits: 0-d float32 views of out (2,)
     pack_fp16(x, scale, out=None) -> float16 array;  unpack_fp16(h, scale, out=None) -> float32
@@ -239,11 +237,14 @@ def _bn_arrivals(xp, columns: int):
     return _per_device(_bn_arrival_counters, xp, columns, lambda n: xp.zeros(n, np.uint32))
 
 
-def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None):
+def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None, residual=None):
     """Training-mode BN (+ReLU): Welford partials and their Chan merge, fused apply (2 launches).
-    x2d (and out) float32 or bfloat16; stats_out = (mean, var, inv_std), float32 (C,)
-    arrays the merge kernel writes (new ones when None)."""
+    x2d (and out, residual) float32 or bfloat16; stats_out = (mean, var, inv_std), float32
+    (C,) arrays the merge kernel writes (new ones when None); `residual`, a residual block's
+    shortcut, is added in the apply before the ReLU."""
     variant = _bn_activation(x2d, "x2d")
+    if residual is not None:
+        _bn_activation(residual, "residual", like=x2d)
     rows, C = x2d.shape
     _channel_vectors(C, gamma=gamma, beta=beta)
     xp = array_module(x2d)
@@ -255,19 +256,24 @@ def bn_train_forward(x2d, gamma, beta, eps, relu, *, out=None, stats_out=None):
             (x2d, np.int64(rows), np.int32(C), part_n, part_mean, part_m2, _bn_arrivals(xp, grid[0]),
              gamma, beta, np.float32(eps), mean, var, inv_std, scale, shift))
     _launch("bn_forward.cu", f"bn_forward_apply_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
-            (x2d, y, np.int64(rows * C), np.int32(C), scale, shift, np.int32(bool(relu))))
+            (x2d, residual, y, np.int64(rows * C), np.int32(C), scale, shift, np.int32(bool(relu))))
     return y, mean, var, inv_std
 
 
-def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None):
+def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_out=None, gate=False):
     """Training-mode BN backward through the fused ReLU (2 launches); out may be dy2d.
     dy2d, x2d, y2d (and out) one storage type, float32 or bfloat16; grads_out = (dgamma,
     dbeta), float32 (C,) arrays the finalize kernel writes (views into the flat gradient
-    buffer; new arrays when None)."""
+    buffer; new arrays when None). `gate` (relu False): dy2d is first gated in place by
+    y2d > 0, y2d being a residual block's output (the gradient its shortcut receives),
+    in the reduce kernel; out must then be another buffer."""
     variant = _bn_activation(x2d, "x2d")
     rows, C = x2d.shape
-    if relu and y2d is None:
-        raise ValueError("cuda_ops: bn_backward with relu needs y2d (the forward output)")
+    if (relu or gate) and y2d is None:
+        raise ValueError("cuda_ops: bn_backward with relu or gate needs y2d (the output it masks by)")
+    if gate and (relu or out is dy2d):
+        raise ValueError("cuda_ops: bn_backward's gate leaves the gated gradient in dy2d: it takes "
+                         "relu=False and an `out` other than dy2d")
     for a, name in ((dy2d, "dy2d"), (y2d, "y2d")):
         if a is not None:
             _bn_activation(a, name, like=x2d)
@@ -279,27 +285,30 @@ def bn_backward(dy2d, x2d, y2d, gamma, mean, inv_std, relu, *, out=None, grads_o
     dx = _out(xp, x2d, out)
     relu_flag = np.int32(bool(relu))
     _launch("bn_backward.cu", f"bn_backward_reduce_{variant}", grid, BN_BLOCK,
-            (dy2d, x2d, y2d, np.int64(rows), np.int32(C), mean, inv_std, relu_flag, part_dy, part_dyxh,
-             _bn_arrivals(xp, grid[0]), dgamma, dbeta))
+            (dy2d, x2d, y2d, dy2d if gate else None, np.int64(rows), np.int32(C), mean, inv_std, relu_flag,
+             part_dy, part_dyxh, _bn_arrivals(xp, grid[0]), dgamma, dbeta))
     _launch("bn_backward.cu", f"bn_backward_dx_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
             (dy2d, x2d, y2d, np.int64(rows * C), np.int32(C), gamma, mean, inv_std, dgamma, dbeta,
              np.float32(1.0 / max(rows, 1)), relu_flag, dx))
     return dx, dgamma, dbeta
 
 
-def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None):
-    """Inference-mode BN (+ReLU) with given statistics (1 launch); x2d (and out) float32 or bfloat16."""
+def bn_infer_forward(x2d, gamma, beta, mean, var, eps, relu, *, out=None, residual=None):
+    """Inference-mode BN (+ReLU) with given statistics (1 launch); x2d (and out, residual)
+    float32 or bfloat16; `residual` is added before the ReLU, as in bn_train_forward."""
     variant = _bn_activation(x2d, "x2d")
+    if residual is not None:
+        _bn_activation(residual, "residual", like=x2d)
     rows, C = x2d.shape
     _channel_vectors(C, gamma=gamma, beta=beta, mean=mean, var=var)
     y = _out(array_module(x2d), x2d, out)
     _launch("bn_infer.cu", f"bn_infer_{variant}", _grid_1d(-(-rows * C // 4)), (THREADS,),
-            (x2d, y, np.int64(rows * C), np.int32(C), gamma, beta, mean, var, np.float32(eps),
+            (x2d, residual, y, np.int64(rows * C), np.int32(C), gamma, beta, mean, var, np.float32(eps),
              np.int32(bool(relu))))
     return y
 
 
-# ---- convolution gather, max pool, residual -----------------------------------------
+# ---- convolution gather, max pool ----------------------------------------------------
 
 _INT_MAX = 2**31 - 1
 
@@ -410,32 +419,6 @@ def maxpool_backward(x, dy, dx, k, s, p):
         _launch("maxpool.cu", f"maxpool_backward_{variant}", _grid_1d(dx.size), (THREADS,),
                 (x, dy, dx, np.int64(dx.size), *_geometry(h, w, c, k, s, p, ho, wo)))
     return dx
-
-
-def _pair(a, b, names):
-    variant = _activation(a, names[0])
-    _activation(b, names[1], like=a)
-    _shape(b, names[1], a.shape)
-    return variant
-
-
-def add_relu_(y, shortcut):
-    """y = relu(y + shortcut) in place (the sum in float32, rounded once for bfloat16), one
-    launch; returns y."""
-    variant = _pair(y, shortcut, ("y", "shortcut"))
-    if y.size:
-        _launch("residual.cu", f"add_relu_{variant}", _grid_1d(-(-y.size // 4)), (THREADS,),
-                (y, shortcut, np.int64(y.size)))
-    return y
-
-
-def relu_grad_(dy, y):
-    """dy = dy * (y > 0) in place (y: add_relu_'s result), one launch; returns dy."""
-    variant = _pair(dy, y, ("dy", "y"))
-    if dy.size:
-        _launch("residual.cu", f"relu_grad_{variant}", _grid_1d(-(-dy.size // 4)), (THREADS,),
-                (dy, y, np.int64(dy.size)))
-    return dy
 
 
 # ---- loss ----------------------------------------------------------------------------

@@ -232,33 +232,47 @@ class BatchNorm(Layer):
         self.inv_std = xp.ones(self.channels, dt)
         self.eval_mean, self.eval_var = self.batch_mean, self.batch_var
 
-    def forward(self, x, train):
+    def forward(self, x, train, residual=None):
+        """relu(bn(x)) (without the ReLU unless self.relu); with `residual` (the BN that ends
+        a residual block): relu(bn(x) + residual), the block's sum in the same pass."""
         x2d = x.reshape(-1, self.channels)
+        r2d = None if residual is None else residual.reshape(x2d.shape)
         # The last output is offered as this one's buffer: reused when the implementation
         # writes into `out`, simply dropped when it allocates its own.
         out = self._y if self._y is not None and self._y.shape == x2d.shape and self._y.dtype == x.dtype else None
         if not train:
             y = batchnorm.bn_infer_forward(x2d, self.weight, self.bias, self.eval_mean, self.eval_var,
-                                           self.eps, self.relu, out=out, team=self.ws.team)
+                                           self.eps, self.relu, out=out, residual=r2d, team=self.ws.team)
             self._saved, self._y = None, y
             return y.reshape(x.shape)
         stats = (self.batch_mean, self.batch_var, self.inv_std)
         y, mean, _, inv_std = batchnorm.bn_train_forward(x2d, self.weight, self.bias, self.eps, self.relu,
-                                                         out=out, stats_out=stats, team=self.ws.team)
+                                                         out=out, stats_out=stats, residual=r2d,
+                                                         team=self.ws.team)
         self._y = y
         self.batch_count = x2d.shape[0]
         self._saved = (x2d, y, mean, inv_std)
         return y.reshape(x.shape)
 
-    def backward(self, dy, consume=True):
-        """dx, in place over dy when `consume`, else in a new buffer (dy left intact)."""
+    def backward(self, dy, consume=True, gate_by=None, pre_gated=False):
+        """dx, in place over dy when `consume`, else in a new buffer (dy left intact).
+
+        The two BNs that see a residual block's output gradient (the last and the
+        shortcut's): the first to run takes `gate_by`, the block's output, and leaves the
+        block's ReLU gradient dy * (gate_by > 0) in dy (what the shortcut receives) while
+        using it; a later one takes `pre_gated`: dy is that gradient already, no mask."""
         if self._saved is None:
             raise RuntimeError(f"{self.name}: backward without a forward(train=True)")
         x2d, y2d, mean, inv_std = self._saved
         dy2d = dy.reshape(-1, self.channels)
+        gate = gate_by is not None
+        if gate and consume:
+            raise ValueError(f"{self.name}: gate_by leaves the gated gradient in dy; it cannot also be consumed")
         out = dy2d if consume else self.ws.take(dy2d.shape, dy.dtype)
-        dx, _, _ = batchnorm.bn_backward(dy2d, x2d, y2d, self.weight, mean, inv_std, self.relu, out=out,
-                                         grads_out=(self.dweight, self.dbias), team=self.ws.team)
+        mask = gate_by.reshape(dy2d.shape) if gate else y2d
+        relu = self.relu and not gate and not pre_gated
+        dx, _, _ = batchnorm.bn_backward(dy2d, x2d, mask, self.weight, mean, inv_std, relu, out=out,
+                                         grads_out=(self.dweight, self.dbias), gate=gate, team=self.ws.team)
         self.ready(self)
         if dx is not out:       # an implementation that ignored `out`: out (dy itself when
             self.ws.give(out)   # consumed) goes back to the free list
@@ -405,28 +419,3 @@ class Linear(Layer):
         gemm.matmul(dy, self.weight.T, dx, prec)
         self._x = None
         return dx
-
-
-def add_relu_(y, shortcut, team=SERIAL):
-    """The end of a residual block, in place over the main branch's output y:
-    y = relu(y + shortcut). The result is all that backward needs (its sign is the mask)."""
-    if (host := host_math(y, shortcut)) is not None:
-        return host.add_relu_(y, shortcut, team.map)
-    if (fused := fused_kernels(y, shortcut)) is not None:     # one kernel launch
-        return fused.add_relu_(y, shortcut)
-    y += shortcut
-    xp = array_module(y)
-    xp.maximum(y, 0, out=y)
-    return y
-
-
-def add_relu_backward_(dy, y, team=SERIAL):
-    """Gradient of add_relu_ with respect to both of its inputs (they receive the same),
-    in place over dy."""
-    if (host := host_math(dy, y)) is not None:
-        return host.relu_grad_(dy, y, team.map)
-    if (fused := fused_kernels(dy, y)) is not None:           # one kernel launch
-        return fused.relu_grad_(dy, y)
-    xp = array_module(dy)
-    xp.multiply(dy, y > 0, out=dy)
-    return dy

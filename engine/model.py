@@ -31,8 +31,7 @@ import numpy as np
 
 from engine.flat import FlatLayout
 from engine.gemm import activation_dtype
-from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
-                           add_relu_backward_)
+from engine.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool
 from engine.parallel import SERIAL, Team, blas_threads
 from engine.workspace import Workspace
 
@@ -50,10 +49,11 @@ MIN_SIZE = 32          # five stride-2 stages: 32 px leaves a 1x1 map before the
 class ResidualBlock:
     """Basic (two 3x3) or bottleneck (1x1, 3x3 with the stride, 1x1 x4) block.
 
-    Forward: y = relu(main(x) + shortcut(x)), summed in place in the last BN's output.
-    Backward: the downsample branch first, then the main branch from its last layer;
-    the input gradient is the sum of both, added by the first conv into the shortcut's
-    gradient (in its GEMM, for a bottleneck's 1x1 conv).
+    Forward: y = relu(main(x) + shortcut(x)), the sum and the ReLU in the last BN's pass.
+    Backward: the downsample branch first, then the main branch from its last layer; the
+    first of the two BNs to see dy leaves the block's ReLU gradient in dy (the gradient of
+    the shortcut) in its own pass; the input gradient is the sum of both branches, added by
+    the first conv into the shortcut's gradient (in its GEMM, for a bottleneck's 1x1 conv).
     """
 
     def __init__(self, name, ws, kind, cin, planes, stride):
@@ -66,7 +66,7 @@ class ResidualBlock:
         self.main = []
         for i, (ci, co, k, s, p) in enumerate(convs, start=1):
             self.main.append(Conv2d(f"{name}.conv{i}", ws, ci, co, k, s, p))
-            self.main.append(BatchNorm(f"{name}.bn{i}", ws, co, relu=i < len(convs)))
+            self.main.append(BatchNorm(f"{name}.bn{i}", ws, co, relu=True))    # the last: after the sum
         self.downsample = []
         if stride != 1 or cin != cout:
             self.downsample = [Conv2d(f"{name}.downsample.0", ws, cin, cout, 1, stride, 0),
@@ -77,13 +77,13 @@ class ResidualBlock:
         self._y = None
 
     def forward(self, x, train):
-        h = x
-        for layer in self.main:
-            h = layer.forward(h, train)
         shortcut = x
         for layer in self.downsample:
             shortcut = layer.forward(shortcut, train)
-        self._y = add_relu_(h, shortcut, self.ws.team)
+        h = x
+        for layer in self.main[:-1]:
+            h = layer.forward(h, train)
+        self._y = self.last_bn.forward(h, train, residual=shortcut)
         return self._y
 
     def param_layers(self):
@@ -91,18 +91,16 @@ class ResidualBlock:
         return self.downsample[::-1] + self.main[::-1]
 
     def backward(self, dy):
-        dz = add_relu_backward_(dy, self._y, self.ws.team)
         if self.downsample:
             conv, bn = self.downsample
-            d_short = conv.backward(bn.backward(dz, consume=False))
+            d_short = conv.backward(bn.backward(dy, consume=False, gate_by=self._y))
+            g = self.last_bn.backward(dy, pre_gated=True)
         else:
-            d_short = dz
-        g = dz
+            g = self.last_bn.backward(dy, consume=False, gate_by=self._y)
+            d_short = dy
         first = self.main[0]
-        for layer in reversed(self.main):
-            if layer is self.last_bn:
-                g = layer.backward(g, consume=d_short is not dz)
-            elif layer is first:        # the input gradient: the main branch's added to d_short
+        for layer in reversed(self.main[:-1]):
+            if layer is first:          # the input gradient: the main branch's added to d_short
                 g = layer.backward(g, add_to=d_short)
             else:
                 g = layer.backward(g)

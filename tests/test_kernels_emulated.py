@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from engine import conv, cuda_ops, hostmath, kernel_check, kernel_emulation, precision
+from engine import batchnorm, conv, cuda_ops, hostmath, kernel_check, kernel_emulation, precision
 from engine.layers import MaxPool
 from engine.workspace import Workspace
 
@@ -93,8 +93,8 @@ def test_every_kernel_of_every_file_is_launched(launches, rng):
     x = rng.standard_normal((40, 8)).astype(np.float32)
     gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
     for xs in (x, x.astype(BF16)):
-        y, mean, var, inv_std = cuda_ops.bn_train_forward(xs, gamma, beta, 1e-5, True)
-        cuda_ops.bn_backward(xs.copy(), xs, y, gamma, mean, inv_std, True)
+        y, mean, var, inv_std = cuda_ops.bn_train_forward(xs, gamma, beta, 1e-5, True, residual=xs)
+        cuda_ops.bn_backward(xs.copy(), xs, y, gamma, mean, inv_std, False, out=xs.copy(), gate=True)
         cuda_ops.bn_infer_forward(xs, gamma, beta, mean, var, 1e-5, False)
     cuda_ops.unpack_fp16(cuda_ops.pack_fp16(x.ravel(), 2.0), 0.5)
     img = rng.standard_normal((2, 5, 5, 8)).astype(np.float32)
@@ -103,7 +103,6 @@ def test_every_kernel_of_every_file_is_launched(launches, rng):
         cuda_ops.col2im(col, np.empty_like(xs), 2, 1)
         y = cuda_ops.maxpool_forward(xs, np.empty((2, 3, 3, 8), xs.dtype), 3, 2, 1)
         cuda_ops.maxpool_backward(xs, y, np.empty_like(xs), 3, 2, 1)
-        cuda_ops.relu_grad_(cuda_ops.add_relu_(xs.copy(), xs), xs)
     flat = [x.ravel().copy() for _ in range(3)]
     for g in (x.ravel(), x.ravel().astype(np.float16)):
         cuda_ops.hybrid_update(*flat, g, None, scal_of(HYPER), *(HYPER[k] for k in FIXED))
@@ -350,7 +349,7 @@ def test_bn_infer(launches, rng, relu, rows, C, storage):
         assert untouched(xd) and untouched(out)
 
 
-# ---- im2col, col2im, max pool, residual ---------------------------------------------------
+# ---- im2col, col2im, max pool ---------------------------------------------------
 
 # (N, H, W, C, K, stride, pad): K = 1/3/7, s = 1/2, p = 0/1/3; C = 8, 16 take the 128-bit paths
 # of both storage types, C = 4, 12 that of float32 only, C = 3, 5, 7 the element paths; a
@@ -518,41 +517,80 @@ def test_maxpool_agrees_with_the_generic_numpy_layer(launches, rng, values, n, h
     assert rel_err(dx, dx64) < 1e-6
 
 
-RESIDUAL_SIZES = [1, 7, 8 * 3 * 256 + 5]      # tails; the last wraps both grid-stride loops
+# ---- the BN that ends a residual block ---------------------------------------------------
+
+# rows x C: tails of both paths; the last wraps the grid-stride loops of the elementwise kernels
+RESIDUAL_SHAPES = [(1, 7), (3, 8), (97, 64)]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")     # the references of channel 0
 @pytest.mark.parametrize("storage", STORAGE)
-@pytest.mark.parametrize("size", RESIDUAL_SIZES)
-def test_add_relu_and_its_gradient(launches, rng, storage, size):
-    dtype = STORAGE[storage][0]
-    for y_at, s_at in PLACEMENTS:
-        y0 = rng.standard_normal(size).astype(dtype)
-        sc = rng.standard_normal(size).astype(dtype)
-        y0[rng.random(size) < 0.02] = np.nan          # NaN must reach the loss
-        yd, sd = placed(y0, y_at), placed(sc, s_at)
-        assert cuda_ops.add_relu_(yd, sd) is yd
-        # the sum in float32 rounded once: what y += s; maximum(y, 0) does with ml_dtypes
-        want = y0 + sc
-        want = np.maximum(want, np.zeros_like(want))
-        assert np.array_equal(yd.astype(np.float64), want.astype(np.float64), equal_nan=True), (y_at, s_at)
-        ref = np.maximum(y0.astype(np.float64) + sc, 0)
-        finite = ~np.isnan(ref)
-        assert np.all(np.abs(yd[finite].astype(np.float64) - ref[finite]) <= 2.0**-8 * np.abs(ref[finite]))
-        if dtype == np.float32:
-            assert np.array_equal(yd, hostmath.add_relu_(y0.copy(), sc), equal_nan=True)
-        dy0 = rng.standard_normal(size).astype(dtype)
-        dy0[rng.random(size) < 0.02] = np.inf          # a product: inf * 0 is NaN, as on the CPU
-        dyd = placed(dy0, s_at)
-        assert cuda_ops.relu_grad_(dyd, yd) is dyd
+@pytest.mark.parametrize("rows,C", RESIDUAL_SHAPES)
+def test_bn_with_the_residual_sum_and_its_gated_gradient(launches, rng, storage, rows, C):
+    """relu(bn(x) + shortcut) in the apply kernel (training and inference) against float64
+    and against the host path's separate passes; backward with gate: dy left as
+    dy * (y > 0) bit for bit (a product: inf * 0 is NaN, as relu_grad_ on the CPU), the
+    BN gradients of that g. A NaN in x reaches every y of its channel."""
+    dtype, bound = STORAGE[storage]
+    exact = lambda a: a.astype(dtype).astype(np.float32)
+    for x_at, s_at, y_at in ((0, 0, 0), (4, 8, 4), (1, 3, 2), (8, 8, 8)):
+        x, gamma, beta = _bn_inputs(rng, rows, C)
+        x, sc = exact(x), exact(rng.standard_normal((rows, C)).astype(np.float32))
+        x[rng.integers(rows), 0] = np.nan      # channel 0's statistics and outputs: all NaN
+        xd, sd, out = placed(x.astype(dtype), x_at), placed(sc.astype(dtype), s_at), placed(np.zeros_like(x, dtype), y_at)
+        y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, True, out=out, residual=sd)
+        hy, *_ = batchnorm.bn_train_forward(x.astype(dtype), gamma, beta, 1e-5, True, residual=sc.astype(dtype))
+        xf = x.astype(np.float64)
+        m64, v64 = xf.mean(0), xf.var(0)
+        ref = np.maximum((xf - m64) / np.sqrt(v64 + 1e-5) * gamma + beta + sc, 0)
+        nan = np.isnan(ref)
+        assert y is out and untouched(xd) and untouched(sd) and untouched(out)
+        assert np.array_equal(np.isnan(y.astype(np.float64)), nan) and np.array_equal(np.isnan(hy.astype(np.float64)), nan)
+        clean = ~np.isnan(mean)          # channels without a NaN: their statistics are finite
+        # x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
+        floor = np.max(np.abs(xf[:, clean]) * gamma[clean] / np.sqrt(v64[clean] + 1e-5), initial=0)
+        assert rel_err(y[:, clean], ref[:, clean], floor) < bound and rel_err(y[:, clean], hy[:, clean], floor) < bound
+        yi = cuda_ops.bn_infer_forward(xd, gamma, beta, mean, var, 1e-5, True, residual=sd)
+        hyi = batchnorm.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True, residual=sc)
+        assert np.array_equal(np.isnan(yi.astype(np.float64)), np.isnan(hyi))
+        assert rel_err(yi[:, clean], hyi[:, clean], floor) < bound
+        # backward on the finite channels' data: the gradient of the block's ReLU left in dy
+        x = np.nan_to_num(x)
+        y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, False)
+        y = exact(np.maximum(y + sc, 0))
+        dy = exact(rng.standard_normal((rows, C)).astype(np.float32))
+        dy[rng.random(dy.shape) < 0.02] = np.inf
+        dyd, dx_out = placed(dy.astype(dtype), s_at), placed(np.zeros_like(x, dtype), x_at)
+        grads, buf = channel_views(C, 2)
+        dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x.astype(dtype), x_at), placed(y.astype(dtype), y_at),
+                                                 gamma, mean, inv_std, False, out=dx_out, grads_out=grads, gate=True)
         with np.errstate(invalid="ignore"):
-            want = (dy0.astype(np.float64) * (np.asarray(yd, np.float64) > 0)).astype(dtype)
-        nan = np.isnan(want.astype(np.float64))
-        assert np.array_equal(nan, np.isnan(dyd.astype(np.float64))) and nan.any() == (y0 <= 0)[dy0 == np.inf].any()
-        assert np.array_equal(_bits(dyd)[~nan], _bits(want)[~nan]), (y_at, s_at)    # -0 included
-        if dtype == np.float32:
-            assert np.array_equal(dyd, hostmath.relu_grad_(dy0.copy(), np.array(yd)), equal_nan=True)
-        assert untouched(yd) and untouched(sd) and untouched(dyd)
-    assert size < 6000 or -(-size // 8) > launches[-1][2][0] * cuda_ops.THREADS
+            g = dy.astype(np.float64) * (y > 0)
+        assert dx is dx_out and untouched(dyd) and untouched(dx_out) and untouched(buf)
+        g_bits = np.asarray(g.astype(dtype)).view(np.uint16 if dtype == BF16 else np.uint32)
+        got_bits = np.asarray(dyd).view(g_bits.dtype)
+        assert np.array_equal(np.isnan(g), np.isnan(dyd.astype(np.float64)))
+        assert np.array_equal(got_bits[~np.isnan(g)], g_bits[~np.isnan(g)])      # -0 included
+        finite = np.isfinite(g).all(0)       # channels whose sums are finite
+        xhat = (x - mean.astype(np.float64)) * inv_std
+        rdb, rdg = g.sum(0), (g * xhat).sum(0)
+        rdx = gamma * inv_std.astype(np.float64) * (g - rdb / rows - xhat * rdg / rows)
+        assert rel_err(dbeta[finite], rdb[finite]) < 1e-5 and rel_err(dgamma[finite], rdg[finite]) < 1e-5
+        assert rel_err(dx[:, finite], rdx[:, finite]) < bound
+    assert rows < 90 or -(-rows * C // 8) > max(g for f, k, g in launches if "apply" in k)[0] * cuda_ops.THREADS
+
+
+def test_bn_gate_refuses_a_relu_or_an_out_over_dy(launches):
+    x = np.ones((4, 3), np.float32)
+    c = np.ones(3, np.float32)
+    for relu, out in ((True, None), (False, x)):
+        with pytest.raises(ValueError, match="gate"):
+            cuda_ops.bn_backward(x, x.copy(), x.copy(), c, c, c, relu, out=out, gate=True)
+        with pytest.raises(ValueError, match="gate"):
+            batchnorm.bn_backward(x, x.copy(), x.copy(), c, c, c, relu, out=out, gate=True)
+    with pytest.raises(ValueError, match="cuda_ops: residual is float32 \\(4, 2\\), expected float32 \\(4, 3\\)"):
+        cuda_ops.bn_train_forward(x, c, c, 1e-5, True, residual=x[:, :2].copy())
+    assert launches == []
 
 
 def test_window_launchers_refuse_wrong_arrays_by_name(launches):
@@ -569,10 +607,6 @@ def test_window_launchers_refuse_wrong_arrays_by_name(launches):
         cuda_ops.maxpool_backward(x, np.zeros((1, 3, 3, 3), np.float32), np.zeros_like(x), 3, 2, 1)
     with pytest.raises(ValueError, match="cuda_ops: dcol must be"):
         cuda_ops.col2im(np.zeros((1, 2, 2, 3, 1, 3), np.float32), x, 2, 1)
-    with pytest.raises(ValueError, match="cuda_ops: shortcut has shape"):
-        cuda_ops.add_relu_(x, x[:, :2].copy())
-    with pytest.raises(TypeError, match="cuda_ops: y is bfloat16, expected float32"):
-        cuda_ops.relu_grad_(x, x.astype(BF16))
     with pytest.raises(ValueError, match="smaller than the 7x7 window"):
         cuda_ops.im2col(x, 7, 1, 1, np.zeros((1, 1, 1, 7, 7, 3), np.float32))
     assert launches == []

@@ -301,25 +301,26 @@ def test_maxpool(cp, ops, rng, n, h, w, c, k, s, p, bf16, ties, offset):
 
 @pytest.mark.parametrize("offset", [0, 1, 3])
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
-def test_add_relu_and_relu_grad(cp, ops, rng, bf16, offset):
+def test_bn_residual_sum_and_gated_gradient(cp, ops, rng, bf16, offset):
+    """The BN that ends a residual block at a ResNet-50 stage-1 size: relu(bn(x) + s) in
+    the apply kernel, and the gate of the reduce kernel (dy left as dy * (y > 0), exact)."""
     dtype = ops.BF16 if bf16 else np.float32
-    n = 8 * 56 * 56 * 256 + 5
-    y, sc, dy = (rng.standard_normal(n).astype(dtype) for _ in range(3))
-    yd = _on_device(cp, y, offset)
-    assert ops.add_relu_(yd, _on_device(cp, sc, offset)) is yd
-    want = y + sc                                   # float32 sum rounded once, as ml_dtypes does
-    want = np.maximum(want, np.zeros_like(want))
-    assert np.array_equal(cp.asnumpy(yd).astype(np.float32), want.astype(np.float32))
+    rows, C = 8 * 56 * 56, 256
+    x, sc, dy = (rng.standard_normal((rows, C)).astype(dtype) for _ in range(3))
+    gamma, beta = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    xd, sd = _on_device(cp, x, offset), _on_device(cp, sc, offset)
+    y, mean, var, inv_std = ops.bn_train_forward(xd, cp.asarray(gamma), cp.asarray(beta), 1e-5, True, residual=sd)
+    x64 = x.astype(np.float64)
+    ref = np.maximum((x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5) * gamma + beta + sc.astype(np.float64), 0)
+    assert rel_err(cp.asnumpy(y), ref) < (2.0**-8 if bf16 else 1e-5)
     dyd = _on_device(cp, dy, offset)
-    assert ops.relu_grad_(dyd, yd) is dyd
-    keep = cp.asnumpy(yd).astype(np.float32) > 0
+    ops.bn_backward(dyd, xd, y, cp.asarray(gamma), mean, inv_std, False, out=cp.empty_like(dyd), gate=True)
+    keep = cp.asnumpy(y).astype(np.float32) > 0
     assert np.array_equal(cp.asnumpy(dyd).astype(np.float32), np.where(keep, dy.astype(np.float32), 0))
-    if not bf16:
-        np.testing.assert_array_equal(cp.asnumpy(yd), hostmath.add_relu_(y.copy(), sc))
 
 
 def test_layers_run_the_fused_kernels_on_device_arrays(cp, rng):
-    """conv.im2col/col2im, MaxPool and add_relu_ on CuPy float32 give what they give on NumPy."""
+    """conv.im2col/col2im and MaxPool on CuPy float32 give what they give on NumPy."""
     from engine import conv, layers
     from engine.workspace import Workspace
     x = rng.standard_normal((4, 16, 16, 32)).astype(np.float32)
@@ -330,8 +331,6 @@ def test_layers_run_the_fused_kernels_on_device_arrays(cp, rng):
     np.testing.assert_array_equal(gpool.forward(xd, True).get(), hpool.forward(x, True))
     dy = rng.standard_normal((4, 8, 8, 32)).astype(np.float32)
     assert rel_err(gpool.backward(cp.asarray(dy)).get(), hpool.backward(dy)) < 1e-6
-    sc = rng.standard_normal(x.shape).astype(np.float32)
-    np.testing.assert_array_equal(layers.add_relu_(xd.copy(), cp.asarray(sc)).get(), layers.add_relu_(x.copy(), sc))
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "large"])

@@ -19,8 +19,7 @@ STREAMING = ("hybrid_update_f32", "hybrid_update_f16", "sgd_update_f32", "sgd_up
              "bn_infer_f32", "bn_infer_bf16", "pack_fp16",
              # 16-byte (uint4) moves where C and alignment allow; packs of channels
              "im2col_f32", "im2col_bf16", "col2im_f32", "col2im_bf16",
-             "maxpool_forward_f32", "maxpool_forward_bf16",
-             "add_relu_f32", "add_relu_bf16", "relu_grad_f32", "relu_grad_bf16")
+             "maxpool_forward_f32", "maxpool_forward_bf16")
 
 
 @lru_cache(maxsize=None)
@@ -32,7 +31,7 @@ def test_the_check_uses_the_loaders_options():
     assert kc.NVRTC_OPTIONS is cuda_ops.NVRTC_OPTIONS
     assert FILES and {f.name for f in FILES} >= {"optimizer_update.cu", "bn_forward.cu", "bn_backward.cu",
                                                  "bn_infer.cu", "fp16_pack.cu", "im2col.cu",
-                                                 "maxpool.cu", "residual.cu"}
+                                                 "maxpool.cu"}
 
 
 @pytest.mark.parametrize("arch", kc.ARCHS)
@@ -179,6 +178,9 @@ def run_every_launcher(rng):
         stats = f32(3, C)
         y, mu, v, inv = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True, stats_out=tuple(stats))
         cuda_ops.bn_backward(dy, x, y, gamma, mu, inv, True, out=dy, grads_out=tuple(f32(2, C)))
+        y, mu, v, inv = cuda_ops.bn_train_forward(x, gamma, beta, 1e-5, True, residual=dy)
+        cuda_ops.bn_backward(dy, x, y, gamma, mu, inv, False, out=x.copy(), gate=True)
+        cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True, residual=dy)
         cuda_ops.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, False)
     h = cuda_ops.pack_fp16(w, 1024.0)
     cuda_ops.unpack_fp16(h, 1 / 1024)
@@ -189,7 +191,6 @@ def run_every_launcher(rng):
         cuda_ops.col2im(col, np.empty_like(x), 2, 1)
         y = cuda_ops.maxpool_forward(x, np.empty((2, 5, 5, 8), dtype), 3, 2, 1)
         cuda_ops.maxpool_backward(x, y, np.empty_like(x), 3, 2, 1)
-        cuda_ops.relu_grad_(cuda_ops.add_relu_(x.copy(), x), x)
     # a Python float for the smoothing on purpose
     cuda_ops.softmax_xent(f32(rows, 1000), rng.integers(0, 1000, rows), 0.1)
 
@@ -242,12 +243,14 @@ def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
     for name in ("bn_train_forward", "bn_backward", "bn_infer_forward"):
         monkeypatch.setattr(cuda_ops, name, lambda *a, _n=name, **k: seen.setdefault(_n, (a, k)))
     x = DeviceArray()
-    batchnorm.bn_train_forward(x, "g", "b", 1e-5, True, out="o", stats_out=("m", "v", "i"))
-    batchnorm.bn_backward(x, "x", "y", "g", "m", "s", False, out=x, grads_out=("dg", "db"))
+    batchnorm.bn_train_forward(x, "g", "b", 1e-5, True, out="o", stats_out=("m", "v", "i"), residual="r")
+    batchnorm.bn_backward(x, "x", "y", "g", "m", "s", False, out="o", grads_out=("dg", "db"), gate=True)
     batchnorm.bn_infer_forward(x, "g", "b", "m", "v", 1e-5, True)
-    assert seen["bn_train_forward"] == ((x, "g", "b", 1e-5, True), {"out": "o", "stats_out": ("m", "v", "i")})
-    assert seen["bn_backward"] == ((x, "x", "y", "g", "m", "s", False), {"out": x, "grads_out": ("dg", "db")})
-    assert seen["bn_infer_forward"] == ((x, "g", "b", "m", "v", 1e-5, True), {"out": None})
+    assert seen["bn_train_forward"] == ((x, "g", "b", 1e-5, True),
+                                        {"out": "o", "stats_out": ("m", "v", "i"), "residual": "r"})
+    assert seen["bn_backward"] == ((x, "x", "y", "g", "m", "s", False),
+                                   {"out": "o", "grads_out": ("dg", "db"), "gate": True})
+    assert seen["bn_infer_forward"] == ((x, "g", "b", "m", "v", 1e-5, True), {"out": None, "residual": None})
     # NumPy arrays stay on the generic path.
     seen.clear()
     x2d = np.random.default_rng().standard_normal((10, 4)).astype(np.float32)
@@ -255,8 +258,8 @@ def test_batchnorm_dispatches_device_arrays_to_the_fused_kernels(monkeypatch):
     assert seen == {}
 
 
-def test_conv_pool_and_residual_dispatch_device_arrays_to_the_fused_kernels(monkeypatch):
-    """engine.conv's im2col/col2im, MaxPool and the residual add+ReLU send float32 and
+def test_conv_and_pool_dispatch_device_arrays_to_the_fused_kernels(monkeypatch):
+    """engine.conv's im2col/col2im and MaxPool send float32 and
     bfloat16 non-NumPy (CuPy) arrays to cuda_ops, one call each, in the workspace's buffers;
     float64 device arrays and NumPy arrays keep their paths."""
     from engine import backend, conv, layers
@@ -284,8 +287,7 @@ def test_conv_pool_and_residual_dispatch_device_arrays_to_the_fused_kernels(monk
 
     seen = []
     # each launcher returns the array it writes: which argument that is
-    written = {"im2col": 4, "col2im": 1, "maxpool_forward": 1, "maxpool_backward": 2, "add_relu_": 0,
-               "relu_grad_": 0}
+    written = {"im2col": 4, "col2im": 1, "maxpool_forward": 1, "maxpool_backward": 2}
     for name, k in written.items():
         monkeypatch.setattr(cuda_ops, name, lambda *a, _n=name, _k=k: (seen.append((_n, a)), a[_k])[1])
     for dtype in (np.float32, cuda_ops.BF16):
@@ -301,18 +303,19 @@ def test_conv_pool_and_residual_dispatch_device_arrays_to_the_fused_kernels(monk
         assert y.shape == (2, 5, 5, 8) and y.dtype == dtype
         dy = DeviceArray(y.shape, dtype)
         assert pool.backward(dy) is ws.taken and ws.given == [dy]
-        r, sc = DeviceArray(x.shape, dtype), DeviceArray(x.shape, dtype)
-        assert layers.add_relu_(r, sc) is r and layers.add_relu_backward_(dx, r) is dx
         assert seen == [("im2col", (x, 3, 2, 1, col)), ("col2im", (col, dx, 2, 1)),
-                        ("maxpool_forward", (x, y, 3, 2, 1)), ("maxpool_backward", (x, dy, ws.taken, 3, 2, 1)),
-                        ("add_relu_", (r, sc)), ("relu_grad_", (dx, r))]
+                        ("maxpool_forward", (x, y, 3, 2, 1)), ("maxpool_backward", (x, dy, ws.taken, 3, 2, 1))]
     assert backend.fused_kernels(DeviceArray((4,), np.float64)) is None
     assert backend.fused_kernels(DeviceArray((4,), np.float32), DeviceArray((4,), np.float64)) is None
     # NumPy arrays stay on the host paths.
     seen.clear()
     a = np.random.default_rng().standard_normal((2, 5, 5, 3)).astype(np.float32)
-    layers.add_relu_backward_(layers.add_relu_(a.copy(), a), a)
-    layers.add_relu_(a.astype(cuda_ops.BF16), a.astype(cuda_ops.BF16))
+    from engine.parallel import SERIAL
+    from engine.workspace import Workspace as HostWorkspace
+    host = HostWorkspace(np, SERIAL, "fp32")
+    conv.col2im(host, conv.im2col(host, a, 3, 2, 1), np.empty_like(a), 2, 1)
+    pool = layers.MaxPool("pool", host, 3, 2, 1)
+    pool.backward(pool.forward(a, train=True))
     assert backend.fused_kernels(a) is None and seen == []
 
 

@@ -10,8 +10,7 @@ import pytest
 from engine import batchnorm
 from engine.conv import col2im, im2col
 from engine.flat import FlatLayout
-from engine.layers import (BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool, add_relu_,
-                           add_relu_backward_)
+from engine.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool
 from engine.loss import softmax_cross_entropy
 from engine.parallel import Team
 from engine.workspace import Workspace
@@ -228,15 +227,44 @@ def test_global_avg_pool_and_linear(rng):
     check(db, loss, fc.bias, rng)
 
 
-def test_residual_add_relu(rng):
-    a, b = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((2, 3, 3, 4))
-    r = rng.standard_normal(a.shape)
-    y = add_relu_(a.copy(), b)
-    np.testing.assert_array_equal(y, np.maximum(a + b, 0))
-    d = add_relu_backward_(r.copy(), y)
-    loss = lambda: float(np.sum(add_relu_(a.copy(), b) * r))
-    check(d, loss, a, rng)
-    check(d, loss, b, rng)
+@pytest.mark.parametrize("projection", [False, True])
+def test_the_batchnorms_that_end_a_residual_block(rng, projection):
+    """y = relu(bn3(x) + s), with s the block's input or, for a projection, bn_s(xs):
+    forward against float64, and backward as ResidualBlock runs it. The first BN to see dy
+    (gate_by=y) leaves the block's ReLU gradient dy * (y > 0) in dy; a projection's bn3
+    then takes it pre-gated. Every input's gradient against central differences."""
+    ws = Workspace(np)
+    bn3 = BatchNorm("bn3", ws, 5, relu=True)
+    bound(bn3, rng)
+    bn_s = BatchNorm("bn_s", ws, 5, relu=False)
+    bound(bn_s, rng)
+    x, xs = rng.standard_normal((3, 4, 2, 5)) * 2 + 1, rng.standard_normal((3, 4, 2, 5))
+
+    def forward():
+        s = bn_s.forward(xs, train=True) if projection else xs
+        return bn3.forward(x, train=True, residual=s)
+
+    def plain(v, bn):
+        v2d = v.reshape(-1, 5)
+        return ((v2d - v2d.mean(0)) / np.sqrt(v2d.var(0) + bn.eps) * bn.weight + bn.bias).reshape(v.shape)
+    y = forward()
+    assert rel_err(y, np.maximum(plain(x, bn3) + (plain(xs, bn_s) if projection else xs), 0)) < 1e-12
+    r = rng.standard_normal(y.shape)
+    assert (y == 0).any() and (y > 0).any()
+    dy = r.copy()
+    if projection:
+        ds = bn_s.backward(dy, consume=False, gate_by=y)
+        dx = bn3.backward(dy, pre_gated=True)
+    else:
+        dx = bn3.backward(dy, consume=False, gate_by=y)
+        ds = dy
+        np.testing.assert_array_equal(dy, r * (y > 0))     # what the shortcut receives
+    loss = lambda: float(np.sum(forward() * r))
+    check(dx, loss, x, rng)
+    check(ds, loss, xs, rng)
+    with pytest.raises(ValueError, match="bn3: gate_by leaves the gated gradient in dy"):
+        forward()
+        bn3.backward(dy, gate_by=y)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

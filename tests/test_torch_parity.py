@@ -107,7 +107,8 @@ def _pool_winners(y):
 def _our_branches(model):
     """After a training forward: the sign of every ReLU input (NHWC order, flattened) by
     layer name, and the max-pool winners."""
-    signs = {bn.name: bn._y.ravel() > 0 for bn in model.batchnorms if bn.relu}
+    last = {b.last_bn for b in model.blocks}       # their ReLU acts on the block's sum
+    signs = {bn.name: bn._y.ravel() > 0 for bn in model.batchnorms if bn.relu and bn not in last}
     signs.update({b.last_bn.name.rpartition(".")[0]: b._y.ravel() > 0 for b in model.blocks})
     stem = model.bn1._y.reshape(model.maxpool._x.shape)
     return signs, _pool_winners(stem)

@@ -5,7 +5,12 @@
 //                         g = relu'(y)*dy and of g*xhat over strided rows, reduced in shared
 //                         memory; one partial per block row. The last block of each grid
 //                         column to finish (grid_reduce.cuh) adds the column's G partials in
-//                         block-row order: dbeta = sum g, dgamma = sum g*xhat.
+//                         block-row order: dbeta = sum g, dgamma = sum g*xhat. With a
+//                         non-null `gated` (the first BN backward of a residual block's
+//                         output gradient, relu 0), g = dy*(y>0) with y the block's output
+//                         (rm_relu_mask_grad, a product as in relu_grad_) and g is also
+//                         stored there (dy itself: the gradient the shortcut receives), so
+//                         the block's ReLU gradient costs no pass of its own.
 //   bn_backward_dx        dx = gamma*inv_std*(g - dbeta/R - xhat*dgamma/R), elementwise with
 //                         128-bit loads (4 float32 or 8 bfloat16) when C is a multiple of that
 //                         and every pointer 16-byte aligned. dx may be dy itself (the model
@@ -15,8 +20,18 @@
 
 
 template <typename T>
-__device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T* y, long long rows, int C,
-                                                const float* mean, const float* inv_std, int relu,
+__device__ __forceinline__ float masked_grad(const T* dy, const T* y, T* gated, long long i, int relu)
+{
+    if (gated == nullptr)
+        return rm_relu_grad(rm_load1(dy, i), relu ? rm_load1(y, i) : 1.0f, relu);
+    const float g = rm_relu_mask_grad(rm_load1(dy, i), rm_load1(y, i));
+    rm_store1(gated, i, g);     // exact in bfloat16 too: dy times 0 or 1
+    return g;
+}
+
+template <typename T>
+__device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T* y, T* gated, long long rows,
+                                                int C, const float* mean, const float* inv_std, int relu,
                                                 float* part_dy, float* part_dyxh, unsigned int* arrivals,
                                                 float* dgamma, float* dbeta)
 {
@@ -28,7 +43,7 @@ __device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T
         for (long long r = (long long)blockIdx.y * RM_BN_TY + threadIdx.y; r < rows;
              r += (long long)gridDim.y * RM_BN_TY) {
             const long long i = r * C + c;
-            const float g = rm_relu_grad(rm_load1(dy, i), relu ? rm_load1(y, i) : 1.0f, relu);
+            const float g = masked_grad(dy, y, gated, i, relu);
             s_dy += g;
             s_dyxh += g * ((rm_load1(x, i) - mu) * is);
         }
@@ -58,22 +73,22 @@ __device__ __forceinline__ void backward_reduce(const T* dy, const T* x, const T
     dgamma[c] = t_dyxh;
 }
 
-extern "C" __global__ void bn_backward_reduce_f32(const float* dy, const float* x, const float* y,
+extern "C" __global__ void bn_backward_reduce_f32(const float* dy, const float* x, const float* y, float* gated,
                                                   long long rows, int C, const float* mean,
                                                   const float* inv_std, int relu, float* part_dy,
                                                   float* part_dyxh, unsigned int* arrivals, float* dgamma,
                                                   float* dbeta)
 {
-    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh, arrivals, dgamma, dbeta);
+    backward_reduce(dy, x, y, gated, rows, C, mean, inv_std, relu, part_dy, part_dyxh, arrivals, dgamma, dbeta);
 }
 
 extern "C" __global__ void bn_backward_reduce_bf16(const rm_bf16* dy, const rm_bf16* x, const rm_bf16* y,
-                                                   long long rows, int C, const float* mean,
+                                                   rm_bf16* gated, long long rows, int C, const float* mean,
                                                    const float* inv_std, int relu, float* part_dy,
                                                    float* part_dyxh, unsigned int* arrivals, float* dgamma,
                                                    float* dbeta)
 {
-    backward_reduce(dy, x, y, rows, C, mean, inv_std, relu, part_dy, part_dyxh, arrivals, dgamma, dbeta);
+    backward_reduce(dy, x, y, gated, rows, C, mean, inv_std, relu, part_dy, part_dyxh, arrivals, dgamma, dbeta);
 }
 
 __device__ __forceinline__ float dx1(float dy, float x, float y, int c, const float* gamma,

@@ -9,7 +9,10 @@
 //                      (Chan), and writes mean, biased var, inv_std (saved for backward) and
 //                      the folded scale = gamma*inv_std, shift = beta - mean*scale.
 //   bn_forward_apply   y = x*scale + shift (+ReLU), 128-bit loads and stores (4 float32 or
-//                      8 bfloat16) when C is a multiple of that and x, y are 16-byte aligned.
+//                      8 bfloat16) when C is a multiple of that and x, y are 16-byte aligned;
+//                      with a non-null `shortcut` (the BN that ends a residual block),
+//                      y = relu(x*scale + shift + shortcut): the block's sum and ReLU in the
+//                      same pass, rounded once.
 // Welford within a thread and Chan's merge between threads keep the variance exact when
 // |mean| >> std, where E[x^2] - E[x]^2 in fp32 would cancel.
 #include "recipe_math.cuh"
@@ -86,20 +89,24 @@ extern "C" __global__ void bn_stats_bf16(const rm_bf16* x, long long rows, int C
 }
 
 template <typename T>
-__device__ __forceinline__ void forward_apply(const T* x, T* y, long long n, int C, const float* scale,
-                                              const float* shift, int relu)
+__device__ __forceinline__ void forward_apply(const T* x, const T* shortcut, T* y, long long n, int C,
+                                              const float* scale, const float* shift, int relu)
 {
-    rm_channel_map(x, y, n, C, [=](float v, int c) { return rm_bn_apply(v, scale[c], shift[c], relu); });
+    rm_channel_map(x, shortcut, y, n, C, [=](float v, float s, int c) {
+        return shortcut != nullptr ? rm_bn_apply_residual(v, scale[c], shift[c], s, relu)
+                                   : rm_bn_apply(v, scale[c], shift[c], relu);
+    });
 }
 
-extern "C" __global__ void bn_forward_apply_f32(const float* x, float* y, long long n, int C,
-                                                const float* scale, const float* shift, int relu)
+extern "C" __global__ void bn_forward_apply_f32(const float* x, const float* shortcut, float* y, long long n,
+                                                int C, const float* scale, const float* shift, int relu)
 {
-    forward_apply(x, y, n, C, scale, shift, relu);
+    forward_apply(x, shortcut, y, n, C, scale, shift, relu);
 }
 
-extern "C" __global__ void bn_forward_apply_bf16(const rm_bf16* x, rm_bf16* y, long long n, int C,
-                                                 const float* scale, const float* shift, int relu)
+extern "C" __global__ void bn_forward_apply_bf16(const rm_bf16* x, const rm_bf16* shortcut, rm_bf16* y,
+                                                 long long n, int C, const float* scale, const float* shift,
+                                                 int relu)
 {
-    forward_apply(x, y, n, C, scale, shift, relu);
+    forward_apply(x, shortcut, y, n, C, scale, shift, relu);
 }

@@ -343,19 +343,24 @@ __device__ __forceinline__ void rm_channel_for(long long n, int C, bool packed, 
         elem(i, ch.c);
 }
 
-/* y[i] = f(x[i], c) over x seen as (n / C, C) with c the channel of element i, x and y of
- * storage type T, 128 bits per access when alignment and C allow. The elementwise BN kernels
- * (bn_forward_apply, bn_infer) are this loop with their own f. */
+/* y[i] = f(x[i], r[i], c) over x seen as (n / C, C) with c the channel of element i, x, r
+ * and y of storage type T, 128 bits per access when alignment and C allow; r may be null
+ * (a residual block's shortcut, when there is one), and f then gets 0 for it. The
+ * elementwise BN kernels (bn_forward_apply, bn_infer) are this loop with their own f. */
 template <typename T, typename F>
-__device__ __forceinline__ void rm_channel_map(const T* x, T* y, long long n, int C, F f)
+__device__ __forceinline__ void rm_channel_map(const T* x, const T* r, T* y, long long n, int C, F f)
 {
     constexpr int N = rm_pack<T>::N;
-    rm_channel_for<N>(n, C, rm_aligned16(x, y), [&](long long k, int c) {
+    rm_channel_for<N>(n, C, rm_aligned16(x, r, y), [&](long long k, int c) {
         rm_pack<T> a = rm_pack_load(x, k);
+        rm_pack<T> b;
 #pragma unroll
-        for (int j = 0; j < N; ++j) a.v[j] = f(a.v[j], c + j);
+        for (int j = 0; j < N; ++j) b.v[j] = 0.0f;
+        if (r != nullptr) b = rm_pack_load(r, k);
+#pragma unroll
+        for (int j = 0; j < N; ++j) a.v[j] = f(a.v[j], b.v[j], c + j);
         rm_pack_store(y, k, a);
-    }, [&](long long i, int c) { rm_store1(y, i, f(rm_load1(x, i), c)); });
+    }, [&](long long i, int c) { rm_store1(y, i, f(rm_load1(x, i), r != nullptr ? rm_load1(r, i) : 0.0f, c)); });
 }
 #endif
 
@@ -380,6 +385,15 @@ RM_FN float rm_add_relu(float y, float shortcut)
 RM_FN float rm_relu_mask_grad(float dy, float y)
 {
     return dy * (y > 0.0f ? 1.0f : 0.0f);
+}
+
+/* A batch norm that ends a residual block: bn(x) + shortcut (+ReLU), the affine transform
+ * first and the sum after it, in float32, as the separate passes compute it in float32
+ * (engine.batchnorm's host path). */
+RM_FN float rm_bn_apply_residual(float x, float scale, float shift, float shortcut, int relu)
+{
+    const float y = rm_bn_apply(x, scale, shift, 0);
+    return relu ? rm_add_relu(y, shortcut) : y + shortcut;
 }
 
 /* Gradient through the fused ReLU: y is the BN(+ReLU) output of the forward pass. */
