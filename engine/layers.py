@@ -177,8 +177,16 @@ class Conv2d(Layer):
         return dx
 
     def _backward_by_cudnn(self, dnn, x, dy, need_dx, add_to):
-        """backward() through cuDNN: dW, the report, then dx (added into add_to by beta = 1)."""
-        dnn.backward_filter(x, dy, self.dweight, self.stride, self.pad)
+        """backward() through cuDNN: dW, the report, then dx (added into add_to by beta = 1).
+        cuDNN writes dW in the activations' type: with bfloat16 ones (--precision bf16) into
+        the arena, then widened into the float32 gradient (one rounding of each dW to
+        bfloat16, as PyTorch's autocast convolutions give theirs)."""
+        if self.dweight.dtype == x.dtype:
+            dnn.backward_filter(x, dy, self.dweight, self.stride, self.pad)
+        else:
+            dw = self.ws.arena(self.dweight.shape, x.dtype)
+            dnn.backward_filter(x, dy, dw, self.stride, self.pad)
+            self.dweight[...] = dw
         self.ready(self)
         dx = None
         if need_dx:

@@ -189,9 +189,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--run-name must be a plain directory name, got {args.run_name!r}")
     if args.conv == "cudnn" and args.device == "cpu":
         p.error("--conv cudnn needs a GPU; the CPU convolves by im2col")
-    if args.conv == "cudnn" and args.precision == "bf16":
-        p.error("--conv cudnn runs fp32 and tf32: in bf16 cuDNN would write bf16 weight gradients, "
-                "which the float32 gradient buffer does not take; use --conv im2col or auto")
     if args.cudnn_workspace_mb < 0:
         p.error(f"--cudnn-workspace-mb must be >= 0, got {args.cudnn_workspace_mb}")
     if args.cuda_graph and args.device == "cpu":
@@ -310,8 +307,8 @@ class Trainer:
         if a.conv == "cudnn" and not self.backend.is_gpu:
             raise DeviceError("--conv cudnn needs a GPU, and this job runs on the CPU (--device auto found "
                               "none)", collective=True)
-        if a.conv == "im2col" or not self.backend.is_gpu or a.precision == "bf16":
-            return                          # auto on the CPU or in bf16: im2col
+        if a.conv == "im2col" or not self.backend.is_gpu:
+            return                          # auto on the CPU: im2col
         from engine import cudnn, cudnn_conv
         try:
             cudnn.version()

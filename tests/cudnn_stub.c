@@ -1,13 +1,17 @@
 /* A stand-in libcudnn.so.9 for tests/test_cudnn_binding.py: the functions engine.cudnn looks
  * up, on HOST memory, so that the GPU-only wrappers (handles, algorithm searches, workspace
  * sizes, the three convolutions) can be run without a GPU. The convolutions compute the real
- * float32 NHWC cross-correlation with KRSC filters from the descriptors they are given, so a
- * wrapper that passes an argument in the wrong place gives a wrong result; every call is
- * also written to a log (stub_log) with its pointers, algorithm, workspace and alpha/beta.
+ * NHWC cross-correlation with KRSC filters from the descriptors they are given, so a
+ * wrapper that passes an argument in the wrong place gives a wrong result: float32 data,
+ * or bfloat16 data with float32 sums rounded once to nearest even at the end (cuDNN's
+ * PSEUDO_BFLOAT16 configuration; stub_float32_only(1) refuses it, as an older library
+ * would). Every call is also written to a log (stub_log) with its pointers, algorithm,
+ * workspace and alpha/beta.
  * An algorithm of 99 sleeps 300 ms first: the test checks that Python threads run meanwhile.
  * Built by the test with `cc -shared -fPIC`; never part of the engine.
  */
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +39,10 @@ const char *stub_log(void) { return log_buf; }
 void stub_clear(void) { log_len = 0; log_buf[0] = 0; }
 
 static int fail(int status, const char *msg) { snprintf(last_error, sizeof(last_error), "%s", msg); return status; }
+
+enum { DATA_FLOAT = 0, DATA_BFLOAT16 = 9 };
+static int float32_only;
+void stub_float32_only(int on) { float32_only = on; }
 
 size_t cudnnGetVersion(void) { return 90100; }
 size_t cudnnGetCudartVersion(void) { return 12040; }
@@ -107,7 +115,9 @@ static void pause_if(int algo) {
 
 static int check(Conv *cd, Tensor *x, Filter *w, Tensor *y) {
     int n, c, h, wo;
-    if (x->dtype != 0 || w->dtype != 0 || y->dtype != 0) return fail(3003, "stub: float32 only");
+    if (x->dtype != w->dtype || x->dtype != y->dtype) return fail(3003, "stub: mixed data types");
+    if (x->dtype != DATA_FLOAT && (x->dtype != DATA_BFLOAT16 || float32_only))
+        return fail(3003, float32_only ? "stub: float32 only" : "stub: float32 or bfloat16 only");
     if (w->format != 1) return fail(2000, "stub: KRSC filters only");
     if (cudnnGetConvolution2dForwardOutputDim(cd, x, w, &n, &c, &h, &wo)) return 2000;
     if (y->n != n || y->c != c || y->h != h || y->w != wo) return fail(2000, "stub: output shape mismatch");
@@ -141,8 +151,37 @@ static void loops(int mode, Conv *cd, Tensor *x, Filter *w, float *X, float *W, 
                 }
 }
 
-static void blend(float *out, const float *acc, size_t count, float alpha, float beta) {
-    for (size_t i = 0; i < count; i++) out[i] = alpha * acc[i] + (beta == 0.0f ? 0.0f : beta * out[i]);
+static float bf16_to_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t float_to_bf16(float f) {      /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* count values of data (float32 or bfloat16) as a new float32 array; NULL data: zeros. */
+static float *widen(const void *data, int dtype, size_t count) {
+    float *out = calloc(count, sizeof(float));
+    for (size_t i = 0; data && i < count; i++)
+        out[i] = dtype == DATA_FLOAT ? ((const float *)data)[i] : bf16_to_float(((const uint16_t *)data)[i]);
+    return out;
+}
+
+/* out = alpha * acc + beta * out, in out's data type (one rounding for bfloat16). */
+static void blend(void *out, int dtype, const float *acc, size_t count, float alpha, float beta) {
+    for (size_t i = 0; i < count; i++) {
+        float old = beta == 0.0f ? 0.0f
+                  : dtype == DATA_FLOAT ? ((float *)out)[i] : bf16_to_float(((uint16_t *)out)[i]);
+        float v = alpha * acc[i] + (beta == 0.0f ? 0.0f : beta * old);
+        if (dtype == DATA_FLOAT) ((float *)out)[i] = v;
+        else ((uint16_t *)out)[i] = float_to_bf16(v);
+    }
 }
 
 static size_t tcount(Tensor *t) { return (size_t)t->n * t->h * t->w * t->c; }
@@ -155,10 +194,10 @@ int cudnnConvolutionForward(Handle *hd, const float *alpha, Tensor *xd, const vo
         (void *)hd, x, w, y, algo, ws, wsb, *alpha, *beta, cd->math);
     if (st) return st;
     pause_if(algo);
-    float *acc = calloc(tcount(yd), sizeof(float));
-    loops(0, cd, xd, wd, (float *)x, (float *)w, acc);
-    blend(y, acc, tcount(yd), *alpha, *beta);
-    free(acc);
+    float *X = widen(x, xd->dtype, tcount(xd)), *W = widen(w, wd->dtype, fcount(wd)), *acc = widen(NULL, 0, tcount(yd));
+    loops(0, cd, xd, wd, X, W, acc);
+    blend(y, yd->dtype, acc, tcount(yd), *alpha, *beta);
+    free(X); free(W); free(acc);
     return 0;
 }
 
@@ -169,10 +208,10 @@ int cudnnConvolutionBackwardData(Handle *hd, const float *alpha, Filter *wd, con
     say("cudnnConvolutionBackwardData handle=%p w=%p dy=%p dx=%p algo=%d ws=%p wsb=%zu alpha=%g beta=%g\n",
         (void *)hd, w, dy, dx, algo, ws, wsb, *alpha, *beta);
     if (st) return st;
-    float *acc = calloc(tcount(dxd), sizeof(float));
-    loops(1, cd, dxd, wd, acc, (float *)w, (float *)dy);
-    blend(dx, acc, tcount(dxd), *alpha, *beta);
-    free(acc);
+    float *W = widen(w, wd->dtype, fcount(wd)), *DY = widen(dy, dyd->dtype, tcount(dyd)), *acc = widen(NULL, 0, tcount(dxd));
+    loops(1, cd, dxd, wd, acc, W, DY);
+    blend(dx, dxd->dtype, acc, tcount(dxd), *alpha, *beta);
+    free(W); free(DY); free(acc);
     return 0;
 }
 
@@ -183,10 +222,10 @@ int cudnnConvolutionBackwardFilter(Handle *hd, const float *alpha, Tensor *xd, c
     say("cudnnConvolutionBackwardFilter handle=%p x=%p dy=%p dw=%p algo=%d ws=%p wsb=%zu alpha=%g beta=%g\n",
         (void *)hd, x, dy, dw, algo, ws, wsb, *alpha, *beta);
     if (st) return st;
-    float *acc = calloc(fcount(dwd), sizeof(float));
-    loops(2, cd, xd, dwd, (float *)x, acc, (float *)dy);
-    blend(dw, acc, fcount(dwd), *alpha, *beta);
-    free(acc);
+    float *X = widen(x, xd->dtype, tcount(xd)), *DY = widen(dy, dyd->dtype, tcount(dyd)), *acc = widen(NULL, 0, fcount(dwd));
+    loops(2, cd, xd, dwd, X, acc, DY);
+    blend(dw, dwd->dtype, acc, fcount(dwd), *alpha, *beta);
+    free(X); free(DY); free(acc);
     return 0;
 }
 

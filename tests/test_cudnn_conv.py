@@ -112,18 +112,20 @@ def rel(a, b):
 
 
 def step(convs, shapes, rng):
-    """Every conv once in each direction on random data, checked against float64 NumPy."""
+    """Every conv once in each direction on random data (in the precision's storage type),
+    checked against float64 NumPy of the same stored values within the precision's bound."""
+    dt = cudnn_conv._np_dtype(convs.dtype)
     for shape in shapes:
-        x = rng.standard_normal(shape.x, dtype=np.float32)
-        w = rng.standard_normal(shape.weight, dtype=np.float32)
-        dy = rng.standard_normal(shape.out, dtype=np.float32)
-        y, dx, dw = np.full(shape.out, 9, np.float32), np.full(shape.x, 9, np.float32), np.zeros(shape.weight, np.float32)
+        x = rng.standard_normal(shape.x, dtype=np.float32).astype(dt)
+        w = rng.standard_normal(shape.weight, dtype=np.float32).astype(dt)
+        dy = rng.standard_normal(shape.out, dtype=np.float32).astype(dt)
+        y, dx, dw = np.full(shape.out, 9, dt), np.full(shape.x, 9, dt), np.zeros(shape.weight, dt)
         convs.forward(x, w, y, shape.stride, shape.pad)
         convs.backward_data(dy, w, dx, shape.stride, shape.pad)
         convs.backward_filter(x, dy, dw, shape.stride, shape.pad)
         y_ref, dx_ref, dw_ref = conv_reference(x, w, dy, shape.stride, shape.pad)
         for d, ours, ref in (("forward", y, y_ref), ("backward_data", dx, dx_ref), ("backward_filter", dw, dw_ref)):
-            assert rel(ours, ref) <= error_bound(d, shape, "fp32"), (shape, d, rel(ours, ref))
+            assert rel(ours, ref) <= error_bound(d, shape, convs.precision), (shape, d, rel(ours, ref))
         yield shape, (x, w, dy, y, dx, dw)
 
 
@@ -327,8 +329,10 @@ def case_self_check_falls_back_for_a_wrong_and_a_failing_shape():
 
 
 def case_self_check_bf16_refused_by_the_library_falls_back():
-    """The stub supports float32 only: every bf16 shape's search fails in cuDNN itself, and
-    each falls back with cuDNN's status name; the reference is never needed."""
+    """A library without bfloat16 convolutions (the stub set to float32 only): every bf16
+    shape's search fails in cuDNN itself, and each falls back with cuDNN's status name; the
+    reference is never needed."""
+    ctypes.CDLL(os.environ["ENGINE_CUDNN_LIBRARY"]).stub_float32_only(1)
     shapes = list(dict.fromkeys(model_shapes("resnet18")))[:3]
     convs, api, _ = make("bf16")
     result = convs.self_check(shapes, lambda *a: pytest.fail("im2col called"))
@@ -346,7 +350,8 @@ def _case(stub, call):
     return run_case("test_cudnn_conv", call, stub)
 
 
-@pytest.mark.parametrize("arch,precision", [("resnet18", "fp32"), ("resnet50", "fp32"), ("resnet50", "tf32")])
+@pytest.mark.parametrize("arch,precision", [("resnet18", "fp32"), ("resnet50", "fp32"), ("resnet50", "tf32"),
+                                            ("resnet18", "bf16")])
 def test_every_resnet_conv_in_all_directions_against_float64(stub, arch, precision):
     out = _case(stub, f"case_every_resnet_conv({arch!r}, {precision!r})")
     assert out.startswith(f"ok {arch} {precision} ")
