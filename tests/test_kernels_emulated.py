@@ -21,7 +21,9 @@ from engine import conv, cuda_ops, hostmath, kernel_check, kernel_emulation, pre
 from engine.layers import MaxPool
 from engine.workspace import Workspace
 
+import recipe_reference as reference
 import softmax_xent_reference as xent
+from numerics import assert_close
 
 BF16 = cuda_ops.BF16
 
@@ -78,15 +80,6 @@ def untouched(view):
     return bool(np.all(outside == GUARD_BYTE))
 
 
-def rel_err(got, ref, floor=1e-30):
-    """Largest error over the largest |ref|, or over `floor` where the result is smaller than
-    the terms it was computed from (a sum that cancels: an error relative to it means nothing)."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if ref.size == 0:
-        return 0.0
-    return np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), floor)
-
-
 # ---- every kernel runs -------------------------------------------------------------------
 
 def test_every_kernel_of_every_file_is_launched(launches, rng):
@@ -117,17 +110,10 @@ def test_every_kernel_of_every_file_is_launched(launches, rng):
 # ---- optimizer ---------------------------------------------------------------------------
 
 def _reference_update(w, d, m, g, mask, hybrid, h):
-    """The recipe's update in float64 NumPy; returns (w, d, m)."""
-    w, d, g = (np.asarray(a, np.float64) for a in (w, d, g))
+    """The recipe's update of h's hyperparameters in float64 (SGD: the hybrid's a_sgd = 1,
+    a_rms = 0); returns (w, d, m)."""
     decay = 1.0 if mask is None else mask.astype(np.float64)
-    g = g * h["gscale"] + h["wd"] * decay * w
-    if hybrid:
-        m = h["mu2"] * np.asarray(m, np.float64) + (1 - h["mu2"]) * g * g
-        step = h["a_sgd"] + h["a_rms"] / (np.sqrt(m) + h["eps"])
-    else:
-        step = 1.0
-    d = h["mu1"] * d - step * g
-    return w + h["eta"] * d, d, m
+    return reference.hybrid_update(w, d, m, g, decay, **(h if hybrid else dict(h, a_sgd=1.0, a_rms=0.0)))
 
 
 @pytest.mark.parametrize("hybrid", [True, False], ids=["hybrid", "sgd"])
@@ -156,10 +142,10 @@ def test_update_at_every_offset(launches, rng, hybrid, gdtype, with_mask, n):
         # the bf16 copy: the updated w rounded as ml_dtypes rounds, bit for bit
         assert np.array_equal(w_lp.view(np.uint16), dev[0].astype(BF16).view(np.uint16)), offset
         assert untouched(w_lp)
-        # w + eta*d and mu1*d - step*g may cancel; their terms are of order 1
-        for got, cpu, want, floor in zip(dev[:3] if hybrid else dev[:2], host, ref, (1, 1, 0)):
-            assert rel_err(got, cpu, floor) < 1e-6, offset
-            assert rel_err(got, want, floor) < 1e-5, offset
+        # w + eta*d and mu1*d - step*g may cancel; their terms are of order 1 (m's are positive)
+        for got, cpu, want, terms in zip(dev[:3] if hybrid else dev[:2], host, ref, (1, 1, 0)):
+            assert_close(got, cpu, rtol=1e-6, atol=1e-6 * terms, what=f"offset {offset}")
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * terms, what=f"offset {offset}")
         assert all(untouched(a) for a in dev + ([dmask] if with_mask else []))
     assert n < 3072 or -(-n // 4) > launches[-1][2][0] * cuda_ops.THREADS    # the grid-stride loop wraps
 
@@ -174,8 +160,8 @@ def test_update_with_one_operand_misaligned(launches, rng):
         ref = _reference_update(*arrays, g, mask, True, HYPER)
         dev = [placed(a, 1 if k == odd else 0) for k, a in enumerate([*arrays, g, mask])]
         cuda_ops.hybrid_update(*dev, scal_of(HYPER), *(HYPER[k] for k in FIXED))
-        for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
-            assert rel_err(got, want, floor) < 1e-5, odd
+        for got, want, terms in zip(dev[:3], ref, (1, 1, 0)):
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * terms, what=f"operand {odd} misaligned")
 
 
 def test_update_bf16_copy_misaligned_alone_and_scalars_read_from_the_array(launches, rng):
@@ -193,8 +179,8 @@ def test_update_bf16_copy_misaligned_alone_and_scalars_read_from_the_array(launc
         dev = [placed(a, 0) for a in (w, d, m, g)]
         w_lp = placed(np.zeros(n, BF16), 1)
         cuda_ops.hybrid_update(*dev, None, scal, *(HYPER[k] for k in FIXED), w_lp=w_lp)
-        for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
-            assert rel_err(got, want, floor) < 1e-5, step
+        for got, want, terms in zip(dev[:3], ref, (1, 1, 0)):
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * terms, what=f"step {step}")
         assert np.array_equal(w_lp.view(np.uint16), dev[0].astype(BF16).view(np.uint16)) and untouched(w_lp)
 
 
@@ -269,14 +255,6 @@ def channel_views(C, k, at=1):
     return tuple(buf[1 + j * C:1 + (j + 1) * C] for j in range(k)), buf
 
 
-def _reference_forward(x, gamma, beta, eps, relu):
-    x = x.astype(np.float64)
-    mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
-    var = x.var(0) if len(x) else np.zeros(x.shape[1])
-    y = (x - mean) / np.sqrt(var + eps) * gamma + beta
-    return (np.maximum(y, 0) if relu else y), mean, var
-
-
 @pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])    # C = 0: every launch idle, nothing written
@@ -288,16 +266,20 @@ def test_bn_forward(launches, rng, relu, rows, C, storage):
         xd, out = placed(x.astype(dtype), offset), placed(np.zeros_like(x, dtype), out_offset)
         stats, buf = channel_views(C, 3)
         y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, relu, out=out, stats_out=stats)
-        ry, rmean, rvar = _reference_forward(x, gamma, beta, 1e-5, relu)
+        ry, rmean, rvar = reference.bn_train_forward(x, gamma, beta, 1e-5, relu)
         hy, hmean, hvar, _ = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
         assert y is out and all(a is b for a, b in zip((mean, var, inv_std), stats))
         assert not cuda_ops._bn_arrival_counters[None].any()    # left at zero for the next launch
         assert untouched(xd) and untouched(out) and untouched(buf) and np.isnan(buf[[0, -1]]).all()
         # y = x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
         floor = np.max(np.abs(x) * gamma / np.sqrt(rvar + 1e-5), initial=0)
-        assert rel_err(y, ry, floor) < bound and rel_err(mean, rmean) < 1e-5 and rel_err(var, rvar) < 1e-5
-        assert rel_err(inv_std, 1 / np.sqrt(rvar + 1e-5)) < 1e-5
-        assert rel_err(y, hy, floor) < bound and rel_err(mean, hmean) < 1e-5 and rel_err(var, hvar) < 1e-5
+        assert_close(y, ry, rtol=bound, atol=bound * max(np.abs(ry).max(initial=0), floor))
+        assert_close(mean, rmean, rtol=1e-5, atol=1e-5 * np.abs(rmean).max(initial=0))
+        assert_close(var, rvar, rtol=1e-5, atol=1e-5 * np.abs(rvar).max(initial=0))
+        assert_close(inv_std, 1 / np.sqrt(rvar + 1e-5), rtol=1e-5, atol=0)
+        assert_close(y, hy, rtol=bound, atol=bound * max(np.abs(hy).max(initial=0), floor))
+        assert_close(mean, hmean, rtol=1e-5, atol=1e-5 * np.abs(hmean).max(initial=0))
+        assert_close(var, hvar, rtol=1e-5, atol=1e-5 * np.abs(hvar).max(initial=0))
         if storage == "bf16":      # y is the float32 result rounded once, as ml_dtypes rounds it
             assert np.abs(y.astype(np.float32) - hy).max(initial=0) <= np.abs(hy).max(initial=0) * 2.0**-8 + 1e-6
     stats_grid = next(grid for _, k, grid in launches if k.startswith("bn_stats_"))
@@ -316,11 +298,7 @@ def test_bn_backward(launches, rng, relu, rows, C, storage):
         y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
         y = exact(y)
         hdx, hdg, hdb = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
-        # float64 reference from the same saved statistics
-        g = (np.where(y > 0, dy, 0) if relu else dy).astype(np.float64)
-        xhat = (x - mean.astype(np.float64)) * inv_std
-        rdb, rdg = g.sum(0), (g * xhat).sum(0)
-        rdx = gamma * inv_std.astype(np.float64) * (g - rdb / max(rows, 1) - xhat * rdg / max(rows, 1))
+        rdx, rdg, rdb = reference.bn_backward(dy, x, y, gamma, mean, inv_std, relu)   # the same statistics
         dyd = placed(dy.astype(dtype), dy_at)      # dx written over dy, as the model does
         grads, buf = channel_views(C, 2)          # as views into the flat gradient buffer
         dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x.astype(dtype), x_at), placed(y.astype(dtype), y_at),
@@ -328,8 +306,12 @@ def test_bn_backward(launches, rng, relu, rows, C, storage):
         assert dx is dyd and untouched(dyd) and dgamma is grads[0] and dbeta is grads[1]
         assert not cuda_ops._bn_arrival_counters[None].any()    # left at zero for the next launch
         assert untouched(buf) and np.isnan(buf[[0, -1]]).all()
-        assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < bound
-        assert rel_err(dx, hdx) < bound and rel_err(dgamma, hdg) < 1e-5 and rel_err(dbeta, hdb) < 1e-5
+        assert_close(dbeta, rdb, rtol=1e-5, atol=1e-5 * np.abs(rdb).max(initial=0))
+        assert_close(dgamma, rdg, rtol=1e-5, atol=1e-5 * np.abs(rdg).max(initial=0))
+        assert_close(dx, rdx, rtol=bound, atol=bound * np.abs(rdx).max(initial=0))
+        assert_close(dx, hdx, rtol=bound, atol=bound * np.abs(hdx).max(initial=0))
+        assert_close(dgamma, hdg, rtol=1e-5, atol=1e-5 * np.abs(hdg).max(initial=0))
+        assert_close(dbeta, hdb, rtol=1e-5, atol=1e-5 * np.abs(hdb).max(initial=0))
 
 
 @pytest.mark.parametrize("storage", STORAGE)
@@ -345,8 +327,10 @@ def test_bn_infer(launches, rng, relu, rows, C, storage):
         y = cuda_ops.bn_infer_forward(xd, gamma, beta, mean, var, 1e-5, relu, out=out)
         ref = (x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta
         assert y is out
-        assert rel_err(y, np.maximum(ref, 0) if relu else ref) < bound
-        assert rel_err(y, hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)) < bound
+        ref = np.maximum(ref, 0) if relu else ref
+        host = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)
+        assert_close(y, ref, rtol=bound, atol=bound * np.abs(ref).max(initial=0))
+        assert_close(y, host, rtol=bound, atol=bound * np.abs(host).max(initial=0))
         assert untouched(xd) and untouched(out)
 
 
@@ -515,7 +499,7 @@ def test_maxpool_agrees_with_the_generic_numpy_layer(launches, rng, values, n, h
     y = cuda_ops.maxpool_forward(x, np.empty(y64.shape, np.float32), k, s, p)
     dx = cuda_ops.maxpool_backward(x, dy, np.empty_like(x), k, s, p)
     assert np.array_equal(y, y64)
-    assert rel_err(dx, dx64) < 1e-6
+    assert_close(dx, dx64, rtol=1e-6, atol=1e-6 * np.abs(dx64).max(initial=0))
 
 
 RESIDUAL_SIZES = [1, 7, 8 * 3 * 256 + 5]      # tails; the last wraps both grid-stride loops
@@ -631,7 +615,8 @@ def test_softmax_xent_label_out_of_range_is_a_nan_row(launches, rng):
     good = [0, 2, 3, 6]
     ref_rows, ref_d, ref_hit, _, _ = xent.reference(logits, labels, 0.1)
     assert np.all(np.isfinite(d[good])) and np.all(np.isfinite(scratch[good]))
-    assert rel_err(scratch[good], ref_rows[good]) < 1e-5 and rel_err(d[good], ref_d[good]) < 1e-5
+    assert_close(scratch[good], ref_rows[good], rtol=1e-5, atol=1e-5 * np.abs(ref_rows[good]).max(initial=0))
+    assert_close(d[good], ref_d[good], rtol=1e-5, atol=1e-5 * np.abs(ref_d[good]).max(initial=0))
     assert float(hits) == ref_hit[good].sum() and np.all(scratch[n:][[1, 4, 5]] == 0)
     assert untouched(z) and untouched(y) and untouched(scratch)
     from engine.metrics import NonFiniteLoss, check_finite
