@@ -5,7 +5,7 @@ import pytest
 from engine import hostmath
 from engine.parallel import Team
 from numerics import assert_close
-import recipe_reference as reference
+import kernel_reference as reference
 
 # How the BN and ReLU loops are run: on this thread, or split over 3 threads in chunks
 # of 64 rows (every split taken, however small the array).

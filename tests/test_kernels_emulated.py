@@ -21,7 +21,7 @@ from engine import conv, cuda_ops, hostmath, kernel_check, kernel_emulation, pre
 from engine.layers import MaxPool
 from engine.workspace import Workspace
 
-import recipe_reference as reference
+import kernel_reference as reference
 import softmax_xent_reference as xent
 from numerics import assert_close
 
@@ -349,77 +349,28 @@ PLACEMENTS = ((0, 0), (1, 1), (0, 1), (1, 0), (8, 8))
 U32 = 2.0**-24     # float32's unit roundoff
 
 
-def _out_hw(h, w, k, s, p):
-    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
 def _bits(a):
     return np.ascontiguousarray(a).view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
-
-
-def _windows_of(a, k, s, ho, wo):
-    """(kh, kw, view of the padded `a` under that kernel position) for every position, in order."""
-    return [(kh, kw, a[:, kh:kh + s * (ho - 1) + 1:s, kw:kw + s * (wo - 1) + 1:s, :])
-            for kh in range(k) for kw in range(k)]
-
-
-def _reference_im2col(x, k, s, p):
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    col = np.empty((x.shape[0], ho, wo, k, k, x.shape[3]))
-    for kh, kw, win in _windows_of(xpad, k, s, ho, wo):
-        col[:, :, :, kh, kw, :] = win
-    return col
-
-
-def _reference_scatter(parts, shape, k, s, p):
-    """sum over (kh, kw) of parts(kh, kw) (N, Ho, Wo, C), each added at the input positions its
-    window position covers (padding dropped), in float64; and the sum of their |values|."""
-    n, h, w, c = shape
-    ho, wo = _out_hw(h, w, k, s, p)
-    total, absum = np.zeros((n, h + 2 * p, w + 2 * p, c)), np.zeros((n, h + 2 * p, w + 2 * p, c))
-    for (kh, kw, t), (_, _, a) in zip(_windows_of(total, k, s, ho, wo), _windows_of(absum, k, s, ho, wo)):
-        t += parts(kh, kw)
-        a += np.abs(parts(kh, kw))
-    return total[:, p:p + h, p:p + w], absum[:, p:p + h, p:p + w]
-
-
-def _reference_pool(x, k, s, p):
-    """Max pool in float64 by engine.hostmath's rules: per output, the max over the window's
-    elements inside x, the first in (kh, kw) order on ties, a NaN the max; -inf and position
-    -1 for a window of padding only. Returns (y, position kh*k + kw of the first max)."""
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    inside = np.pad(np.ones(x.shape, bool), ((0, 0), (p, p), (p, p), (0, 0)))
-    best = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
-    arg = np.full(best.shape, -1)
-    for (kh, kw, v), (_, _, ok) in zip(_windows_of(xpad, k, s, ho, wo), _windows_of(inside, k, s, ho, wo)):
-        with np.errstate(invalid="ignore"):
-            take = ok & ((arg < 0) | ((best == best) & ~(v <= best)))
-        best, arg = np.where(take, v, best), np.where(take, kh * k + kw, arg)
-    return best, arg
 
 
 @pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
 def test_im2col_col2im(launches, rng, storage, n, h, w, c, k, s, p):
     dtype = STORAGE[storage][0]
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     for x_at, out_at in PLACEMENTS:
         x = rng.standard_normal((n, h, w, c)).astype(dtype)
         xd, col = placed(x, x_at), placed(np.full((n, ho, wo, k, k, c), np.nan, dtype), out_at)
         assert cuda_ops.im2col(xd, k, s, p, col) is col
         # a bit copy: exactly the float64 patches (zeros at the border) in the storage type
-        assert np.array_equal(_bits(col), _bits(_reference_im2col(x, k, s, p).astype(dtype))), (x_at, out_at)
+        assert np.array_equal(_bits(col), _bits(reference.im2col(x, k, s, p).astype(dtype))), (x_at, out_at)
         assert untouched(xd) and untouched(col)
         if dtype == np.float32 and p < k:
             assert np.array_equal(col, hostmath.im2col(x, np.empty_like(col), k, s, p))
         dcol = placed(rng.standard_normal(col.shape).astype(dtype), x_at)
         dx = placed(np.full(x.shape, np.nan, dtype), out_at)
         assert cuda_ops.col2im(dcol, dx, s, p) is dx
-        ref, absum = _reference_scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
+        ref, absum = reference.scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
         # float32 sums of at most K*K terms: within K*K units of roundoff of the sum of |terms|;
         # bfloat16 adds the one rounding of the result (2**-9 of it, 2**-8 with room)
         bound = k * k * U32 * absum + (2.0**-8 * np.abs(ref) if storage == "bf16" else 0)
@@ -441,7 +392,7 @@ def test_im2col_takes_16_byte_moves_only_when_aligned(launches, rng, monkeypatch
             x = rng.standard_normal((1, 4, 4, c)).astype(dtype)
             col = placed(np.zeros((1, 4, 4, 3, 3, c), dtype), out_at)
             cuda_ops.im2col(placed(x, x_at), 3, 1, 1, col)
-            assert np.array_equal(_bits(col), _bits(_reference_im2col(x, 3, 1, 1).astype(dtype)))
+            assert np.array_equal(_bits(col), _bits(reference.im2col(x, 3, 1, 1).astype(dtype)))
             aligned = c * np.dtype(dtype).itemsize % 16 == 0 and x_at % 8 == 0 and out_at % 8 == 0
             assert flags[-1] == aligned, (dtype, c, x_at, out_at)
     assert sum(flags) == 4 and len(flags) == 20
@@ -464,19 +415,19 @@ def _pool_input(rng, shape, values, dtype):
 @pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
 def test_maxpool(launches, rng, storage, values, n, h, w, c, k, s, p):
     dtype = STORAGE[storage][0]
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     for x_at, out_at in PLACEMENTS:
         x = _pool_input(rng, (n, h, w, c), values, dtype)
         xd, y = placed(x, x_at), placed(np.zeros((n, ho, wo, c), dtype), out_at)
         assert cuda_ops.maxpool_forward(xd, y, k, s, p) is y
-        ref_y, arg = _reference_pool(x, k, s, p)
+        ref_y, arg = reference.maxpool(x, k, s, p)
         assert np.array_equal(y.astype(np.float64), ref_y, equal_nan=True), (x_at, out_at)
         assert (p >= k) == bool(np.any(arg < 0))       # windows of padding only: -inf, and only then
         dy = placed(rng.standard_normal(y.shape).astype(dtype), x_at)
         dx = placed(np.full(x.shape, np.nan, dtype), out_at)
         assert cuda_ops.maxpool_backward(xd, dy, dx, k, s, p) is dx
         dy64 = dy.astype(np.float64)
-        ref, absum = _reference_scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
+        ref, absum = reference.scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
         terms = (-(-k // s)) ** 2        # windows that can hold one input position
         bound = terms * U32 * absum + (2.0**-8 * np.abs(ref) if storage == "bf16" else 0)
         assert np.all(np.abs(dx.astype(np.float64) - ref) <= bound), (x_at, out_at)

@@ -1,4 +1,4 @@
-"""Each CUDA kernel against float64 NumPy (tests/recipe_reference.py, or a reference of its
+"""Each CUDA kernel against float64 NumPy (tests/kernel_reference.py, or a reference of its
 own) and against its CPU path (engine.hostmath, engine.precision); needs a GPU. The CPU path
 is built from the same header (engine/kernels/recipe_math.cuh), so agreeing with it alone
 would not show a bug they share.
@@ -8,7 +8,7 @@ Skipped without a device; `make gpu-check` runs them where there is one.
 import numpy as np
 import pytest
 
-import recipe_reference as reference
+import kernel_reference as reference
 from engine import hostmath, precision
 from numerics import assert_close
 
@@ -223,38 +223,6 @@ def test_bn_bf16_against_float64(cp, ops, rng, rows, C, relu):
 
 # ---- im2col, col2im, max pool, residual ----------------------------------------------------
 
-def _out_hw(h, w, k, s, p):
-    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
-def _windows_of(a, k, s, ho, wo):
-    return [(kh, kw, a[:, kh:kh + s * (ho - 1) + 1:s, kw:kw + s * (wo - 1) + 1:s, :])
-            for kh in range(k) for kw in range(k)]
-
-
-def _reference_im2col(x, k, s, p):
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    col = np.empty((x.shape[0], ho, wo, k, k, x.shape[3]))
-    for kh, kw, win in _windows_of(xpad, k, s, ho, wo):
-        col[:, :, :, kh, kw, :] = win
-    return col
-
-
-def _reference_scatter(parts, shape, k, s, p):
-    """sum over (kh, kw) of parts(kh, kw) at the input positions they cover, float64, and the
-    sum of their |values|."""
-    n, h, w, c = shape
-    ho, wo = _out_hw(h, w, k, s, p)
-    total, absum = np.zeros((n, h + 2 * p, w + 2 * p, c)), np.zeros((n, h + 2 * p, w + 2 * p, c))
-    for (kh, kw, t), (_, _, a) in zip(_windows_of(total, k, s, ho, wo), _windows_of(absum, k, s, ho, wo)):
-        part = parts(kh, kw)
-        t += part
-        a += np.abs(part)
-    return total[:, p:p + h, p:p + w], absum[:, p:p + h, p:p + w]
-
-
 def _on_device(cp, a, offset):
     """a copied to the device `offset` elements into a larger buffer (sliced ON the device, so
     the kernel sees the misalignment; one host-to-device copy, no CuPy kernel on bfloat16)."""
@@ -274,35 +242,21 @@ CONV_WINDOWS = [(8, 56, 56, 64, 3, 1, 1), (4, 224, 224, 3, 7, 2, 3), (8, 28, 28,
 @pytest.mark.parametrize("n,h,w,c,k,s,p", CONV_WINDOWS)
 def test_im2col_col2im(cp, ops, rng, n, h, w, c, k, s, p, bf16, offset):
     dtype = ops.BF16 if bf16 else np.float32
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     col = _on_device(cp, np.full((n, ho, wo, k, k, c), np.nan, dtype), offset)
     assert ops.im2col(_on_device(cp, x, offset), k, s, p, col) is col
     got = cp.asnumpy(col)
     assert np.array_equal(got.view(np.uint16 if bf16 else np.uint32),
-                          _reference_im2col(x, k, s, p).astype(dtype).view(np.uint16 if bf16 else np.uint32))
+                          reference.im2col(x, k, s, p).astype(dtype).view(np.uint16 if bf16 else np.uint32))
     dcol = rng.standard_normal(col.shape).astype(dtype)
     dx = _on_device(cp, np.full(x.shape, np.nan, dtype), offset)
     assert ops.col2im(_on_device(cp, dcol, offset), dx, s, p) is dx
-    ref, absum = _reference_scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
+    ref, absum = reference.scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
     bound = k * k * 2.0**-24 * absum + (2.0**-8 * np.abs(ref) if bf16 else 0) + 1e-37   # + FTZ
     assert np.all(np.abs(cp.asnumpy(dx).astype(np.float64) - ref) <= bound)
     if not bf16:
         np.testing.assert_array_equal(cp.asnumpy(col), hostmath.im2col(x, np.empty(col.shape, np.float32), k, s, p))
-
-
-def _reference_pool(x, k, s, p):
-    """y and the position kh*k + kw of each window's first max (engine.hostmath's rules, finite x)."""
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-np.inf)
-    best = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
-    arg = np.full(best.shape, -1)
-    inside = np.pad(np.ones(x.shape, bool), ((0, 0), (p, p), (p, p), (0, 0)))
-    for (kh, kw, v), (_, _, ok) in zip(_windows_of(xpad, k, s, ho, wo), _windows_of(inside, k, s, ho, wo)):
-        take = ok & ((arg < 0) | (v > best))
-        best, arg = np.where(take, v, best), np.where(take, kh * k + kw, arg)
-    return best, arg
 
 
 @pytest.mark.parametrize("offset", [0, 1])
@@ -311,18 +265,18 @@ def _reference_pool(x, k, s, p):
 @pytest.mark.parametrize("n,h,w,c,k,s,p", [(8, 112, 112, 64, 3, 2, 1), (3, 15, 14, 5, 3, 2, 1), (2, 9, 9, 16, 2, 2, 0)])
 def test_maxpool(cp, ops, rng, n, h, w, c, k, s, p, bf16, ties, offset):
     dtype = ops.BF16 if bf16 else np.float32
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     x = (rng.integers(-2, 3, (n, h, w, c)) if ties else rng.standard_normal((n, h, w, c))).astype(dtype)
     xd = _on_device(cp, x, offset)
     y = _on_device(cp, np.zeros((n, ho, wo, c), dtype), offset)
     assert ops.maxpool_forward(xd, y, k, s, p) is y
-    ref_y, arg = _reference_pool(x, k, s, p)
+    ref_y, arg = reference.maxpool(x, k, s, p)
     assert np.array_equal(cp.asnumpy(y).astype(np.float64), ref_y)
     dy = rng.standard_normal(y.shape).astype(dtype)
     dx = _on_device(cp, np.full(x.shape, np.nan, dtype), offset)
     assert ops.maxpool_backward(xd, _on_device(cp, dy, offset), dx, k, s, p) is dx
     dy64 = dy.astype(np.float64)
-    ref, absum = _reference_scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
+    ref, absum = reference.scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
     bound = (-(-k // s)) ** 2 * 2.0**-24 * absum + (2.0**-8 * np.abs(ref) if bf16 else 0) + 1e-37
     assert np.all(np.abs(cp.asnumpy(dx).astype(np.float64) - ref) <= bound)
     if not bf16:       # the CPU path, summing in the same order
