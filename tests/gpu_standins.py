@@ -7,8 +7,14 @@
 
 `cupy.ndarray` here is NOT a numpy.ndarray subclass (neither is CuPy's), so every
 `isinstance(a, np.ndarray)` dispatch in the engine takes its GPU branch, and an implicit
-conversion to NumPy raises TypeError as CuPy does. Each array wraps a NumPy array (views
-share memory, so in-place work on a view reaches its base).
+conversion to NumPy (np.asarray, __array__) raises TypeError as CuPy does. Each array wraps
+a NumPy array (views share memory, so in-place work on a view reaches its base); indexing
+one, even by a scalar, gives a device array, never a host value.
+
+What would synchronise a real CuPy step is either logged as a sync (below) or refused:
+np.asarray of a device array (TypeError), a NumPy function the stand-in does not model
+(NotImplementedError), a CuPy function it does not have, such as the data-dependent sizes of
+nonzero, unique or argwhere (AttributeError).
 
 What one logged op stands for, modelled on CuPy 14's implementation (cupy/_core):
   elementwise  one ufunc call, astype, a comparison: one ElementwiseKernel launch
@@ -23,7 +29,9 @@ What one logged op stands for, modelled on CuPy 14's implementation (cupy/_core)
   kernel       one engine.cuda_ops._launch (the fused kernels of engine/kernels/)
   nccl         one collective on the stand-in NCCL communicator
   event        an event record or a stream waiting on an event
-  sync         the host waits for the device (float(), .item(), synchronize(), ...)
+  sync         the host waits for the device: float(), int(), bool(), an index, .item(),
+               .tolist(), .get(), str(), repr(), format() (f-strings), a boolean mask
+               (getitem or setitem), a stream, event or device synchronize()
   alloc        a new device buffer from the memory pool (views allocate nothing)
 `where` is the engine code that issued it: the class of the innermost layer on the call
 stack (Conv2d, BatchNorm, ...), else the engine module (loss, transforms, reducer, ...).
@@ -131,6 +139,13 @@ def _advanced(key) -> bool:
     return any(isinstance(k, (ndarray, np.ndarray, list)) for k in keys)
 
 
+def _masked(key) -> bool:
+    """A boolean mask among the keys: CuPy counts its True elements on the host to size the
+    result (_prepare_mask_indexing_single), a host synchronisation."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, (ndarray, np.ndarray)) and _np(k).dtype == np.bool_ for k in keys)
+
+
 class _Data:
     def __init__(self, a):
         self.ptr = a.__array_interface__["data"][0]
@@ -172,6 +187,18 @@ class ndarray(NDArrayOperatorsMixin):
     def tolist(self):
         return self._read(".tolist()").tolist()
 
+    # CuPy prints an array by copying it to the host first: str(), repr() and any format
+    # (an f-string included) of a device value wait for the device.
+    def __str__(self):
+        return str(self._read("str()"))
+
+    def __repr__(self):
+        return repr(self._read("repr()")).replace("array(", "standin.cupy.array(", 1)
+
+    def __format__(self, spec):
+        host = self._read("format()")
+        return format(host.item() if host.ndim == 0 else host, spec)
+
     def get(self, stream=None):
         return self._read(".get()").copy()
 
@@ -196,9 +223,6 @@ class ndarray(NDArrayOperatorsMixin):
     def __len__(self):
         return len(self._a)
 
-    def __repr__(self):
-        return f"standin.cupy.ndarray({self._a.dtype}, shape={self._a.shape})"
-
     def view(self, dtype=None):
         return ndarray(self._a.view() if dtype is None else self._a.view(dtype))
 
@@ -215,6 +239,8 @@ class ndarray(NDArrayOperatorsMixin):
         return self.reshape(-1)
 
     def __getitem__(self, key):
+        if _masked(key):
+            log("sync", "boolean mask")
         key = _unwrap(key)
         out = self._a[key]
         if _advanced(key):
@@ -226,6 +252,8 @@ class ndarray(NDArrayOperatorsMixin):
         return ndarray(out) if isinstance(out, np.ndarray) else ndarray(np.asarray(out))
 
     def __setitem__(self, key, value):
+        if _masked(key):
+            log("sync", "boolean mask")
         key, dst = _unwrap(key), self._a
         if isinstance(value, np.ndarray):        # host data: CuPy transfers it first
             value = asarray(value)

@@ -23,14 +23,10 @@ from engine.loss import softmax_cross_entropy
 from engine.model import build_model
 from engine.optimizer import make_optimizer
 from engine.schedule import Coefficients
+from numerics import norm_rel_err
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 U16, U32 = 2.0 ** -9, 2.0 ** -24
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _step(x, labels, precision, dtype=np.float32):
@@ -51,7 +47,7 @@ def _draw_without_branch_flips(rng, draws=8):
         labels = rng.integers(0, 10, 8)
         ref, ref_logits = _step(x, labels, "fp32", np.float64)
         f32, f32_logits = _step(x, labels, "fp32")
-        errors.append(_rel(f32.grads, ref.grads))
+        errors.append(norm_rel_err(f32.grads, ref.grads))
         if errors[-1] < 1e-4:
             return x, labels, (ref, ref_logits), (f32, f32_logits)
     raise AssertionError(f"float32 gradients off float64 by {errors} in all {draws} draws")
@@ -74,7 +70,7 @@ def test_bf16_step_against_float64_within_the_derived_bound():
          ref.named_gradients()["fc.weight"]),
         ("all gradients", 8, f32.grads, b16.grads, ref.grads),
     ]:
-        e32, e16 = _rel(got32, want), _rel(got16, want)
+        e32, e16 = norm_rel_err(got32, want), norm_rel_err(got16, want)
         amplification = e32 / U32
         assert e32 < 1e-4, (name, e32)
         assert e16 <= factor * amplification * U16, (name, e16, amplification)

@@ -14,6 +14,7 @@ import pytest
 from cudnn_helpers import conv_reference, resnet_convs, run_case, stub  # noqa: F401  (stub: the fixture)
 from engine import cudnn_conv
 from engine.cudnn_conv import ConvShape, error_bound
+from numerics import norm_rel_err
 
 BATCH, SIZE, CAP = 2, 32, 3500
 
@@ -107,10 +108,6 @@ def model_shapes(arch):
     return [ConvShape(BATCH, h, w, cin, cout, k, s, p) for _, h, w, cin, cout, k, s, p in resnet_convs(arch, SIZE)]
 
 
-def rel(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
 def step(convs, shapes, rng):
     """Every conv once in each direction on random data (in the precision's storage type),
     checked against float64 NumPy of the same stored values within the precision's bound."""
@@ -125,7 +122,7 @@ def step(convs, shapes, rng):
         convs.backward_filter(x, dy, dw, shape.stride, shape.pad)
         y_ref, dx_ref, dw_ref = conv_reference(x, w, dy, shape.stride, shape.pad)
         for d, ours, ref in (("forward", y, y_ref), ("backward_data", dx, dx_ref), ("backward_filter", dw, dw_ref)):
-            assert rel(ours, ref) <= error_bound(d, shape, convs.precision), (shape, d, rel(ours, ref))
+            assert norm_rel_err(ours, ref) <= error_bound(d, shape, convs.precision), (shape, d, norm_rel_err(ours, ref))
         yield shape, (x, w, dy, y, dx, dw)
 
 

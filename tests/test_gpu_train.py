@@ -21,6 +21,7 @@ from engine.loss import softmax_cross_entropy
 from engine.model import build_model
 from engine.optimizer import make_optimizer
 from engine.schedule import Coefficients
+from numerics import norm_rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = get_backend("cpu")
@@ -35,11 +36,6 @@ def _seed(comm=None):
     seed = comm.bcast(seed, root=0) if comm is not None else seed
     print(f"seed {seed}")
     return seed
-
-
-def _rel(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
 
 # ---- one GPU ---------------------------------------------------------------------------------
@@ -116,12 +112,12 @@ def test_float32_training_step_on_the_gpu_equals_the_cpu_step():
         pytest.fail("20 draws in a row had a branch that differs between the devices")
     logits_c, grads_c = _backward(CPU, cpu_model, out_c, labels)
     logits_g, grads_g = _backward(gpu, gpu_model, out_g, labels)
-    assert _rel(logits_g, logits_c) < 1e-4
-    assert _rel(grads_g, grads_c) < 1e-3
+    assert norm_rel_err(logits_g, logits_c) < 1e-4
+    assert norm_rel_err(grads_g, grads_c) < 1e-3
     for slot in cpu_model.layout.slots:
         ref = grads_c[slot.offset:slot.stop]
         if np.any(ref):
-            assert _rel(grads_g[slot.offset:slot.stop], ref) < 1e-2, slot.name
+            assert norm_rel_err(grads_g[slot.offset:slot.stop], ref) < 1e-2, slot.name
 
     cpu_model.grads[...] = grads_g
     cpu_opt = make_optimizer("hybrid", cpu_model.params, cpu_model.layout, CPU)
@@ -130,8 +126,8 @@ def test_float32_training_step_on_the_gpu_equals_the_cpu_step():
     cpu_opt.step(cpu_model.grads, coef=COEF, grad_scale=0.5)
     gpu_opt.step(gpu_model.grads, coef=COEF, grad_scale=0.5)
     after_g = gpu.asnumpy(gpu_model.params)
-    assert _rel(after_g - before, cpu_model.params - before) < 1e-4
-    assert _rel(after_g, cpu_model.params) < 1e-6
+    assert norm_rel_err(after_g - before, cpu_model.params - before) < 1e-4
+    assert norm_rel_err(after_g, cpu_model.params) < 1e-6
     np.testing.assert_allclose(gpu_opt.state_dict()["m"], cpu_opt.state_dict()["m"], rtol=1e-5, atol=1e-30)
 
 
@@ -217,7 +213,7 @@ def test_reducer_fp16_on_nccl_within_its_stated_tolerance(world, nccl):
     ref = np.sum(mine, axis=0, dtype=np.float64)
     bound = comm.size * U16 * np.sum(np.abs(mine), axis=0, dtype=np.float64) + comm.size * 2.0 ** -25 / scale
     assert np.all(np.abs(got - ref) <= bound)
-    assert _rel(got, ref) > 1e-6, "float32-exact sums: were the buckets really sent as float16?"
+    assert norm_rel_err(got, ref) > 1e-6, "float32-exact sums: were the buckets really sent as float16?"
     assert len(set(comm.allgather(hashlib.sha256(be.asnumpy(reducer.reduced).tobytes()).hexdigest()))) == 1
 
 

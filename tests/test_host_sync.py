@@ -1,263 +1,169 @@
-"""Without --trace a training step never blocks the host: counted with stand-ins for a GPU.
+"""Without --trace a training step never blocks the host: counted on the stand-in CuPy.
 
-The real Trainer (run loop, train_step, reducer, optimizer, engine.stepstats, the loss)
-runs on the CPU with ResNet-18 and three stand-ins for the device:
+The real Trainer (run loop, train_step, model, reducer, optimizer, engine.stepstats, the
+loss) runs on the engine's GPU backend whose CuPy and NCCL are the stand-ins of
+tests/gpu_standins.py: every array the job makes (images, the model's parameters and
+buffers, gradients, optimizer state, loss) is a stand-in device array, and the GPU branches
+of the engine are the ones taken. Every way of reading a device value on the host that
+would synchronise a CuPy step (float(), int(), bool(), an index, .item(), .tolist(), .get(),
+str(), repr(), an f-string, a boolean mask, a stream, event or device synchronize) is logged
+as a sync, and the others (np.asarray of a device array, data-dependent sizes) are refused.
 
-- a backend whose arrays stand for device arrays: reading one's value on the host
-  (float(), int(), bool(), index, .item(), .tolist(), backend.asnumpy) is logged as a
-  host synchronisation, as is every stream, event or device synchronize;
-- the model's logits come back as such arrays (the model's own code is out of scope here:
-  on a GPU it only launches kernels), so loss, top-1 hits and dlogits are device values;
-- a one-rank communicator whose Work behaves like NcclWork: wait() only orders streams
-  (free), synchronize() blocks the host (logged).
+The fused kernels are counted, not run (this is about where the host waits, not about
+numbers: tests/test_cuda_graph.py and the emulation tier run them); the loss kernel writes
+the loss the test chose, so the run loop has a value to check.
 
-The log interleaves "step" (a train_step call), launched all-reduces and syncs, so the
+The log interleaves "step" (a train_step call), the NCCL launches and the syncs, so the
 tests can say WHERE each sync happened, not only how many there were.
 """
 import json
-import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine.backend import Backend
-from engine.comm import Communicator, Work
+import gpu_standins
+from gpu_standins import OPS, Op
 
-LOG = []
-STATS_SIZE = 3          # engine.stepstats: (loss * n, hits, n)
-
-
-class DeviceArray(np.ndarray):
-    """A NumPy array standing for a CuPy one: every way of reading its value on the host is logged."""
-
-    def _read(self, how):
-        LOG.append(f"sync {how}")
-        return self.view(np.ndarray)
-
-    def __float__(self):
-        return float(self._read("float()"))
-
-    def __int__(self):
-        return int(self._read("int()"))
-
-    def __index__(self):
-        return int(self._read("index"))
-
-    def __bool__(self):
-        return bool(self._read("bool()"))
-
-    def item(self, *args):
-        return self._read(".item()").item(*args)
-
-    def tolist(self):
-        return self._read(".tolist()").tolist()
+STATS_LAUNCH = ("nccl", "all_reduce 3")      # engine.stepstats: (loss * n, hits, n)
+ARGV = ["--arch", "resnet18", "--image-size", "32", "--batch-per-rank", "8"]
 
 
-class Stream:
-    def synchronize(self):
-        LOG.append("sync stream")
+def loss_kernel_writes(losses):
+    """A counting launch (gpu_standins.counted_launch) whose softmax_xent_reduce writes the
+    step's (loss, hits): losses[i] for its i-th call (the last one after the list ends), hits 1."""
+    calls = []
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class Event:
-    def record(self, stream=None):
-        pass
-
-    def wait_on(self, stream):
-        pass
-
-    def synchronize(self):
-        LOG.append("sync event")
-
-    def done(self):
-        return True
-
-
-@dataclass(frozen=True)
-class DeviceBackend(Backend):
-    """The CPU backend, but its arrays are DeviceArrays and every host read is logged."""
-
-    def asarray(self, a, dtype=None):
-        return np.asarray(a, dtype=dtype).view(DeviceArray)
-
-    def asnumpy(self, a):
-        LOG.append("sync asnumpy")
-        return np.asarray(a)
-
-    def synchronize(self):
-        LOG.append("sync device")
-
-    def stream(self):
-        return Stream()
-
-    def current_stream(self):
-        return Stream()
-
-    def event(self):
-        return Event()
-
-
-class DeviceWork(Work):
-    """As NcclWork: wait() makes the compute stream wait, synchronize() blocks the host."""
-
-    def wait(self):
-        pass
-
-    def done(self):
-        return True
-
-    def synchronize(self):
-        LOG.append("sync Work.synchronize")
-        self.started_at, self.finished_at = self.launched_at, time.perf_counter()
-
-
-class OneWorld:
-    """The MPI world of one rank (start-up checks allgather and bcast on it)."""
-    rank, size = 0, 1
-
-    def allgather(self, x):
-        return [x]
-
-    def bcast(self, x, root=0):
-        return x
-
-    def Barrier(self):
-        pass
-
-
-class OneRankComm(Communicator):
-    """One rank: a sum over ranks is the buffer itself."""
-    rank, size = 0, 1
-
-    def __init__(self):
-        self.world, self.seq = OneWorld(), 0
-
-    def allreduce_async(self, buf, op="sum"):
-        LOG.append(("launch", buf.size))
-        self.seq += 1
-        return DeviceWork(self.seq, "allreduce", buf.size)
-
-    def bcast(self, buf, root=0):
-        return buf
-
-    def barrier(self):
-        pass
-
-    def abort(self, code=1):
-        raise RuntimeError("abort")
-
-    def progress(self):
-        return self.seq, self.seq, None
+    def launch(filename, kernel, grid, block, args):
+        gpu_standins.counted_launch(filename, kernel, grid, block, args)
+        if kernel == "softmax_xent_reduce":
+            calls.append(1)
+            out = gpu_standins._np(args[-1])
+            out[:] = (losses[min(len(calls), len(losses)) - 1], 1.0)
+    return launch
 
 
 @pytest.fixture
-def trainer_factory(monkeypatch, tmp_path):
-    """Trainer(options) on the stand-ins, its logits device arrays; evaluation stubbed out
-    (it reads results on the host by design, after training)."""
-    import engine.backend
-    import engine.comm
-    from engine.train import Trainer, parse_args
-    monkeypatch.setattr(engine.backend, "get_backend", lambda device="auto", local_rank=None:
-                        DeviceBackend("cpu", np, None))
-    monkeypatch.setattr(engine.comm, "create_communicator", lambda backend, *a, **k: OneRankComm())
+def trainer_factory(monkeypatch):
+    """Trainer(options) on the stand-ins, each train_step call logged as "step"; evaluation
+    stubbed out (it reads results on the host by design, after training)."""
     made = []
+    # The kernels are skipped, so the arrays they would write hold what np.empty left: what
+    # the GEMMs and ufuncs compute from them may overflow, harmlessly.
+    errstate = np.seterr(all="ignore")
 
-    def make(extra, logits_hook=None):
-        LOG.clear()
-        argv = ["--arch", "resnet18", "--image-size", "32", "--batch-per-rank", "8", "--watchdog", "0",
-                "--eval-every", "0", "--no-checkpoint", "--print-every", "1000",
-                "--log-dir", str(tmp_path / "log")] + extra
-        t = Trainer(parse_args(argv))
+    def make(extra, losses=(2.0,)):
+        t = gpu_standins.trainer_on_standins(monkeypatch, ARGV + extra, loss_kernel_writes(losses))
         made.append(t)
-        forward, calls = t.model.forward, []
-
-        def device_forward(x, train):
-            logits = forward(x, train).view(DeviceArray)
-            calls.append(1)
-            return logits_hook(len(calls), logits) if logits_hook else logits
-        t.model.forward = device_forward
         step = t.train_step
 
         def logged_step(batch, coef):
-            LOG.append("step")
+            OPS.append(Op("step", "train_step", "test"))
             return step(batch, coef)
         t.train_step = logged_step
         t.evaluate = lambda: dict(step=t.global_step, epoch=0.0, top1=0.0, top5=0.0, loss=0.0, count=0,
                                   seconds=0.0)
+        gpu_standins.reset()
         return t
     yield make
+    np.seterr(**errstate)
     for t in made:
         t.close()
 
 
-def _windows(log):
-    """Per step: the log entries from its train_step call to its stats all-reduce launch."""
+def _entry(op):
+    return op.kind if op.kind == "step" else (op.kind, op.name)
+
+
+def _windows(ops):
+    """Per step: the ops from its train_step call to its stats all-reduce launch."""
     out, current = [], None
-    for entry in log:
-        if entry == "step":
+    for op in ops:
+        if op.kind == "step":
             current = []
         elif current is not None:
-            if entry == ("launch", STATS_SIZE):
+            if _entry(op) == STATS_LAUNCH:
                 out.append(current)
                 current = None
             else:
-                current.append(entry)
+                current.append(op)
     return out
 
 
-def _syncs(entries):
-    return [e for e in entries if isinstance(e, str) and e.startswith("sync")]
+def _syncs(ops):
+    return [f"{o.name} in {o.where}" for o in ops if o.kind == "sync"]
 
 
-def test_a_step_without_trace_never_blocks_the_host_and_stats_are_read_one_step_late(trainer_factory, tmp_path):
-    trainer = trainer_factory(["--max-steps", "3"])
+def test_a_step_without_trace_never_blocks_the_host_and_stats_are_read_one_step_late(trainer_factory):
+    trainer = trainer_factory(["--max-steps", "3"], losses=(2.5, 2.25, 2.0))
     trainer.run()
-    windows = _windows(LOG)
+    assert trainer.backend.name != "cpu" and not isinstance(trainer.model.params, np.ndarray)
+    windows = _windows(OPS)
     assert len(windows) == 3
     assert [_syncs(w) for w in windows] == [[], [], []], "a step blocked the host"
-    assert all(("launch", STATS_SIZE) not in w and any(isinstance(e, tuple) for e in w) for w in windows)
+    assert all(any(o.kind == "nccl" for o in w) for w in windows), "no gradient all-reduce in a step"
     # The only host reads: each step's stats, once, after the NEXT step was enqueued (the
     # last one after the loop).
-    assert _syncs(LOG) == ["sync asnumpy"] * 3
-    reads = [i for i, e in enumerate(LOG) if e == "sync asnumpy"]
-    stats_launches = [i for i, e in enumerate(LOG) if e == ("launch", STATS_SIZE)]
-    steps = [i for i, e in enumerate(LOG) if e == "step"]
+    assert _syncs(OPS) == [".get() in stepstats"] * 3
+    entries = [_entry(o) for o in OPS]
+    reads = [i for i, o in enumerate(OPS) if o.kind == "sync"]
+    stats_launches = [i for i, e in enumerate(entries) if e == STATS_LAUNCH]
+    steps = [i for i, e in enumerate(entries) if e == "step"]
     assert stats_launches[1] < reads[0] < steps[2]
-    assert stats_launches[2] < reads[1] and reads[1] < reads[2]
-    rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert stats_launches[2] < reads[1] < reads[2]
+    rows = [json.loads(line) for line in open(Path(trainer.args.log_dir) / "metrics.jsonl")]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
-    assert all(np.isfinite(r["loss"]) and 0 <= r["top1"] <= 1 for r in train)
+    assert [r["loss"] for r in train] == pytest.approx([2.5, 2.25, 2.0], rel=1e-6)
     assert all("exposed_comm_s" not in r for r in train)      # no figures without --trace
 
 
 def test_the_counter_sees_the_syncs_that_trace_makes(trainer_factory, tmp_path):
-    """With --trace the reducer synchronizes every bucket to learn its all-reduce times: the
-    stand-ins must count those, or the zero above would prove nothing."""
+    """With --trace the reducer synchronizes a bucket whose all-reduce times it does not know
+    yet, and the timeline its clock: the stand-ins must count those, or the zero above would
+    prove nothing. (A stand-in event is complete as soon as it is recorded, so after the first
+    bucket's sync the reducer finds the later ones done.)"""
     trainer = trainer_factory(["--max-steps", "2", "--trace", str(tmp_path / "t.json")])
     trainer.run()
-    windows = _windows(LOG)
-    buckets = len(trainer.reducer.buckets)
-    assert buckets > 1
-    assert [_syncs(w).count("sync Work.synchronize") for w in windows] == [buckets, buckets]
+    assert [_syncs(w) for w in _windows(OPS)] == [["Event.synchronize in reducer", "Event.synchronize in trace"]] * 2
 
 
-def test_a_non_finite_loss_stops_the_job_one_step_later_naming_its_step(trainer_factory, tmp_path):
+@pytest.mark.parametrize("read", [
+    lambda x: f"{x}",
+    lambda x: str(x),
+    lambda x: repr(x),
+    lambda x: float(x),
+    lambda x: int(x),
+    lambda x: bool(x > 0),
+    lambda x: x.item(),
+    lambda x: x.tolist(),
+    lambda x: range(x.astype(np.int64)),
+    lambda x: x.reshape(1)[0] > 1 or None,          # a scalar index gives a device value
+    lambda x: x.reshape(1)[x.reshape(1) > 0],        # a boolean mask
+    lambda x: x.reshape(1).__setitem__(x.reshape(1) > 0, 0),
+    lambda x: np.asarray(x),
+    lambda x: np.float32(x),
+    lambda x: x.get(),
+], ids=["f-string", "str", "repr", "float", "int", "bool", "item", "tolist", "index", "scalar index",
+        "mask getitem", "mask setitem", "np.asarray", "np.float32", "get"])
+def test_every_host_read_of_a_device_value_is_logged_or_refused(monkeypatch, read):
+    cupy = gpu_standins.install(monkeypatch)
+    x = cupy.asarray(np.float32(1.5))
+    gpu_standins.reset()
+    try:
+        read(x)
+    except (TypeError, NotImplementedError):
+        return          # refused, as CuPy refuses an implicit conversion
+    assert [o.kind for o in OPS].count("sync") >= 1, OPS
+
+
+def test_a_non_finite_loss_stops_the_job_one_step_later_naming_its_step(trainer_factory):
     from engine.metrics import NonFiniteLoss
-
-    def nan_at_second_step(call, logits):
-        return logits * np.float32("nan") if call == 2 else logits
-    trainer = trainer_factory(["--max-steps", "5"], logits_hook=nan_at_second_step)
+    trainer = trainer_factory(["--max-steps", "5"], losses=(2.0, float("nan"), 2.0))
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 2 "):
         trainer.run()
-    assert LOG.count("step") == 3, "step 3 is enqueued before step 2's loss is read, and no later one"
-    rows = [json.loads(line) for line in open(tmp_path / "log" / "metrics.jsonl")]
+    assert [o.kind for o in OPS].count("step") == 3, "step 3 is enqueued before step 2's loss is read, and no later one"
+    rows = [json.loads(line) for line in open(Path(trainer.args.log_dir) / "metrics.jsonl")]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1]
 
 

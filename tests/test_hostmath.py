@@ -4,6 +4,8 @@ import pytest
 
 from engine import hostmath
 from engine.parallel import Team
+from numerics import assert_close
+import kernel_reference as reference
 
 # How the BN and ReLU loops are run: on this thread, or split over 3 threads in chunks
 # of 64 rows (every split taken, however small the array).
@@ -18,19 +20,8 @@ def rng():
     return np.random.default_rng(SEED)
 
 
-def rel_err(got, ref):
-    return np.max(np.abs(np.asarray(got, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30)
-
-
-def hybrid_reference(w, d, m, g, decay, eta, a_sgd, a_rms, mu1, mu2, eps, wd, gscale):
-    """The formulas of DESIGN.md in float64: no bias correction, eps outside the root."""
-    w, d, m, g = (np.asarray(a, np.float64) for a in (w, d, m, g))
-    g = g * gscale + wd * decay * w
-    m = mu2 * m + (1 - mu2) * g * g
-    d = mu1 * d - (a_sgd + a_rms / (np.sqrt(m) + eps)) * g
-    return w + eta * d, d, m
-
-
+# The updates' float32 error is relative to their terms (w, g and the step are O(1)), not to
+# a d or w that cancels to near zero: hence atol 1e-5 next to rtol 1e-5 below.
 def random_state(rng, n):
     w = rng.standard_normal(n).astype(np.float32)
     d = (0.01 * rng.standard_normal(n)).astype(np.float32)
@@ -49,22 +40,22 @@ def test_hybrid_update_matches_float64(rng, gdtype, with_mask):
     hp = dict(eta=0.8, a_sgd=float(rng.uniform(0.1, 0.9)), a_rms=float(rng.uniform(0.01, 0.5)),
               mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64.0)
     decay = mask.astype(np.float64) if with_mask else 1.0
-    ref_w, ref_d, ref_m = hybrid_reference(w, d, m, g, decay, **hp)
+    ref_w, ref_d, ref_m = reference.hybrid_update(w, d, m, g, decay, **hp)
     hostmath.hybrid_update(w, d, m, g, mask if with_mask else None, **hp)
-    assert rel_err(m, ref_m) < 1e-5
-    assert rel_err(d, ref_d) < 1e-5
-    assert rel_err(w, ref_w) < 1e-5
+    assert_close(m, ref_m, rtol=1e-5, atol=1e-9)
+    assert_close(d, ref_d, rtol=1e-5, atol=1e-5)
+    assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
 
 
 def test_sgd_update_matches_float64(rng):
     n = 1000
     w, d, _, g, mask = random_state(rng, n)
     eta, mu1, wd, gscale = 3.2, 0.9, 1e-4, 1 / 64.0
-    ref_w, ref_d, _ = hybrid_reference(w, d, np.zeros(n), g, mask.astype(np.float64), eta, 1.0, 0.0,
+    ref_w, ref_d, _ = reference.hybrid_update(w, d, np.zeros(n), g, mask.astype(np.float64), eta, 1.0, 0.0,
                                        mu1, 0.0, 0.0, wd, gscale)
     hostmath.sgd_update(w, d, g, mask, eta, mu1, wd, gscale)
-    assert rel_err(d, ref_d) < 1e-5
-    assert rel_err(w, ref_w) < 1e-5
+    assert_close(d, ref_d, rtol=1e-5, atol=1e-5)
+    assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
 
 
 def test_fp16_gradients_are_read_exactly(rng):
@@ -87,30 +78,17 @@ def test_update_works_on_a_flat_range(rng):
     w, d, m, g, mask = random_state(rng, n)
     w0 = w.copy()
     hp = dict(eta=0.5, a_sgd=0.5, a_rms=0.1, mu1=0.9, mu2=0.99, eps=1e-8, wd=0.0, gscale=1.0)
-    ref_w, _, _ = hybrid_reference(w[start:stop], d[start:stop], m[start:stop], g[start:stop], 1.0, **hp)
+    ref_w, _, _ = reference.hybrid_update(w[start:stop], d[start:stop], m[start:stop], g[start:stop], 1.0, **hp)
     hostmath.hybrid_update(w[start:stop], d[start:stop], m[start:stop], g[start:stop], None, **hp)
-    assert rel_err(w[start:stop], ref_w) < 1e-5
+    assert_close(w[start:stop], ref_w, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(w[:start], w0[:start])
     np.testing.assert_array_equal(w[stop:], w0[stop:])
 
 
-def bn_reference(x, gamma, beta, eps, relu):
-    x = x.astype(np.float64)
-    mean, var = x.mean(0), x.var(0)
-    y = (x - mean) / np.sqrt(var + eps) * gamma + beta
-    return (np.maximum(y, 0) if relu else y), mean, var
-
-
 def bn_backward_reference(dy, x, gamma, eps, relu):
-    x, dy = x.astype(np.float64), dy.astype(np.float64)
-    y, mean, var = bn_reference(x, gamma, np.zeros_like(gamma), eps, False)
-    inv = 1 / np.sqrt(var + eps)
-    xhat = (x - mean) * inv
-    if relu:
-        dy = dy * ((xhat * gamma) > 0)  # beta = 0 in this reference
-    dbeta, dgamma = dy.sum(0), (dy * xhat).sum(0)
-    dx = gamma * inv * (dy - dbeta / len(x) - xhat * dgamma / len(x))
-    return dx, dgamma, dbeta
+    """The gradients from float64 statistics of x (not from those the kernel saved)."""
+    y, mean, var = reference.bn_train_forward(x, gamma, 0.0, eps, relu)
+    return reference.bn_backward(dy, x, y, gamma, mean, 1 / np.sqrt(var + eps), relu)
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -124,13 +102,35 @@ def test_bn_train_forward_matches_float64(rng, relu, run):
     out = np.empty_like(x)
     y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu, out, RUNS[run])
     assert y is out
-    ref_y, ref_mean, ref_var = bn_reference(x, gamma, beta, 1e-5, relu)
-    assert rel_err(mean, ref_mean) < 1e-6
-    assert np.max(np.abs(var - ref_var) / ref_var) < 1e-3
-    assert rel_err(inv_std, 1 / np.sqrt(ref_var + 1e-5)) < 1e-3
-    assert np.max(np.abs(y - ref_y)) < 5e-3
+    ref_y, ref_mean, ref_var = reference.bn_train_forward(x, gamma, beta, 1e-5, relu)
+    assert_close(mean, ref_mean, rtol=1e-6, atol=0)
+    assert_close(var, ref_var, rtol=1e-3, atol=0)
+    assert_close(inv_std, 1 / np.sqrt(ref_var + 1e-5), rtol=1e-3, atol=0)
+    assert_close(y, ref_y, rtol=0, atol=5e-3)
     if relu:
         assert np.all(y >= 0) and np.any(y == 0)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_bn_adds_eps_to_a_variance_close_to_it(rng, run):
+    """Channels whose variance spans eps = 1e-5 (1e-8 to 1e-3): a kernel that left eps out,
+    or added it elsewhere, normalizes the small ones to unit variance instead of shrinking them."""
+    rows, C, eps = 6 * 6 * 4, 32, 1e-5
+    std = np.logspace(-4, -1.5, C)
+    x = (0.25 + rng.standard_normal((rows, C)) * std).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = rng.standard_normal(C).astype(np.float32) * 0.1
+    dy = rng.standard_normal((rows, C)).astype(np.float32)
+    y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, eps, False, None, RUNS[run])
+    ref_y, _, ref_var = reference.bn_train_forward(x, gamma.astype(np.float64), beta, eps, False)
+    assert_close(inv_std, 1 / np.sqrt(ref_var + eps), rtol=1e-3, atol=0)
+    assert_close(y, ref_y, rtol=1e-3, atol=1e-4)
+    ref_dx, ref_dgamma, _ = bn_backward_reference(dy, x, gamma.astype(np.float64), eps, False)
+    dx, dgamma, _ = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, False, None, RUNS[run])
+    assert_close(dgamma, ref_dgamma, rtol=1e-3, atol=1e-3)
+    assert_close(dx, ref_dx, rtol=1e-3, atol=1e-3 * np.abs(ref_dx).max())
+    infer = hostmath.bn_infer_forward(x, gamma, beta, mean, var, eps, False)
+    assert_close(infer, ref_y, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -146,9 +146,9 @@ def test_bn_backward_matches_float64(rng, relu, run):
     # dx written over dy itself, as the model does with a gradient it consumes
     dx, dgamma, dbeta = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu, dy, RUNS[run])
     assert dx is dy
-    assert rel_err(dbeta, ref_dbeta) < 1e-5
-    assert rel_err(dgamma, ref_dgamma) < 1e-5
-    assert rel_err(dx, ref_dx) < 1e-4
+    assert_close(dbeta, ref_dbeta, rtol=1e-5, atol=1e-5)
+    assert_close(dgamma, ref_dgamma, rtol=1e-5, atol=1e-5)
+    assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
 
 
 def test_bn_infer_forward_uses_given_statistics(rng):
@@ -158,7 +158,7 @@ def test_bn_infer_forward_uses_given_statistics(rng):
     var = rng.uniform(0.5, 2.0, C).astype(np.float32)
     y = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True)
     ref = np.maximum((x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta, 0)
-    assert np.max(np.abs(y - ref)) < 1e-5 * max(1.0, np.max(np.abs(ref)))
+    assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("run", RUNS)

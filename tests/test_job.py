@@ -12,7 +12,6 @@ import termios
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +57,15 @@ class Job:
         return rc, "\n".join(self.lines)
 
 
+def _tiny_total_steps(ranks):
+    """The steps of a TINY job of `ranks` ranks at the default --epochs: whole global batches
+    of the digits' training split per epoch (the sampler drops the remainder)."""
+    from engine import data
+    from engine.train import parse_args
+    per_epoch = len(data.digits(32)[0]) // (ranks * int(TINY[TINY.index("--batch-per-rank") + 1]))
+    return round(parse_args([]).epochs * per_epoch)
+
+
 def _train_rows(path):
     rows = [json.loads(line) for line in open(path)]
     return [r["step"] for r in rows if r["kind"] == "train"], rows
@@ -95,16 +103,14 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     job.wait_for("step 2/")
     job.proc.send_signal(signal.SIGINT)
     job.wait_for("Press Ctrl-C again")             # hydra forwarded the first to every rank
-    t0 = time.monotonic()
     job.proc.send_signal(signal.SIGINT)
     rc, out = job.finish(timeout=60)
-    # mpiexec's own status after a forced abort is hydra's: non-zero as a rule, but 0 when its
-    # proxy trips over its own cleanup ("assert (!closed) failed", seen once in six CI runs).
-    # What the job controls: no rank went on to save and report a stop, and it ended at once.
-    assert rc != STOPPED_EXIT_CODE and "stopped by" not in out, out
-    assert ("assert (!closed) failed" in out) if rc == 0 else True, out
+    # mpiexec's own status after a forced abort is hydra's (non-zero as a rule, 0 when its
+    # proxy trips over its own cleanup), so it is not what is checked. What is: hydra's forced
+    # abort is what ended the job, and no rank went on to save, report a stop, or finish.
+    assert "Ctrl-C caught... cleaning up processes" in out, out
+    assert rc != STOPPED_EXIT_CODE and "stopped by" not in out and "done:" not in out, out
     assert not list((tmp_path / "runs" / "int" / "checkpoints").glob("*.npz")), out
-    assert time.monotonic() - t0 < 30, out
 
 
 @pytest.mark.slow
@@ -167,7 +173,7 @@ def test_the_bar_shows_under_mpiexec_when_the_users_terminal_is_a_terminal(tmp_p
     assert proc.wait(timeout=120) == 0, out.decode(errors="replace")
     text = out.decode()
     bars = re.findall(r"\r(\[[#.]{24}\][^\r\n\x1b]*)\x1b\[K", text)
-    assert [b.split()[2] for b in bars] == ["1/534", "2/534", "3/534", "4/534"], text
+    assert [b.split()[2] for b in bars] == [f"{s}/{_tiny_total_steps(ranks=2)}" for s in range(1, 5)], text
     assert all(len(b) == 79 for b in bars), bars     # the full line is longer: cut, never wrapped
     assert not re.search(r"^epoch \d", text, flags=re.M), text      # no plain progress lines
 

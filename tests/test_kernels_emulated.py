@@ -21,7 +21,9 @@ from engine import batchnorm, conv, cuda_ops, hostmath, kernel_check, kernel_emu
 from engine.layers import MaxPool
 from engine.workspace import Workspace
 
+import kernel_reference as reference
 import softmax_xent_reference as xent
+from numerics import assert_close
 
 BF16 = cuda_ops.BF16
 
@@ -78,15 +80,6 @@ def untouched(view):
     return bool(np.all(outside == GUARD_BYTE))
 
 
-def rel_err(got, ref, floor=1e-30):
-    """Largest error over the largest |ref|, or over `floor` where the result is smaller than
-    the terms it was computed from (a sum that cancels: an error relative to it means nothing)."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    if ref.size == 0:
-        return 0.0
-    return np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), floor)
-
-
 # ---- every kernel runs -------------------------------------------------------------------
 
 def test_every_kernel_of_every_file_is_launched(launches, rng):
@@ -116,17 +109,10 @@ def test_every_kernel_of_every_file_is_launched(launches, rng):
 # ---- optimizer ---------------------------------------------------------------------------
 
 def _reference_update(w, d, m, g, mask, hybrid, h):
-    """The recipe's update in float64 NumPy; returns (w, d, m)."""
-    w, d, g = (np.asarray(a, np.float64) for a in (w, d, g))
+    """The recipe's update of h's hyperparameters in float64 (SGD: the hybrid's a_sgd = 1,
+    a_rms = 0); returns (w, d, m)."""
     decay = 1.0 if mask is None else mask.astype(np.float64)
-    g = g * h["gscale"] + h["wd"] * decay * w
-    if hybrid:
-        m = h["mu2"] * np.asarray(m, np.float64) + (1 - h["mu2"]) * g * g
-        step = h["a_sgd"] + h["a_rms"] / (np.sqrt(m) + h["eps"])
-    else:
-        step = 1.0
-    d = h["mu1"] * d - step * g
-    return w + h["eta"] * d, d, m
+    return reference.hybrid_update(w, d, m, g, decay, **(h if hybrid else dict(h, a_sgd=1.0, a_rms=0.0)))
 
 
 @pytest.mark.parametrize("hybrid", [True, False], ids=["hybrid", "sgd"])
@@ -155,10 +141,10 @@ def test_update_at_every_offset(launches, rng, hybrid, gdtype, with_mask, n):
         # the bf16 copy: the updated w rounded as ml_dtypes rounds, bit for bit
         assert np.array_equal(w_lp.view(np.uint16), dev[0].astype(BF16).view(np.uint16)), offset
         assert untouched(w_lp)
-        # w + eta*d and mu1*d - step*g may cancel; their terms are of order 1
-        for got, cpu, want, floor in zip(dev[:3] if hybrid else dev[:2], host, ref, (1, 1, 0)):
-            assert rel_err(got, cpu, floor) < 1e-6, offset
-            assert rel_err(got, want, floor) < 1e-5, offset
+        # w + eta*d and mu1*d - step*g may cancel; their terms are of order 1 (m's are positive)
+        for got, cpu, want, terms in zip(dev[:3] if hybrid else dev[:2], host, ref, (1, 1, 0)):
+            assert_close(got, cpu, rtol=1e-6, atol=1e-6 * terms, what=f"offset {offset}")
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * terms, what=f"offset {offset}")
         assert all(untouched(a) for a in dev + ([dmask] if with_mask else []))
     assert n < 3072 or -(-n // 4) > launches[-1][2][0] * cuda_ops.THREADS    # the grid-stride loop wraps
 
@@ -173,8 +159,8 @@ def test_update_with_one_operand_misaligned(launches, rng):
         ref = _reference_update(*arrays, g, mask, True, HYPER)
         dev = [placed(a, 1 if k == odd else 0) for k, a in enumerate([*arrays, g, mask])]
         cuda_ops.hybrid_update(*dev, scal_of(HYPER), *(HYPER[k] for k in FIXED))
-        for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
-            assert rel_err(got, want, floor) < 1e-5, odd
+        for got, want, terms in zip(dev[:3], ref, (1, 1, 0)):
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * terms, what=f"operand {odd} misaligned")
 
 
 def test_update_bf16_copy_misaligned_alone_and_scalars_read_from_the_array(launches, rng):
@@ -192,8 +178,8 @@ def test_update_bf16_copy_misaligned_alone_and_scalars_read_from_the_array(launc
         dev = [placed(a, 0) for a in (w, d, m, g)]
         w_lp = placed(np.zeros(n, BF16), 1)
         cuda_ops.hybrid_update(*dev, None, scal, *(HYPER[k] for k in FIXED), w_lp=w_lp)
-        for got, want, floor in zip(dev[:3], ref, (1, 1, 0)):
-            assert rel_err(got, want, floor) < 1e-5, step
+        for got, want, terms in zip(dev[:3], ref, (1, 1, 0)):
+            assert_close(got, want, rtol=1e-5, atol=1e-5 * terms, what=f"step {step}")
         assert np.array_equal(w_lp.view(np.uint16), dev[0].astype(BF16).view(np.uint16)) and untouched(w_lp)
 
 
@@ -268,14 +254,6 @@ def channel_views(C, k, at=1):
     return tuple(buf[1 + j * C:1 + (j + 1) * C] for j in range(k)), buf
 
 
-def _reference_forward(x, gamma, beta, eps, relu):
-    x = x.astype(np.float64)
-    mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
-    var = x.var(0) if len(x) else np.zeros(x.shape[1])
-    y = (x - mean) / np.sqrt(var + eps) * gamma + beta
-    return (np.maximum(y, 0) if relu else y), mean, var
-
-
 @pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "plain"])
 @pytest.mark.parametrize("rows,C", SHAPES + [(5, 0)])    # C = 0: every launch idle, nothing written
@@ -287,16 +265,20 @@ def test_bn_forward(launches, rng, relu, rows, C, storage):
         xd, out = placed(x.astype(dtype), offset), placed(np.zeros_like(x, dtype), out_offset)
         stats, buf = channel_views(C, 3)
         y, mean, var, inv_std = cuda_ops.bn_train_forward(xd, gamma, beta, 1e-5, relu, out=out, stats_out=stats)
-        ry, rmean, rvar = _reference_forward(x, gamma, beta, 1e-5, relu)
+        ry, rmean, rvar = reference.bn_train_forward(x, gamma, beta, 1e-5, relu)
         hy, hmean, hvar, _ = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
         assert y is out and all(a is b for a, b in zip((mean, var, inv_std), stats))
         assert not cuda_ops._bn_arrival_counters[None].any()    # left at zero for the next launch
         assert untouched(xd) and untouched(out) and untouched(buf) and np.isnan(buf[[0, -1]]).all()
         # y = x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
         floor = np.max(np.abs(x) * gamma / np.sqrt(rvar + 1e-5), initial=0)
-        assert rel_err(y, ry, floor) < bound and rel_err(mean, rmean) < 1e-5 and rel_err(var, rvar) < 1e-5
-        assert rel_err(inv_std, 1 / np.sqrt(rvar + 1e-5)) < 1e-5
-        assert rel_err(y, hy, floor) < bound and rel_err(mean, hmean) < 1e-5 and rel_err(var, hvar) < 1e-5
+        assert_close(y, ry, rtol=bound, atol=bound * max(np.abs(ry).max(initial=0), floor))
+        assert_close(mean, rmean, rtol=1e-5, atol=1e-5 * np.abs(rmean).max(initial=0))
+        assert_close(var, rvar, rtol=1e-5, atol=1e-5 * np.abs(rvar).max(initial=0))
+        assert_close(inv_std, 1 / np.sqrt(rvar + 1e-5), rtol=1e-5, atol=0)
+        assert_close(y, hy, rtol=bound, atol=bound * max(np.abs(hy).max(initial=0), floor))
+        assert_close(mean, hmean, rtol=1e-5, atol=1e-5 * np.abs(hmean).max(initial=0))
+        assert_close(var, hvar, rtol=1e-5, atol=1e-5 * np.abs(hvar).max(initial=0))
         if storage == "bf16":      # y is the float32 result rounded once, as ml_dtypes rounds it
             assert np.abs(y.astype(np.float32) - hy).max(initial=0) <= np.abs(hy).max(initial=0) * 2.0**-8 + 1e-6
     stats_grid = next(grid for _, k, grid in launches if k.startswith("bn_stats_"))
@@ -315,11 +297,7 @@ def test_bn_backward(launches, rng, relu, rows, C, storage):
         y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
         y = exact(y)
         hdx, hdg, hdb = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
-        # float64 reference from the same saved statistics
-        g = (np.where(y > 0, dy, 0) if relu else dy).astype(np.float64)
-        xhat = (x - mean.astype(np.float64)) * inv_std
-        rdb, rdg = g.sum(0), (g * xhat).sum(0)
-        rdx = gamma * inv_std.astype(np.float64) * (g - rdb / max(rows, 1) - xhat * rdg / max(rows, 1))
+        rdx, rdg, rdb = reference.bn_backward(dy, x, y, gamma, mean, inv_std, relu)   # the same statistics
         dyd = placed(dy.astype(dtype), dy_at)      # dx written over dy, as the model does
         grads, buf = channel_views(C, 2)          # as views into the flat gradient buffer
         dx, dgamma, dbeta = cuda_ops.bn_backward(dyd, placed(x.astype(dtype), x_at), placed(y.astype(dtype), y_at),
@@ -327,8 +305,12 @@ def test_bn_backward(launches, rng, relu, rows, C, storage):
         assert dx is dyd and untouched(dyd) and dgamma is grads[0] and dbeta is grads[1]
         assert not cuda_ops._bn_arrival_counters[None].any()    # left at zero for the next launch
         assert untouched(buf) and np.isnan(buf[[0, -1]]).all()
-        assert rel_err(dbeta, rdb) < 1e-5 and rel_err(dgamma, rdg) < 1e-5 and rel_err(dx, rdx) < bound
-        assert rel_err(dx, hdx) < bound and rel_err(dgamma, hdg) < 1e-5 and rel_err(dbeta, hdb) < 1e-5
+        assert_close(dbeta, rdb, rtol=1e-5, atol=1e-5 * np.abs(rdb).max(initial=0))
+        assert_close(dgamma, rdg, rtol=1e-5, atol=1e-5 * np.abs(rdg).max(initial=0))
+        assert_close(dx, rdx, rtol=bound, atol=bound * np.abs(rdx).max(initial=0))
+        assert_close(dx, hdx, rtol=bound, atol=bound * np.abs(hdx).max(initial=0))
+        assert_close(dgamma, hdg, rtol=1e-5, atol=1e-5 * np.abs(hdg).max(initial=0))
+        assert_close(dbeta, hdb, rtol=1e-5, atol=1e-5 * np.abs(hdb).max(initial=0))
 
 
 @pytest.mark.parametrize("storage", STORAGE)
@@ -344,8 +326,10 @@ def test_bn_infer(launches, rng, relu, rows, C, storage):
         y = cuda_ops.bn_infer_forward(xd, gamma, beta, mean, var, 1e-5, relu, out=out)
         ref = (x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta
         assert y is out
-        assert rel_err(y, np.maximum(ref, 0) if relu else ref) < bound
-        assert rel_err(y, hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)) < bound
+        ref = np.maximum(ref, 0) if relu else ref
+        host = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)
+        assert_close(y, ref, rtol=bound, atol=bound * np.abs(ref).max(initial=0))
+        assert_close(y, host, rtol=bound, atol=bound * np.abs(host).max(initial=0))
         assert untouched(xd) and untouched(out)
 
 
@@ -364,77 +348,28 @@ PLACEMENTS = ((0, 0), (1, 1), (0, 1), (1, 0), (8, 8))
 U32 = 2.0**-24     # float32's unit roundoff
 
 
-def _out_hw(h, w, k, s, p):
-    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
 def _bits(a):
     return np.ascontiguousarray(a).view(np.uint32 if a.dtype.itemsize == 4 else np.uint16)
-
-
-def _windows_of(a, k, s, ho, wo):
-    """(kh, kw, view of the padded `a` under that kernel position) for every position, in order."""
-    return [(kh, kw, a[:, kh:kh + s * (ho - 1) + 1:s, kw:kw + s * (wo - 1) + 1:s, :])
-            for kh in range(k) for kw in range(k)]
-
-
-def _reference_im2col(x, k, s, p):
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    col = np.empty((x.shape[0], ho, wo, k, k, x.shape[3]))
-    for kh, kw, win in _windows_of(xpad, k, s, ho, wo):
-        col[:, :, :, kh, kw, :] = win
-    return col
-
-
-def _reference_scatter(parts, shape, k, s, p):
-    """sum over (kh, kw) of parts(kh, kw) (N, Ho, Wo, C), each added at the input positions its
-    window position covers (padding dropped), in float64; and the sum of their |values|."""
-    n, h, w, c = shape
-    ho, wo = _out_hw(h, w, k, s, p)
-    total, absum = np.zeros((n, h + 2 * p, w + 2 * p, c)), np.zeros((n, h + 2 * p, w + 2 * p, c))
-    for (kh, kw, t), (_, _, a) in zip(_windows_of(total, k, s, ho, wo), _windows_of(absum, k, s, ho, wo)):
-        t += parts(kh, kw)
-        a += np.abs(parts(kh, kw))
-    return total[:, p:p + h, p:p + w], absum[:, p:p + h, p:p + w]
-
-
-def _reference_pool(x, k, s, p):
-    """Max pool in float64 by engine.hostmath's rules: per output, the max over the window's
-    elements inside x, the first in (kh, kw) order on ties, a NaN the max; -inf and position
-    -1 for a window of padding only. Returns (y, position kh*k + kw of the first max)."""
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    inside = np.pad(np.ones(x.shape, bool), ((0, 0), (p, p), (p, p), (0, 0)))
-    best = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
-    arg = np.full(best.shape, -1)
-    for (kh, kw, v), (_, _, ok) in zip(_windows_of(xpad, k, s, ho, wo), _windows_of(inside, k, s, ho, wo)):
-        with np.errstate(invalid="ignore"):
-            take = ok & ((arg < 0) | ((best == best) & ~(v <= best)))
-        best, arg = np.where(take, v, best), np.where(take, kh * k + kw, arg)
-    return best, arg
 
 
 @pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
 def test_im2col_col2im(launches, rng, storage, n, h, w, c, k, s, p):
     dtype = STORAGE[storage][0]
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     for x_at, out_at in PLACEMENTS:
         x = rng.standard_normal((n, h, w, c)).astype(dtype)
         xd, col = placed(x, x_at), placed(np.full((n, ho, wo, k, k, c), np.nan, dtype), out_at)
         assert cuda_ops.im2col(xd, k, s, p, col) is col
         # a bit copy: exactly the float64 patches (zeros at the border) in the storage type
-        assert np.array_equal(_bits(col), _bits(_reference_im2col(x, k, s, p).astype(dtype))), (x_at, out_at)
+        assert np.array_equal(_bits(col), _bits(reference.im2col(x, k, s, p).astype(dtype))), (x_at, out_at)
         assert untouched(xd) and untouched(col)
         if dtype == np.float32 and p < k:
             assert np.array_equal(col, hostmath.im2col(x, np.empty_like(col), k, s, p))
         dcol = placed(rng.standard_normal(col.shape).astype(dtype), x_at)
         dx = placed(np.full(x.shape, np.nan, dtype), out_at)
         assert cuda_ops.col2im(dcol, dx, s, p) is dx
-        ref, absum = _reference_scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
+        ref, absum = reference.scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
         # float32 sums of at most K*K terms: within K*K units of roundoff of the sum of |terms|;
         # bfloat16 adds the one rounding of the result (2**-9 of it, 2**-8 with room)
         bound = k * k * U32 * absum + (2.0**-8 * np.abs(ref) if storage == "bf16" else 0)
@@ -456,7 +391,7 @@ def test_im2col_takes_16_byte_moves_only_when_aligned(launches, rng, monkeypatch
             x = rng.standard_normal((1, 4, 4, c)).astype(dtype)
             col = placed(np.zeros((1, 4, 4, 3, 3, c), dtype), out_at)
             cuda_ops.im2col(placed(x, x_at), 3, 1, 1, col)
-            assert np.array_equal(_bits(col), _bits(_reference_im2col(x, 3, 1, 1).astype(dtype)))
+            assert np.array_equal(_bits(col), _bits(reference.im2col(x, 3, 1, 1).astype(dtype)))
             aligned = c * np.dtype(dtype).itemsize % 16 == 0 and x_at % 8 == 0 and out_at % 8 == 0
             assert flags[-1] == aligned, (dtype, c, x_at, out_at)
     assert sum(flags) == 4 and len(flags) == 20
@@ -479,19 +414,19 @@ def _pool_input(rng, shape, values, dtype):
 @pytest.mark.parametrize("n,h,w,c,k,s,p", WINDOWS, ids=WINDOW_IDS)
 def test_maxpool(launches, rng, storage, values, n, h, w, c, k, s, p):
     dtype = STORAGE[storage][0]
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     for x_at, out_at in PLACEMENTS:
         x = _pool_input(rng, (n, h, w, c), values, dtype)
         xd, y = placed(x, x_at), placed(np.zeros((n, ho, wo, c), dtype), out_at)
         assert cuda_ops.maxpool_forward(xd, y, k, s, p) is y
-        ref_y, arg = _reference_pool(x, k, s, p)
+        ref_y, arg = reference.maxpool(x, k, s, p)
         assert np.array_equal(y.astype(np.float64), ref_y, equal_nan=True), (x_at, out_at)
         assert (p >= k) == bool(np.any(arg < 0))       # windows of padding only: -inf, and only then
         dy = placed(rng.standard_normal(y.shape).astype(dtype), x_at)
         dx = placed(np.full(x.shape, np.nan, dtype), out_at)
         assert cuda_ops.maxpool_backward(xd, dy, dx, k, s, p) is dx
         dy64 = dy.astype(np.float64)
-        ref, absum = _reference_scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
+        ref, absum = reference.scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
         terms = (-(-k // s)) ** 2        # windows that can hold one input position
         bound = terms * U32 * absum + (2.0**-8 * np.abs(ref) if storage == "bf16" else 0)
         assert np.all(np.abs(dx.astype(np.float64) - ref) <= bound), (x_at, out_at)
@@ -514,7 +449,7 @@ def test_maxpool_agrees_with_the_generic_numpy_layer(launches, rng, values, n, h
     y = cuda_ops.maxpool_forward(x, np.empty(y64.shape, np.float32), k, s, p)
     dx = cuda_ops.maxpool_backward(x, dy, np.empty_like(x), k, s, p)
     assert np.array_equal(y, y64)
-    assert rel_err(dx, dx64) < 1e-6
+    assert_close(dx, dx64, rtol=1e-6, atol=1e-6 * np.abs(dx64).max(initial=0))
 
 
 # ---- the BN that ends a residual block ---------------------------------------------------
@@ -549,11 +484,13 @@ def test_bn_with_the_residual_sum_and_its_gated_gradient(launches, rng, storage,
         clean = ~np.isnan(mean)          # channels without a NaN: their statistics are finite
         # x*scale + shift cancels where var << eps (rows = 1): measure against x*scale
         floor = np.max(np.abs(xf[:, clean]) * gamma[clean] / np.sqrt(v64[clean] + 1e-5), initial=0)
-        assert rel_err(y[:, clean], ref[:, clean], floor) < bound and rel_err(y[:, clean], hy[:, clean], floor) < bound
+        scale = max(np.abs(ref[:, clean]).max(initial=0), floor)
+        assert_close(y[:, clean], ref[:, clean], rtol=bound, atol=bound * scale)
+        assert_close(y[:, clean], hy[:, clean], rtol=bound, atol=bound * scale)
         yi = cuda_ops.bn_infer_forward(xd, gamma, beta, mean, var, 1e-5, True, residual=sd)
         hyi = batchnorm.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True, residual=sc)
         assert np.array_equal(np.isnan(yi.astype(np.float64)), np.isnan(hyi))
-        assert rel_err(yi[:, clean], hyi[:, clean], floor) < bound
+        assert_close(yi[:, clean], hyi[:, clean], rtol=bound, atol=bound * scale)
         # backward on the finite channels' data: the gradient of the block's ReLU left in dy
         x = np.nan_to_num(x)
         y, mean, var, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, False)
@@ -575,8 +512,9 @@ def test_bn_with_the_residual_sum_and_its_gated_gradient(launches, rng, storage,
         xhat = (x - mean.astype(np.float64)) * inv_std
         rdb, rdg = g.sum(0), (g * xhat).sum(0)
         rdx = gamma * inv_std.astype(np.float64) * (g - rdb / rows - xhat * rdg / rows)
-        assert rel_err(dbeta[finite], rdb[finite]) < 1e-5 and rel_err(dgamma[finite], rdg[finite]) < 1e-5
-        assert rel_err(dx[:, finite], rdx[:, finite]) < bound
+        for got, want, tol in ((dbeta[finite], rdb[finite], 1e-5), (dgamma[finite], rdg[finite], 1e-5),
+                               (dx[:, finite], rdx[:, finite], bound)):
+            assert_close(got, want, rtol=tol, atol=tol * np.abs(want).max(initial=0))
     assert rows < 90 or -(-rows * C // 8) > max(g for f, k, g in launches if "apply" in k)[0] * cuda_ops.THREADS
 
 
@@ -665,7 +603,8 @@ def test_softmax_xent_label_out_of_range_is_a_nan_row(launches, rng):
     good = [0, 2, 3, 6]
     ref_rows, ref_d, ref_hit, _, _ = xent.reference(logits, labels, 0.1)
     assert np.all(np.isfinite(d[good])) and np.all(np.isfinite(scratch[good]))
-    assert rel_err(scratch[good], ref_rows[good]) < 1e-5 and rel_err(d[good], ref_d[good]) < 1e-5
+    assert_close(scratch[good], ref_rows[good], rtol=1e-5, atol=1e-5 * np.abs(ref_rows[good]).max(initial=0))
+    assert_close(d[good], ref_d[good], rtol=1e-5, atol=1e-5 * np.abs(ref_d[good]).max(initial=0))
     assert float(hits) == ref_hit[good].sum() and np.all(scratch[n:][[1, 4, 5]] == 0)
     assert untouched(z) and untouched(y) and untouched(scratch)
     from engine.metrics import NonFiniteLoss, check_finite

@@ -1,11 +1,16 @@
-"""Each CUDA kernel against its CPU path (engine.hostmath, engine.precision); needs a GPU.
+"""Each CUDA kernel against float64 NumPy (tests/kernel_reference.py, or a reference of its
+own) and against its CPU path (engine.hostmath, engine.precision); needs a GPU. The CPU path
+is built from the same header (engine/kernels/recipe_math.cuh), so agreeing with it alone
+would not show a bug they share.
 
 Skipped without a device; `make gpu-check` runs them where there is one.
 """
 import numpy as np
 import pytest
 
+import kernel_reference as reference
 from engine import hostmath, precision
+from numerics import assert_close
 
 pytestmark = pytest.mark.gpu
 
@@ -30,11 +35,6 @@ def rng():
     return np.random.default_rng(SEED)
 
 
-def rel_err(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30)
-
-
 HYPER = dict(eta=0.8, a_sgd=0.6, a_rms=0.3, mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64)
 
 
@@ -55,11 +55,15 @@ def test_hybrid_update(cp, ops, rng, gdtype, offset, with_mask):
     dmask = None if mask is None else cp.asarray(mask)
     w_lp = cp.zeros(n, ops.BF16)
     sl = slice(offset, n)
+    decay = 1.0 if mask is None else mask[sl].astype(np.float64)
+    want = reference.hybrid_update(w[sl], d[sl], m[sl], g[sl], decay, **HYPER)
     hostmath.hybrid_update(w[sl], d[sl], m[sl], g[sl], None if mask is None else mask[sl], **HYPER)
     ops.hybrid_update(*(a[sl] for a in dev), None if dmask is None else dmask[sl], scal_of(cp, ops, HYPER),
                       HYPER["mu1"], HYPER["mu2"], HYPER["eps"], HYPER["wd"], w_lp=w_lp[sl])
-    for host, gpu in zip((w, d, m), dev):
-        assert rel_err(cp.asnumpy(gpu), host) < 1e-6
+    for host, gpu, exact in zip((w, d, m), dev, want):
+        assert_close(cp.asnumpy(gpu), host, rtol=1e-6, atol=1e-6 * np.abs(host).max())
+        # float32 error relative to the update's O(1) terms (test_hostmath's bounds)
+        assert_close(cp.asnumpy(gpu)[sl], exact, rtol=2e-5, atol=2e-5)
     got_w = cp.asnumpy(dev[0])[sl]
     assert np.array_equal(cp.asnumpy(w_lp)[sl].view(np.uint16), got_w.astype(ops.BF16).view(np.uint16))
 
@@ -71,10 +75,14 @@ def test_sgd_update(cp, ops, rng, gdtype):
     g = rng.standard_normal(n).astype(gdtype)
     mask = (rng.random(n) < 0.5).astype(np.uint8)
     dw, dd, dg, dm = (cp.asarray(a) for a in (w, d, g, mask))
+    want_w, want_d, _ = reference.hybrid_update(w, d, np.zeros(n), g, mask.astype(np.float64), 3.2, 1.0, 0.0,
+                                                0.9, 0.0, 0.0, 1e-4, 0.5)
     hostmath.sgd_update(w, d, g, mask, 3.2, 0.9, 1e-4, 0.5)
     ops.sgd_update(dw, dd, dg, dm, scal_of(cp, ops, dict(eta=3.2, a_sgd=1.0, a_rms=0.0, gscale=0.5)), 0.9, 1e-4)
-    assert rel_err(cp.asnumpy(dw), w) < 1e-6
-    assert rel_err(cp.asnumpy(dd), d) < 1e-6
+    assert_close(cp.asnumpy(dw), w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+    assert_close(cp.asnumpy(dd), d, rtol=1e-6, atol=1e-6 * np.abs(d).max())
+    assert_close(cp.asnumpy(dw), want_w, rtol=2e-5, atol=2e-5)
+    assert_close(cp.asnumpy(dd), want_d, rtol=2e-5, atol=2e-5)
 
 
 def bn_inputs(rng, rows, C, offset=0.0):
@@ -90,12 +98,29 @@ def test_bn_train_forward(cp, ops, rng, rows, C, relu):
     x, gamma, beta = bn_inputs(rng, rows, C, offset=500.0)   # |mean| >> std
     ref = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
     got = [cp.asnumpy(a) for a in ops.bn_train_forward(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), 1e-5, relu)]
-    x64 = x.astype(np.float64)
-    assert rel_err(got[1], x64.mean(0)) < 1e-6
-    assert np.max(np.abs(got[2] - x64.var(0)) / x64.var(0)) < 1e-3
-    assert np.max(np.abs(got[2] - ref[2]) / ref[2]) < 1e-3
-    assert rel_err(got[3], ref[3]) < 1e-3
-    assert np.max(np.abs(got[0] - ref[0])) < 5e-3
+    want_y, want_mean, want_var = reference.bn_train_forward(x, gamma, beta, 1e-5, relu)
+    assert_close(got[1], want_mean, rtol=1e-6, atol=0)
+    assert_close(got[2], want_var, rtol=1e-3, atol=0)
+    assert_close(got[3], 1 / np.sqrt(want_var + 1e-5), rtol=1e-3, atol=0)
+    assert_close(got[0], want_y, rtol=0, atol=1e-2)      # |mean| = 500: x itself is rounded to 3e-5
+    assert_close(got[2], ref[2], rtol=1e-3, atol=0)
+    assert_close(got[3], ref[3], rtol=1e-3, atol=1e-3 * np.abs(ref[3]).max())
+    assert_close(got[0], ref[0], rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("rows,C", [(8 * 14 * 14, 64), (999, 3)])
+def test_bn_adds_eps_to_a_variance_close_to_it(cp, ops, rng, rows, C):
+    """Channel variances from 1e-8 to 1e-3 around eps (test_hostmath's case, on the kernels)."""
+    eps = 1e-5
+    x = (0.25 + rng.standard_normal((rows, C)) * np.logspace(-4, -1.5, C)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    beta = (0.1 * rng.standard_normal(C)).astype(np.float32)
+    y, mean, var, inv_std = ops.bn_train_forward(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), eps, False)
+    want_y, _, want_var = reference.bn_train_forward(x, gamma, beta, eps, False)
+    assert_close(cp.asnumpy(inv_std), 1 / np.sqrt(want_var + eps), rtol=1e-3, atol=0)
+    assert_close(cp.asnumpy(y), want_y, rtol=1e-3, atol=1e-3)
+    infer = ops.bn_infer_forward(*(cp.asarray(a) for a in (x, gamma, beta)), mean, var, eps, False)
+    assert_close(cp.asnumpy(infer), want_y, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("rows,C", [(8 * 28 * 28, 128), (1000, 5)])
@@ -105,11 +130,13 @@ def test_bn_backward(cp, ops, rng, rows, C, relu):
     dy = rng.standard_normal((rows, C)).astype(np.float32)
     y, mean, _, inv_std = hostmath.bn_train_forward(x, gamma, beta, 1e-5, relu)
     ref = hostmath.bn_backward(dy, x, y, gamma, mean, inv_std, relu)
+    want = reference.bn_backward(dy, x, y, gamma, mean, inv_std, relu)      # from the same statistics
     ddy = cp.asarray(dy)
     got = ops.bn_backward(ddy, *(cp.asarray(a) for a in (x, y, gamma, mean, inv_std)), relu, out=ddy)
     assert got[0] is ddy  # in place over dy, as the model asks
-    for g, r in zip(got, ref):
-        assert rel_err(cp.asnumpy(g), r) < 1e-4
+    for g, r, exact in zip(got, ref, want):
+        assert_close(cp.asnumpy(g), r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+        assert_close(cp.asnumpy(g), exact, rtol=1e-4, atol=2e-4 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize("C", [64, 6])
@@ -119,7 +146,10 @@ def test_bn_infer_forward(cp, ops, rng, C):
     var = rng.uniform(0.5, 2, C).astype(np.float32)
     ref = hostmath.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, True)
     got = ops.bn_infer_forward(*(cp.asarray(a) for a in (x, gamma, beta, mean, var)), 1e-5, True)
-    assert np.max(np.abs(cp.asnumpy(got) - ref)) < 1e-5 * max(1.0, np.max(np.abs(ref)))
+    scale = max(1.0, np.max(np.abs(ref)))
+    assert_close(cp.asnumpy(got), ref, rtol=0, atol=1e-5 * scale)
+    want = (x - mean.astype(np.float64)) / np.sqrt(var.astype(np.float64) + 1e-5) * gamma + beta
+    assert_close(cp.asnumpy(got), np.maximum(want, 0), rtol=1e-5, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3, 5])
@@ -157,7 +187,7 @@ def test_optimizer_on_gpu_matches_cpu(cp, rng):
         cpu.update(grads, 0, layout.slots[1].offset, coef=sched(it / 3), grad_scale=0.5)
         cpu.update(grads, layout.slots[1].offset, layout.total, coef=sched(it / 3), grad_scale=0.5)
         gpu.step(cp.asarray(grads), coef=sched(it / 3), grad_scale=0.5)
-    assert rel_err(cp.asnumpy(gpu_params), params) < 1e-6
+    assert_close(cp.asnumpy(gpu_params), params, rtol=1e-6, atol=1e-6 * np.abs(params).max())
     np.testing.assert_allclose(gpu.state_dict()["m"], cpu.state_dict()["m"], rtol=1e-5, atol=1e-12)
 
 
@@ -174,8 +204,9 @@ def test_bn_bf16_against_float64(cp, ops, rng, rows, C, relu):
     rmean, rvar = x.mean(0), x.var(0)
     ry = (x - rmean) / np.sqrt(rvar + 1e-5) * gamma + beta
     ry = np.maximum(ry, 0) if relu else ry
-    assert rel_err(cp.asnumpy(mean), rmean) < 1e-5 and np.max(np.abs(cp.asnumpy(var) - rvar) / rvar) < 1e-3
-    assert rel_err(cp.asnumpy(y).astype(np.float64), ry) < 2.0**-8
+    assert_close(cp.asnumpy(mean), rmean, rtol=1e-5, atol=1e-5 * np.abs(rmean).max())
+    assert_close(cp.asnumpy(var), rvar, rtol=1e-3, atol=0)
+    assert_close(cp.asnumpy(y).astype(np.float64), ry, rtol=2.0**-8, atol=2.0**-8 * np.abs(ry).max())
     dy = rng.standard_normal((rows, C)).astype(bf16)
     g = dy.astype(np.float64) * ((cp.asnumpy(y).astype(np.float64) > 0) if relu else 1)
     xhat = (x - cp.asnumpy(mean)) * cp.asnumpy(inv_std)
@@ -183,45 +214,14 @@ def test_bn_bf16_against_float64(cp, ops, rng, rows, C, relu):
     rdx = gamma * cp.asnumpy(inv_std) * (g - rdb / rows - xhat * rdg / rows)
     dx, dgamma, dbeta = ops.bn_backward(cp.asarray(dy), cp.asarray(x.astype(bf16)), y, cp.asarray(gamma), mean,
                                         inv_std, relu)
-    assert rel_err(cp.asnumpy(dbeta), rdb) < 1e-4 and rel_err(cp.asnumpy(dgamma), rdg) < 1e-4
-    assert rel_err(cp.asnumpy(dx).astype(np.float64), rdx) < 2.0**-8
+    assert_close(cp.asnumpy(dbeta), rdb, rtol=1e-4, atol=1e-4 * np.abs(rdb).max())
+    assert_close(cp.asnumpy(dgamma), rdg, rtol=1e-4, atol=1e-4 * np.abs(rdg).max())
+    assert_close(cp.asnumpy(dx).astype(np.float64), rdx, rtol=2.0**-8, atol=2.0**-8 * np.abs(rdx).max())
     yi = ops.bn_infer_forward(cp.asarray(x.astype(bf16)), cp.asarray(gamma), cp.asarray(beta), mean, var, 1e-5, relu)
-    assert rel_err(cp.asnumpy(yi).astype(np.float64), ry) < 2.0**-8
+    assert_close(cp.asnumpy(yi).astype(np.float64), ry, rtol=2.0**-8, atol=2.0**-8 * np.abs(ry).max())
 
 
-# ---- im2col, col2im, max pool, residual ----------------------------------------------------
-
-def _out_hw(h, w, k, s, p):
-    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
-def _windows_of(a, k, s, ho, wo):
-    return [(kh, kw, a[:, kh:kh + s * (ho - 1) + 1:s, kw:kw + s * (wo - 1) + 1:s, :])
-            for kh in range(k) for kw in range(k)]
-
-
-def _reference_im2col(x, k, s, p):
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    col = np.empty((x.shape[0], ho, wo, k, k, x.shape[3]))
-    for kh, kw, win in _windows_of(xpad, k, s, ho, wo):
-        col[:, :, :, kh, kw, :] = win
-    return col
-
-
-def _reference_scatter(parts, shape, k, s, p):
-    """sum over (kh, kw) of parts(kh, kw) at the input positions they cover, float64, and the
-    sum of their |values|."""
-    n, h, w, c = shape
-    ho, wo = _out_hw(h, w, k, s, p)
-    total, absum = np.zeros((n, h + 2 * p, w + 2 * p, c)), np.zeros((n, h + 2 * p, w + 2 * p, c))
-    for (kh, kw, t), (_, _, a) in zip(_windows_of(total, k, s, ho, wo), _windows_of(absum, k, s, ho, wo)):
-        part = parts(kh, kw)
-        t += part
-        a += np.abs(part)
-    return total[:, p:p + h, p:p + w], absum[:, p:p + h, p:p + w]
-
+# ---- im2col, col2im, max pool, the BN that ends a residual block ---------------------------
 
 def _on_device(cp, a, offset):
     """a copied to the device `offset` elements into a larger buffer (sliced ON the device, so
@@ -242,35 +242,21 @@ CONV_WINDOWS = [(8, 56, 56, 64, 3, 1, 1), (4, 224, 224, 3, 7, 2, 3), (8, 28, 28,
 @pytest.mark.parametrize("n,h,w,c,k,s,p", CONV_WINDOWS)
 def test_im2col_col2im(cp, ops, rng, n, h, w, c, k, s, p, bf16, offset):
     dtype = ops.BF16 if bf16 else np.float32
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     col = _on_device(cp, np.full((n, ho, wo, k, k, c), np.nan, dtype), offset)
     assert ops.im2col(_on_device(cp, x, offset), k, s, p, col) is col
     got = cp.asnumpy(col)
     assert np.array_equal(got.view(np.uint16 if bf16 else np.uint32),
-                          _reference_im2col(x, k, s, p).astype(dtype).view(np.uint16 if bf16 else np.uint32))
+                          reference.im2col(x, k, s, p).astype(dtype).view(np.uint16 if bf16 else np.uint32))
     dcol = rng.standard_normal(col.shape).astype(dtype)
     dx = _on_device(cp, np.full(x.shape, np.nan, dtype), offset)
     assert ops.col2im(_on_device(cp, dcol, offset), dx, s, p) is dx
-    ref, absum = _reference_scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
+    ref, absum = reference.scatter(lambda kh, kw: dcol[:, :, :, kh, kw, :].astype(np.float64), x.shape, k, s, p)
     bound = k * k * 2.0**-24 * absum + (2.0**-8 * np.abs(ref) if bf16 else 0) + 1e-37   # + FTZ
     assert np.all(np.abs(cp.asnumpy(dx).astype(np.float64) - ref) <= bound)
     if not bf16:
         np.testing.assert_array_equal(cp.asnumpy(col), hostmath.im2col(x, np.empty(col.shape, np.float32), k, s, p))
-
-
-def _reference_pool(x, k, s, p):
-    """y and the position kh*k + kw of each window's first max (engine.hostmath's rules, finite x)."""
-    x = np.asarray(x, np.float64)
-    ho, wo = _out_hw(x.shape[1], x.shape[2], k, s, p)
-    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-np.inf)
-    best = np.full((x.shape[0], ho, wo, x.shape[3]), -np.inf)
-    arg = np.full(best.shape, -1)
-    inside = np.pad(np.ones(x.shape, bool), ((0, 0), (p, p), (p, p), (0, 0)))
-    for (kh, kw, v), (_, _, ok) in zip(_windows_of(xpad, k, s, ho, wo), _windows_of(inside, k, s, ho, wo)):
-        take = ok & ((arg < 0) | (v > best))
-        best, arg = np.where(take, v, best), np.where(take, kh * k + kw, arg)
-    return best, arg
 
 
 @pytest.mark.parametrize("offset", [0, 1])
@@ -279,24 +265,24 @@ def _reference_pool(x, k, s, p):
 @pytest.mark.parametrize("n,h,w,c,k,s,p", [(8, 112, 112, 64, 3, 2, 1), (3, 15, 14, 5, 3, 2, 1), (2, 9, 9, 16, 2, 2, 0)])
 def test_maxpool(cp, ops, rng, n, h, w, c, k, s, p, bf16, ties, offset):
     dtype = ops.BF16 if bf16 else np.float32
-    ho, wo = _out_hw(h, w, k, s, p)
+    ho, wo = reference.out_hw(h, w, k, s, p)
     x = (rng.integers(-2, 3, (n, h, w, c)) if ties else rng.standard_normal((n, h, w, c))).astype(dtype)
     xd = _on_device(cp, x, offset)
     y = _on_device(cp, np.zeros((n, ho, wo, c), dtype), offset)
     assert ops.maxpool_forward(xd, y, k, s, p) is y
-    ref_y, arg = _reference_pool(x, k, s, p)
+    ref_y, arg = reference.maxpool(x, k, s, p)
     assert np.array_equal(cp.asnumpy(y).astype(np.float64), ref_y)
     dy = rng.standard_normal(y.shape).astype(dtype)
     dx = _on_device(cp, np.full(x.shape, np.nan, dtype), offset)
     assert ops.maxpool_backward(xd, _on_device(cp, dy, offset), dx, k, s, p) is dx
     dy64 = dy.astype(np.float64)
-    ref, absum = _reference_scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
+    ref, absum = reference.scatter(lambda kh, kw: np.where(arg == kh * k + kw, dy64, 0.0), x.shape, k, s, p)
     bound = (-(-k // s)) ** 2 * 2.0**-24 * absum + (2.0**-8 * np.abs(ref) if bf16 else 0) + 1e-37
     assert np.all(np.abs(cp.asnumpy(dx).astype(np.float64) - ref) <= bound)
     if not bf16:       # the CPU path, summing in the same order
         np.testing.assert_array_equal(cp.asnumpy(y), hostmath.maxpool_forward(x, np.empty(y.shape, np.float32), k, s, p))
         host_dx = hostmath.maxpool_backward(x, dy, np.empty_like(x), k, s, p)
-        assert rel_err(cp.asnumpy(dx), host_dx) < 1e-6
+        assert_close(cp.asnumpy(dx), host_dx, rtol=1e-6, atol=1e-6 * np.abs(host_dx).max())
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3])
@@ -312,7 +298,8 @@ def test_bn_residual_sum_and_gated_gradient(cp, ops, rng, bf16, offset):
     y, mean, var, inv_std = ops.bn_train_forward(xd, cp.asarray(gamma), cp.asarray(beta), 1e-5, True, residual=sd)
     x64 = x.astype(np.float64)
     ref = np.maximum((x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5) * gamma + beta + sc.astype(np.float64), 0)
-    assert rel_err(cp.asnumpy(y), ref) < (2.0**-8 if bf16 else 1e-5)
+    tol = 2.0**-8 if bf16 else 1e-5
+    assert_close(cp.asnumpy(y), ref, rtol=tol, atol=tol * np.abs(ref).max())
     dyd = _on_device(cp, dy, offset)
     ops.bn_backward(dyd, xd, y, cp.asarray(gamma), mean, inv_std, False, out=cp.empty_like(dyd), gate=True)
     keep = cp.asnumpy(y).astype(np.float32) > 0
@@ -330,7 +317,8 @@ def test_layers_run_the_fused_kernels_on_device_arrays(cp, rng):
     gpool, hpool = layers.MaxPool("p", gws), layers.MaxPool("p", hws)
     np.testing.assert_array_equal(gpool.forward(xd, True).get(), hpool.forward(x, True))
     dy = rng.standard_normal((4, 8, 8, 32)).astype(np.float32)
-    assert rel_err(gpool.backward(cp.asarray(dy)).get(), hpool.backward(dy)) < 1e-6
+    host_dx = hpool.backward(dy)
+    assert_close(gpool.backward(cp.asarray(dy)).get(), host_dx, rtol=1e-6, atol=1e-6 * np.abs(host_dx).max())
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "large"])

@@ -14,6 +14,7 @@ from engine.layers import BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool
 from engine.loss import softmax_cross_entropy
 from engine.parallel import Team
 from engine.workspace import Workspace
+from numerics import assert_close, norm_rel_err
 
 H = 1e-6
 TOL = 1e-6
@@ -26,14 +27,10 @@ def rng():
     return np.random.default_rng(seed)
 
 
-def rel_err(a, b):
-    return np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b))
-
-
-def bound(layer, rng):
+def bound(layer, rng, dtype=np.float64):
     """Give a parameterized layer its own flat buffers, filled at random."""
     layout = FlatLayout(layer.specs())
-    params, grads = layout.alloc(np, np.float64), layout.alloc(np, np.float64)
+    params, grads = layout.alloc(np, dtype), layout.alloc(np, dtype)
     params[...] = rng.standard_normal(layout.total)
     done = []
     layer.bind(layout, params, grads, done.append)
@@ -59,7 +56,7 @@ def numeric_grad(loss, v, rng, samples=60):
 
 def check(analytic, loss, v, rng):
     idx, num = numeric_grad(loss, v, rng)
-    err = rel_err(np.ravel(analytic)[idx], num)
+    err = norm_rel_err(np.ravel(analytic)[idx], num)
     assert err < TOL, err
 
 
@@ -80,7 +77,7 @@ def test_conv2d(rng, k, s, p, hw):
         for kw in range(k):
             patch = xpad[:, kh:kh + s * y.shape[1]:s, kw:kw + s * y.shape[2]:s, :][:, :y.shape[1], :y.shape[2]]
             ref += patch @ conv.weight[:, kh, kw, :].T      # OHWI: (Cout, KH, KW, Cin)
-    assert rel_err(y, ref) < 1e-12
+    assert_close(y, ref, rtol=1e-12, atol=1e-12)
     dx = conv.backward(r.copy())
     assert done == [conv]
     dw = conv.dweight.copy()
@@ -123,8 +120,9 @@ def test_batchnorm_train(rng, relu):
     x2d = x.reshape(-1, 5)
     mean, var = x2d.mean(0), x2d.var(0)
     ref = (x2d - mean) / np.sqrt(var + bn.eps) * bn.weight + bn.bias
-    assert rel_err(y.reshape(-1, 5), np.maximum(ref, 0) if relu else ref) < 1e-12
-    assert rel_err(bn.batch_mean, mean) < 1e-12 and rel_err(bn.batch_var, var) < 1e-12
+    assert_close(y.reshape(-1, 5), np.maximum(ref, 0) if relu else ref, rtol=1e-12, atol=1e-12)
+    assert_close(bn.batch_mean, mean, rtol=1e-12, atol=1e-12)
+    assert_close(bn.batch_var, var, rtol=1e-12, atol=0)
     assert bn.batch_count == 24
     np.testing.assert_array_equal(bn.eval_mean, bn.batch_mean)
     r = rng.standard_normal(y.shape)
@@ -135,6 +133,26 @@ def test_batchnorm_train(rng, relu):
     check(dx, loss, x, rng)
     check(dgamma, loss, bn.weight, rng)
     check(dbeta, loss, bn.bias, rng)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 1e-3)])
+def test_batchnorm_adds_eps_to_a_variance_close_to_it(rng, dtype, rtol):
+    """Channel variances from 1e-8 to 1e-3 around eps = 1e-5, against float64: a batch norm
+    that dropped eps (the NumPy expressions for float64, the C loops for float32) normalizes
+    the small ones to unit variance instead."""
+    ws = Workspace(np)
+    bn = BatchNorm("bn", ws, 16, relu=False)
+    bound(bn, rng, dtype)
+    x = (0.25 + rng.standard_normal((4, 5, 3, 16)) * np.logspace(-4, -1.5, 16)).astype(dtype)
+    y = bn.forward(x, train=True).reshape(-1, 16)
+    x2d = x.reshape(-1, 16).astype(np.float64)
+    mean, var = x2d.mean(0), x2d.var(0)
+    gamma, beta = bn.weight.astype(np.float64), bn.bias.astype(np.float64)
+    ref = (x2d - mean) / np.sqrt(var + bn.eps) * gamma + beta
+    assert_close(y, ref, rtol=rtol, atol=rtol * 0.1)
+    assert_close(bn.inv_std, 1 / np.sqrt(var + bn.eps), rtol=rtol, atol=0)
+    infer = bn.forward(x, train=False).reshape(-1, 16)
+    assert_close(infer, ref, rtol=rtol, atol=rtol * 0.1)
 
 
 def test_batchnorm_backward_keeps_dy_unless_consumed(rng):
@@ -157,7 +175,7 @@ def test_batchnorm_inference_uses_given_statistics(rng, relu):
     mean, var = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
     y = batchnorm.bn_infer_forward(x, gamma, beta, mean, var, 1e-5, relu)
     ref = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
-    assert rel_err(y, np.maximum(ref, 0) if relu else ref) < 1e-12
+    assert_close(y, np.maximum(ref, 0) if relu else ref, rtol=1e-12, atol=1e-12)
 
 
 def test_maxpool(rng):
@@ -216,7 +234,7 @@ def test_global_avg_pool_and_linear(rng):
     x = rng.standard_normal((3, 2, 5, 6))
     forward = lambda: fc.forward(pool.forward(x, train=True), train=True)
     y = forward()
-    assert rel_err(y, x.mean(axis=(1, 2)) @ fc.weight + fc.bias) < 1e-12
+    assert_close(y, x.mean(axis=(1, 2)) @ fc.weight + fc.bias, rtol=1e-12, atol=1e-12)
     r = rng.standard_normal(y.shape)
     dx = pool.backward(fc.backward(r.copy()))
     assert done == [fc]
@@ -248,7 +266,7 @@ def test_the_batchnorms_that_end_a_residual_block(rng, projection):
         v2d = v.reshape(-1, 5)
         return ((v2d - v2d.mean(0)) / np.sqrt(v2d.var(0) + bn.eps) * bn.weight + bn.bias).reshape(v.shape)
     y = forward()
-    assert rel_err(y, np.maximum(plain(x, bn3) + (plain(xs, bn_s) if projection else xs), 0)) < 1e-12
+    assert norm_rel_err(y, np.maximum(plain(x, bn3) + (plain(xs, bn_s) if projection else xs), 0)) < 1e-12
     r = rng.standard_normal(y.shape)
     assert (y == 0).any() and (y > 0).any()
     dy = r.copy()
@@ -320,4 +338,4 @@ def test_batchnorm_float32_path_matches_float64(rng, relu):
         dx = bn.backward(dy.astype(dtype))
         results[dtype] = (y, dx, grads.copy(), bn.batch_var.copy())
     for ref, got in zip(results[np.float64], results[np.float32]):
-        assert rel_err(got, ref) < 1e-5
+        assert norm_rel_err(got, ref) < 1e-5

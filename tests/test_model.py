@@ -266,18 +266,32 @@ def test_batchnorm_statistics_and_eval_mode(rng):
     assert np.allclose(model.forward(x, train=True), train_logits, rtol=1e-12, atol=1e-12)
 
 
-def test_zero_init_residual_makes_every_block_start_as_identity(rng):
-    model = build_model("resnet50", 4, CPU, zero_init_residual=True)
-    params = model.named_parameters()
+def _block_inputs_and_outputs(model, x):
+    """(input, output) of each residual block in one training forward."""
+    seen = []
     for block in model.blocks:
-        assert not np.any(params[f"{block.last_bn.name}.weight"])
-    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+        def recorded(h, train, _forward=block.forward):
+            y = _forward(h.copy(), train)
+            seen.append((h.copy(), y.copy()))
+            return y
+        block.forward = recorded
     model.forward(x, train=True)
-    for block in model.blocks:
-        if not block.downsample:
-            # relu(0 + x) with x the previous block's output (already >= 0) is x itself
-            assert np.all(block._y >= 0)
-    assert np.any(params["layer1.0.bn2.weight"] != 0)
+    return seen
+
+
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero_init_residual_makes_every_block_start_as_identity(rng, zero_init):
+    """With zero_init_residual, every block without a downsample passes its input through
+    unchanged (relu(0 + x) with x >= 0); without it, none does."""
+    model = build_model("resnet50", 4, CPU, zero_init_residual=zero_init)
+    params = model.named_parameters()
+    assert all(np.any(params[f"{block.last_bn.name}.weight"]) != zero_init for block in model.blocks)
+    assert np.all(params["layer1.0.bn2.weight"] != 0)
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    plain = [not block.downsample for block in model.blocks]
+    identity = [np.array_equal(h, y) for h, y in _block_inputs_and_outputs(model, x)]
+    assert sum(plain) > 0
+    assert [same for same, p in zip(identity, plain) if p] == [zero_init] * sum(plain)
 
 
 def test_state_dict_round_trip_through_npz(tmp_path, rng):

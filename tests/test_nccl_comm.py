@@ -18,6 +18,7 @@ import engine
 from engine.backend import Backend
 from engine.comm import NcclCommunicator
 from engine.guard import Watchdog
+from numerics import assert_close
 
 GREATEST, LEAST = -5, 0          # the stand-in device's stream priority range
 
@@ -111,17 +112,26 @@ class StandInCuda:
 
 
 class StandInNccl:
-    """engine.nccl: a one-rank communicator whose calls only log (device-bound) activity."""
+    """engine.nccl: a communicator whose calls log (device-bound) activity. Of one rank, an
+    all-reduce leaves recv as it is (the sum over one rank is send itself, and the tests
+    pass the same buffer); given `peers`, the buffers of the other ranks, it writes their
+    sum or mean with send into recv, as NCCL would."""
 
-    def __init__(self, cuda):
-        self.cuda = cuda
+    def __init__(self, cuda, peers=()):
+        self.cuda, self.peers = cuda, list(peers)
 
     def get_unique_id(self):
         return b"id"
 
     def NcclCommunicator(self, size, uid, rank):
-        cuda = self.cuda
-        return SimpleNamespace(all_reduce=lambda send, recv, op, stream: None,
+        assert size == 1 + len(self.peers) and rank == 0
+        cuda, peers = self.cuda, self.peers
+
+        def all_reduce(send, recv, op, stream):
+            if peers:
+                total = np.sum([np.asarray(send)] + peers, axis=0, dtype=np.float64)
+                recv[...] = total / size if op == "avg" else total
+        return SimpleNamespace(all_reduce=all_reduce,
                                broadcast=lambda send, recv, root, stream: None,
                                check_async_error=lambda: cuda.log("nccl async error"),
                                destroy=lambda: None, abort=lambda: None)
@@ -129,18 +139,21 @@ class StandInNccl:
 
 @pytest.fixture
 def gpu_comm(monkeypatch):
-    """make(device_id) -> (stand-in cuda, NcclCommunicator of one rank on that device),
-    the main thread bound to the device as engine.backend.get_backend binds it."""
+    """make(device_id, peers=()) -> (stand-in cuda, NcclCommunicator on that device: rank 0
+    of one rank, or of 1 + len(peers) ranks whose other buffers are `peers`), the main thread
+    bound to the device as engine.backend.get_backend binds it."""
     from mpi4py import MPI
     made = []
 
-    def make(device_id):
+    def make(device_id, peers=()):
         cuda = StandInCuda()
-        nccl = StandInNccl(cuda)
+        nccl = StandInNccl(cuda, peers)
         monkeypatch.setitem(sys.modules, "engine.nccl", nccl)
         monkeypatch.setattr(engine, "nccl", nccl, raising=False)
         cuda.Device(device_id).use()
-        comm = NcclCommunicator(Backend("gpu", SimpleNamespace(cuda=cuda), device_id), MPI.COMM_SELF)
+        world = MPI.COMM_SELF if not peers else SimpleNamespace(rank=0, size=1 + len(peers),
+                                                                bcast=lambda x, root=0: x)
+        comm = NcclCommunicator(Backend("gpu", SimpleNamespace(cuda=cuda), device_id), world)
         made.append(comm)
         return cuda, comm
     yield make
@@ -216,6 +229,21 @@ def test_concurrent_enqueue_and_progress_lose_no_work(gpu_comm):
     assert comm.progress()[:2] == (n, n - behind)
     cuda.completed = math.inf
     assert comm.progress() == (n, n, None)
+
+
+@pytest.mark.parametrize("op", ["sum", "avg"])
+def test_an_all_reduce_leaves_the_sum_or_mean_over_the_ranks_in_the_buffer(gpu_comm, op):
+    """Three ranks (two of them the stand-in's peers): the communicator reduces the buffer in
+    place with the op asked for. A copy, a broadcast, another op or a result left in a
+    temporary would each leave something else."""
+    rng = np.random.default_rng()
+    peers = [rng.standard_normal(64).astype(np.float32) for _ in range(2)]
+    _, comm = gpu_comm(device_id=0, peers=peers)
+    mine = rng.standard_normal(64).astype(np.float32)
+    buf = mine.copy().view(DeviceArray)
+    comm.allreduce_async(buf, op).wait()
+    total = mine.astype(np.float64) + peers[0] + peers[1]
+    assert_close(buf, total / 3 if op == "avg" else total, rtol=1e-6, atol=1e-6)
 
 
 def test_finished_works_are_dropped_without_a_watchdog(gpu_comm):

@@ -8,22 +8,18 @@ plain torch.nn (engine/torch_reference.py; torchvision is not a dependency).
 """
 import numpy as np
 import pytest
+import torch        # a test dependency (pyproject's test extra), never skipped for lack of it
 
 from engine.backend import get_backend
 from engine.loss import softmax_cross_entropy
 from engine.model import build_model
+from engine.torch_reference import TorchResNet, torch_twin
 from engine.torchvision_io import _to_torchvision, load_checkpoint
+from numerics import norm_rel_err
 
-torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
-from engine.torch_reference import TorchResNet, torch_twin  # noqa: E402  (needs torch)
 
 TOL = 1e-4
-
-
-def rel_err(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(ours - ref) / np.linalg.norm(ref)
 
 
 def _randomized_resnet50(seed, classes, dtype=np.float32, last_scale=(0.5, 1.5)):
@@ -79,10 +75,10 @@ def test_resnet50_float64_logits_and_every_gradient_match_torch():
     model64 = _randomized_resnet50(seed, classes, np.float64)
     logits, (loss, grads) = _ours(model64, x64, labels)
     t_logits, (t_loss, truth) = _torch(torch_twin(model64, torch.float64), x64, labels)
-    assert rel_err(logits, t_logits) < 1e-10
+    assert norm_rel_err(logits, t_logits) < 1e-10
     assert abs(loss - t_loss) < 1e-10 * abs(t_loss)
     assert set(grads) == set(truth)
-    errors = {k: rel_err(grads[k], truth[k]) for k in grads}
+    errors = {k: norm_rel_err(grads[k], truth[k]) for k in grads}
     worst = max(errors, key=errors.get)
     assert errors[worst] < 1e-9, (worst, errors[worst])
     # Evaluation mode: torch normalizes with running stats, which our export fills with
@@ -90,7 +86,7 @@ def test_resnet50_float64_logits_and_every_gradient_match_torch():
     net = torch_twin(model64, torch.float64).eval()
     with torch.no_grad():
         t_eval = net(torch.from_numpy(x64).permute(0, 3, 1, 2)).numpy()
-    assert rel_err(model64.forward(x64, train=False), t_eval) < 1e-10
+    assert norm_rel_err(model64.forward(x64, train=False), t_eval) < 1e-10
 
 
 def _pool_winners(y):
@@ -161,12 +157,12 @@ def test_resnet50_float32_logits_and_every_gradient_match_torch():
             break
     else:
         pytest.fail("40 draws in a row had a ReLU or pool branch that differs from torch's")
-    assert rel_err(logits, t_logits.detach().numpy()) < TOL
+    assert norm_rel_err(logits, t_logits.detach().numpy()) < TOL
     loss, grads = _ours_backward(model, logits, labels)
     t_loss, t_grads = _torch_backward(net, t_logits, labels)
     assert abs(loss - t_loss) < TOL * abs(t_loss)
     assert set(grads) == set(t_grads)
-    errors = {k: rel_err(grads[k], t_grads[k]) for k in grads}
+    errors = {k: norm_rel_err(grads[k], t_grads[k]) for k in grads}
     worst = max(errors, key=errors.get)
     print(f"float32 gradients against torch: worst {errors[worst]:.2e} ({worst}), "
           f"median {np.median(list(errors.values())):.2e}")
@@ -191,4 +187,4 @@ def test_checkpoint_from_torch_file_loads_and_round_trips(tmp_path):
     x = np.random.default_rng().standard_normal((2, 35, 41, 3)).astype(np.float32)  # odd sizes
     with torch.no_grad():
         ref = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-    assert rel_err(model.forward(x, train=False), ref) < TOL
+    assert norm_rel_err(model.forward(x, train=False), ref) < TOL
