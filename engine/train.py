@@ -290,6 +290,7 @@ class Trainer:
         self.stats = StepStats(be, comm)
         self.grad_scale = 1.0 / self.world      # the all-reduce sums; the update averages
         self.graphed = None
+        self._steps_run = self._evaluations = 0     # in this job (the first of each: _say_conv_notes)
         if a.cuda_graph:
             from engine.graph_step import GraphedStep
             if not be.is_gpu:
@@ -304,6 +305,7 @@ class Trainer:
         """--conv: the model's convolutions through cuDNN where asked for and possible."""
         from engine.backend import DeviceError
         a = self.args
+        self._conv_notes = []       # this rank's, said once per job by _say_conv_notes
         if a.conv == "cudnn" and not self.backend.is_gpu:
             raise DeviceError("--conv cudnn needs a GPU, and this job runs on the CPU (--device auto found "
                               "none)", collective=True)
@@ -315,12 +317,33 @@ class Trainer:
         except cudnn.CudnnMissing as e:
             if a.conv == "cudnn":
                 raise DeviceError(f"--conv cudnn: {e}") from None
-            self._warn(f"--conv auto: convolutions by im2col, cuDNN did not load ({str(e).splitlines()[0]})")
+            self._conv_notes.append(f"--conv auto: convolutions by im2col, cuDNN did not load "
+                                    f"({str(e).splitlines()[0]})")
             return
         convs = cudnn_conv.CudnnConvolutions(cudnn_conv.gpu_handle_factory(), a.precision,
                                              int(a.cudnn_workspace_mb * (1 << 20)), search=a.cudnn_search)
         for conv in self.model.convs:
-            conv.cudnn = (convs, self._warn)
+            conv.cudnn = (convs, self._conv_notes.append)
+
+    def _say_conv_notes(self) -> None:
+        """Every rank's notes on its convolutions (cuDNN missing, conv shapes that failed the
+        self-check and fell back to im2col), gathered and said by rank 0, one line per
+        distinct note with the ranks that had it. Collective: called after the job's first
+        training step and after its first evaluation, where every rank has seen every conv
+        shape of that phase (the self-check runs at a shape's first sight)."""
+        if self.args.conv == "im2col":
+            return
+        gathered = self.comm.world.allgather(list(self._conv_notes))
+        self._conv_notes.clear()
+        by_note = {}
+        for rank, notes in enumerate(gathered):
+            for note in notes:
+                by_note.setdefault(note, []).append(rank)
+        if self.rank == 0:
+            for note, ranks in by_note.items():
+                who = "every rank" if len(ranks) == self.world else f"rank{'s' * (len(ranks) > 1)} " + \
+                    ",".join(map(str, ranks))
+                print(f"engine.train: {note} ({who})", file=sys.stderr, flush=True)
 
     def _warn(self, message: str) -> None:
         print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)
@@ -488,8 +511,13 @@ class Trainer:
         """Enqueue one step on this rank's shard; returns its (mean loss, top-1 hits), both
         left on the device (see engine.stepstats for reading them)."""
         if self.graphed is not None:
-            return self.graphed(batch, coef)
-        return self._step(self.backend.asarray(batch.images), self.backend.asarray(batch.labels), coef)
+            out = self.graphed(batch, coef)
+        else:
+            out = self._step(self.backend.asarray(batch.images), self.backend.asarray(batch.labels), coef)
+        self._steps_run += 1
+        if self._steps_run == 1:
+            self._say_conv_notes()
+        return out
 
     def _step(self, images, labels, coef):
         """The step on a batch already on the device (what --cuda-graph captures)."""
@@ -520,6 +548,9 @@ class Trainer:
     def evaluate(self) -> dict:
         from engine.evaluate import evaluate
         r = evaluate(self.model, self.comm, self.val_loader, self.val_set, self.args.batch_per_rank, self.backend)
+        self._evaluations += 1
+        if self._evaluations == 1:
+            self._say_conv_notes()
         r.update(step=self.global_step, epoch=self.global_step / self.steps_per_epoch)
         self.progress.eval(r)
         return r

@@ -133,3 +133,26 @@ def test_conv_cudnn_on_a_job_that_found_no_gpu_is_an_error(tmp_path):
     argv = ["--conv", "cudnn", "--runs-dir", str(tmp_path), "--no-checkpoint", "--watchdog", "0"]
     with pytest.raises(DeviceError, match="--conv cudnn needs a GPU"):
         Trainer(parse_args(argv))
+
+
+def test_conv_notes_are_said_once_per_job_with_the_ranks_that_had_them(capsys):
+    """Each rank self-checks its own convolutions; what falls back is gathered and said by
+    rank 0 alone, one line per distinct note, naming its ranks (not a line per rank)."""
+    import types
+    from engine import train
+    notes = {0: ["shape A fell back"], 1: ["shape A fell back", "shape B fell back"], 2: [], 3: ["shape A fell back"]}
+    comm = types.SimpleNamespace(world=types.SimpleNamespace(allgather=lambda mine: [notes[r] for r in range(4)]))
+    for rank in (0, 1):
+        job = types.SimpleNamespace(args=types.SimpleNamespace(conv="cudnn"), rank=rank, world=4, comm=comm,
+                                    _conv_notes=list(notes[rank]))
+        train.Trainer._say_conv_notes(job)
+        assert job._conv_notes == []
+        err = capsys.readouterr().err.splitlines()
+        if rank == 0:
+            assert err == ["engine.train: shape A fell back (ranks 0,1,3)", "engine.train: shape B fell back (rank 1)"]
+        else:
+            assert err == []
+    every = types.SimpleNamespace(world=types.SimpleNamespace(allgather=lambda mine: [["cuDNN did not load"]] * 4))
+    train.Trainer._say_conv_notes(types.SimpleNamespace(args=types.SimpleNamespace(conv="auto"), rank=0, world=4,
+                                                        comm=every, _conv_notes=["cuDNN did not load"]))
+    assert capsys.readouterr().err == "engine.train: cuDNN did not load (every rank)\n"
