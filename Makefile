@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.pxi cs
 	@echo "== MPICH wheel, scikit-learn, Pillow, threadpoolctl), then compiling its C extensions"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off --upgrade pip
-	$(PY) -m pip install --progress-bar off -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --progress-bar off -e .
 	touch $(STAMP)
 	@echo "== ready: run the job with $(MPIEXEC) -n 2 $(PY) -m engine.train, or source $(VENV)/bin/activate first"
 
@@ -31,9 +31,10 @@ $(VENV)/.extra-%: $(STAMP) pyproject.toml
 venv: $(STAMP)
 
 # Rebuild the Cython extensions in place after editing csrc/ or engine/kernels/. Through pip,
-# as make venv builds them: Cython comes from the build requirements, not from the venv.
+# as make venv builds them: Cython comes from the build requirements, not from the venv. (The
+# filter drops setuptools' boxed caution that an editable install is one: it is meant to be.)
 build: $(STAMP)
-	$(PY) -m pip install -q --no-deps -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps -e .
 
 train: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m engine.train $(ARGS)
@@ -60,22 +61,28 @@ bench: $(VENV)/.extra-test $(VENV)/.extra-bench
 # extra, so it is installed before the device is probed; the probe exits non-zero with the
 # reason when no device is usable (no CuPy, no driver, a driver older than CuPy's runtime, ...).
 gpu-check: $(STAMP)
+	@echo "== installing the gpu, test and bench extras into $(VENV) (CuPy, NCCL, cuDNN, torch CPU: a few minutes)"
 	$(PY) -m pip install -q -e '.[gpu,test,bench]'
 	$(MAKE) --no-print-directory gpu-run
 
 # The GPU machines this project is lent reach no package index, but their image has CuPy (for
 # CUDA 13), NCCL, NumPy, Cython, pytest and torch in its python3. So: `make gpu-wheels` here
-# (the MPICH wheel, 13 MB, into .wheels/), carry .wheels with the tree, and run
-# `make gpu-check-offline` there: MPICH from the carried wheel, our extensions built in place
-# against the image's NumPy, then the same checks with the image's python3 (SYSPY).
+# (the MPICH wheel, 13 MB, and Cython's pure-Python wheel, for an interpreter without it, into
+# .wheels/), carry .wheels with the tree, and run `make gpu-check-offline` there: MPICH (and
+# Cython where missing) from the carried wheels INTO THAT INTERPRETER (SYSPY, the system
+# python3 by default), our extensions built in place against its NumPy, then the same checks.
 SYSPY    ?= python3
 WHEELS   ?= .wheels
 
 gpu-wheels:
 	$(PYTHON) -m pip download --no-deps -d $(WHEELS) mpich
+	$(PYTHON) -m pip download --no-deps -d $(WHEELS) --only-binary=:all: --platform any 'cython>=3.0'
 
 gpu-check-offline:
-	$(SYSPY) -m pip install --no-index --no-deps $(WHEELS)/mpich-*.whl
+	@$(SYSPY) -c "import importlib.util as u, sys; miss = [m for m in ('numpy', 'ml_dtypes', 'mpi4py', 'pytest', 'cupy') if u.find_spec(m) is None]; miss and sys.exit('gpu-check-offline: ' + sys.executable + ' has no ' + ', '.join(miss) + ' (the GPU image has them all; elsewhere run make gpu-check)')"
+	@echo "== installing MPICH (and Cython where it is missing) from $(WHEELS)/ into $$($(SYSPY) -c 'import sys; print(sys.executable)')"
+	$(SYSPY) -m pip install -q --no-index --no-deps $(WHEELS)/mpich-*.whl
+	$(SYSPY) -c "import Cython" 2>/dev/null || $(SYSPY) -m pip install -q --no-index --no-deps $(WHEELS)/cython-*.whl
 	$(SYSPY) setup.py -q build_ext --inplace
 	$(MAKE) --no-print-directory gpu-run PY=$(SYSPY) \
 	  MPIEXEC=$$($(SYSPY) -c "import os, sys; print(os.path.dirname(sys.executable))")/mpiexec

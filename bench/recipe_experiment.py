@@ -8,13 +8,15 @@ epochs, seeds, data order and initialization:
   recipe:   --optimizer hybrid --schedule paper  (RMSprop warm-up, slow-start)
   ablation: --optimizer sgd    --schedule paper  (slow-start alone, no RMSprop warm-up)
 
-and writes docs/recipe_experiment.png (validation top-1 and training loss per epoch) and
-docs/recipe_experiment.md (settings, the table, what the numbers say). Each run is
+and writes recipe_experiment.png (validation top-1 and training loss per epoch),
+recipe_experiment.md (settings, the table, what the numbers say) and the raw results
+recipe_experiment.json into --out: runs/recipe_experiment/ unless told otherwise, so a run
+never rewrites the copies in docs/ (pass --out docs to update them). Each run is
 `mpiexec -n NP python -m engine.train`; its metrics.jsonl is read back.
 
     python bench/recipe_experiment.py                  # about 5 minutes on 2 CPU cores
     python bench/recipe_experiment.py --seeds 0 1 2    # more seeds, more minutes
-    python bench/recipe_experiment.py --replot         # redraw from docs/recipe_experiment.json
+    python bench/recipe_experiment.py --replot --out docs   # redraw docs/ from its recipe_experiment.json
 """
 from __future__ import annotations
 
@@ -168,7 +170,9 @@ def main(argv=None):
     ap.add_argument("--batch-per-rank", type=int, default=256)
     ap.add_argument("--epochs", type=float, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "recipe_experiment",
+                    help="folder of the report, the figure and the raw results (default runs/recipe_experiment; "
+                         "docs to update the published copies)")
     ap.add_argument("--replot", action="store_true",
                     help="redraw the figure and the report from OUT/recipe_experiment.json, no training")
     args = ap.parse_args(argv)

@@ -326,6 +326,10 @@ def _check_one_rank_per_device(everyone) -> None:
 
 
 if __name__ == "__main__":     # make gpu-check: the device count, or why there is none (exit 1)
+    import argparse
+    argparse.ArgumentParser(prog="python -m engine.backend",
+                            description="Probe the CUDA devices this process can use: print how many, "
+                                        "or why there is none and exit 1 (what make gpu-check runs first).").parse_args()
     found = probe_gpus()
     if found.count == 0:
         sys.exit(f"gpu-check: no usable CUDA device: {found.reason}")

@@ -367,4 +367,7 @@ def _worker_main(ring_fd: int):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
+        sys.exit("engine.loader is not a command: engine.train starts it as a data-loader worker "
+                 "(python -m engine.loader FD)")
     _worker_main(int(sys.argv[1]))

@@ -352,8 +352,15 @@ def main(argv=None) -> int:
         for f in step_figures(load(argv[1])):
             print(format_figures(f))
         return 0
-    print("usage: python -m engine.trace merge OUT.json RANK0.json RANK1.json ...\n"
-          "       python -m engine.trace figures RANK.json", file=sys.stderr)
+    usage = ("usage: python -m engine.trace merge OUT.json RANK0.json RANK1.json ...\n"
+             "       python -m engine.trace figures RANK.json\n\n"
+             "merge: the per-rank traces of a --trace run into one file (chrome://tracing, Perfetto),\n"
+             "       the ranks' clocks lined up on their common sync mark;\n"
+             "figures: each step's compute, communication and exposed-communication times.")
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    print(usage, file=sys.stderr)
     return 2
 
 

@@ -40,6 +40,7 @@ def test_the_wheel_carries_every_kernel_source(wheel, tmp_path):
     assert {"optimizer_update.cu", "recipe_math.cuh"} <= set(KERNEL_FILES)
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [f for f in KERNEL_FILES if f"engine/kernels/{f}" not in names]
+    missing += [f for f in ("engine/simulate/__init__.py", "engine/simulate/__main__.py") if f not in names]
     assert not missing, f"{wheel.name} lacks {missing}"
     # The installed package finds them where the loader looks, away from the checkout.
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
