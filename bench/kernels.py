@@ -26,7 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import batchnorm, hostmath, kernel_check as kc, precision  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))      # its kernel_check
+import kernel_check as kc  # noqa: E402
+from engine import batchnorm, hostmath, precision  # noqa: E402
 from engine.parallel import Team  # noqa: E402
 
 HYPER = dict(eta=0.8, a_sgd=0.6, a_rms=0.3, mu1=0.9, mu2=0.99, eps=1e-8, wd=5e-4, gscale=1 / 64)

@@ -13,7 +13,7 @@ median over its timed steps, so a change in the machine's load hits all three al
     python bench/step.py --runs 224:1 --memory 4 8   # peak memory per image at 224 px
 
 --device gpu: the same step on one GPU, data synthetic and resident on the device (no
-loader): torch's torchvision resnet50 (engine.torch_reference.TorchResNet without
+loader): torch's torchvision resnet50 (tests/torch_reference.py TorchResNet without
 torchvision) in channels_last, in fp32, TF32 and AMP bf16 (torch.autocast bfloat16, float32
 weights, SGD momentum), against ours in --precision fp32 / tf32 / bf16 (the hybrid update
 over the flat buffers). All entries of a run are timed in turns with CUDA events after
@@ -76,6 +76,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 # our own step is unaffected by this setting (within noise).
 os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))      # its torch_reference
 
 import numpy as np  # noqa: E402
 
@@ -134,7 +135,7 @@ def torch_training_step(net, x, labels, precision="fp32"):
 
 def torch_step(size, batch, channels_last):
     import torch
-    from engine.torch_reference import TorchResNet
+    from torch_reference import TorchResNet
     torch.set_num_threads(ARGS.threads)
     torch.manual_seed(0)
     net = TorchResNet(ARGS.arch, CLASSES).train()
@@ -214,8 +215,8 @@ def torch_gpu_net():
         import torchvision
         net, source = getattr(torchvision.models, ARGS.arch)(num_classes=CLASSES), f"torchvision {torchvision.__version__}"
     except ImportError:
-        from engine.torch_reference import TorchResNet
-        net, source = TorchResNet(ARGS.arch, CLASSES), "engine.torch_reference.TorchResNet (no torchvision)"
+        from torch_reference import TorchResNet
+        net, source = TorchResNet(ARGS.arch, CLASSES), "tests/torch_reference.py TorchResNet (no torchvision)"
     return net.cuda().train().to(memory_format=torch.channels_last), source
 
 

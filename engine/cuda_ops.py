@@ -2,7 +2,7 @@
 
 Each engine/kernels/*.cu file is compiled once per process by `cupy.RawModule` with NVRTC and
 the fixed option tuple NVRTC_OPTIONS, to which CuPy adds its own (include dirs, -ftz=true,
--arch; engine.kernel_check compiles with exactly that assembly, for sm_70/sm_80/sm_90, in the
+-arch; tests/kernel_check.py compiles with exactly that assembly, for sm_70/sm_80/sm_90, in the
 normal test suite). CuPy is imported lazily: this module imports, and its launchers can be
 inspected, without CuPy.
 
@@ -66,7 +66,7 @@ _functions: dict = {}    # (device, file name, kernel) -> its cupy Function, fet
 
 
 def kernel_source(filename: str) -> str:
-    """The code handed to NVRTC for engine/kernels/<filename> (engine.kernel_check compiles this too).
+    """The code handed to NVRTC for engine/kernels/<filename> (tests/kernel_check.py compiles this too).
 
     CuPy's kernel cache keys on the code and the options, not on included files: the digest
     of the shared headers, appended as a comment, makes an edited header a new cache entry."""

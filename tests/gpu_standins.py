@@ -643,8 +643,8 @@ def counted_launch(filename, kernel, grid, block, args):
 
 def emulated_launch(filename, kernel, grid, block, args):
     """engine.cuda_ops._launch that logs one launch and runs the unchanged .cu on the host
-    (engine.kernel_emulation), at capture and at every replay."""
-    from engine import kernel_emulation
+    (tests/kernel_emulation.py), at capture and at every replay."""
+    import kernel_emulation
     host_args = tuple(_np(a) for a in args)
 
     def run():

@@ -1,6 +1,6 @@
 """--cuda-graph on the stand-in CuPy of tests/gpu_standins.py, whose Graph replays the
 logged operations on the same buffers, and whose kernels are the unchanged .cu files run on
-the host (engine.kernel_emulation): a graph that missed an operation, captured a host value
+the host (tests/kernel_emulation.py): a graph that missed an operation, captured a host value
 that changes per step, or read a buffer that was reallocated would train differently."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The CUDA kernels executed on the host (engine.kernel_emulation), through the real launchers.
+"""The CUDA kernels executed on the host (tests/kernel_emulation.py), through the real launchers.
 
 engine/cuda_ops.py's launchers run unchanged with `_launch` replaced by the emulated one, on
 NumPy buffers placed at chosen offsets from a 64-byte boundary, between guard bytes that a
@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from engine import batchnorm, conv, cuda_ops, hostmath, kernel_check, kernel_emulation, precision
+import kernel_check
+import kernel_emulation
+from engine import batchnorm, conv, cuda_ops, hostmath, precision
 from engine.layers import MaxPool
 from engine.workspace import Workspace
 
@@ -652,8 +655,10 @@ def _fault(tmp_path, source, kernel, args):
     cu = tmp_path / "fault.cu"
     cu.write_text(source)
     script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        import kernel_emulation
         import numpy as np
-        from engine import kernel_emulation
         raw = np.zeros(256, np.uint8)
         def at(offset, dtype):
             start = -raw.ctypes.data % 64 + offset

@@ -8,7 +8,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from engine import cuda_ops, kernel_check as kc
+import kernel_check as kc
+from engine import cuda_ops
 
 FILES = kc.kernel_files()
 ALL_SIGNATURES = {name: params for f in FILES for name, params in kc.kernel_signatures(f.read_text()).items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine import cuda_ops
-from engine.kernel_check import cupy_options
+from kernel_check import cupy_options
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_FILES = sorted(p.name for p in cuda_ops.KERNELS_DIR.iterdir() if p.suffix in (".cu", ".cuh"))

@@ -109,7 +109,7 @@ def test_bench_kernels_without_the_nvidia_wheels_names_what_to_install(monkeypat
     import ctypes.util
     import importlib.util
 
-    from engine import kernel_check
+    import kernel_check
     real = importlib.util.find_spec
 
     def find_spec(name, *a):

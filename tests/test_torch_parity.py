@@ -4,7 +4,7 @@ Errors are norm-wise per tensor: |ours - ref| / |ref| (Frobenius norms). In floa
 logit and gradient matches torch's to 1e-9. In float32 every logit and every parameter
 gradient matches torch's float32 ones to 1e-4, on problems where the two forwards take the
 same branch at every ReLU and max pool (see the float32 test). The reference network is
-plain torch.nn (engine/torch_reference.py; torchvision is not a dependency).
+plain torch.nn (tests/torch_reference.py; torchvision is not a dependency).
 """
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ import torch        # a test dependency (pyproject's test extra), never skipped 
 from engine.backend import get_backend
 from engine.loss import softmax_cross_entropy
 from engine.model import build_model
-from engine.torch_reference import TorchResNet, torch_twin
+from torch_reference import TorchResNet, torch_twin
 from engine.torchvision_io import _to_torchvision, load_checkpoint
 from numerics import norm_rel_err
 

@@ -8,7 +8,7 @@ Each .cu file becomes one shared library, built with g++ and OpenMP (one team of
 block, blocks in turn) and `-fsanitize=alignment -fno-sanitize-recover`, so a float4, uint2
 or uchar4 access at an address the GPU would refuse aborts the process as a GPU's
 "misaligned address" fault ends a job. The entry point of each kernel, `emu_<kernel>(grid,
-block, args)`, is generated from the signature engine.kernel_check parses: `args` holds one
+block, args)`, is generated from the signature kernel_check (tests/kernel_check.py) parses: `args` holds one
 pointer per parameter to its value, as cuLaunchKernel takes them. Arrays go in at their real
 addresses (a slice at an odd offset stays misaligned), NumPy scalars as the C type of their
 parameter, None as a null pointer.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import cuda_ops
-from engine.kernel_check import C_TO_NUMPY, check_launch_args, kernel_signatures
+from kernel_check import C_TO_NUMPY, check_launch_args, kernel_signatures
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "csrc" / "cuda_host_shim.h"

@@ -33,7 +33,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .cuda_ops import KERNELS_DIR, NVRTC_OPTIONS, kernel_source
+from engine.cuda_ops import KERNELS_DIR, NVRTC_OPTIONS, kernel_source
 
 ARCHS = ("sm_70", "sm_80", "sm_90")
 PTXAS_VERBOSE = "--ptxas-options=-v"
@@ -127,7 +127,7 @@ def compile_kernel_file(path, arch: str, extra=()) -> Compiled:
 # architecture ("-arch=sm_XX": a cubin, for architectures this NVRTC knows) and, RawModule
 # not using Jitify, "--device-as-default-execution-space". NVRTC takes the LAST of two
 # conflicting options, so an "-ftz=false" of ours cannot undo CuPy's "-ftz=true".
-_OPTIONS_PROBE = "// engine.kernel_check: capture CuPy's NVRTC options\n"
+_OPTIONS_PROBE = "// kernel_check: capture CuPy's NVRTC options\n"
 
 
 class _Captured(Exception):
@@ -170,7 +170,7 @@ def cupy_options(arch: str) -> tuple:
         compiler._get_arch_for_options_for_nvrtc = arch_option
     if len(seen) != 1:
         raise RuntimeError(f"CuPy's compile path did not reach NVRTC for the options probe ({len(seen)} calls): "
-                           "engine.kernel_check does not know this CuPy version")
+                           "tests/kernel_check.py does not know this CuPy version")
     return seen[0]
 
 
