@@ -41,7 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# As the job does (engine/train.py): OpenBLAS's workers sleep at once after a GEMM instead of
+# spinning on the cores the next layer's work is split over; read when NumPy loads.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -9,8 +9,8 @@ NumPy's copies and ufuncs do, and so do engine.hostmath's loops.
 
 Workers wait on a lock: they sleep between operations and take no core from the BLAS.
 The BLAS's own workers are the other way round: OpenBLAS's spin for a while after each
-GEMM, on the cores a Team wants next, unless OPENBLAS_THREAD_TIMEOUT is small. engine's
-__init__ sets it (when it runs before NumPy is imported).
+GEMM, on the cores a Team wants next, unless OPENBLAS_THREAD_TIMEOUT is small: the job
+(python -m engine.train) and the benchmarks set it before NumPy loads.
 """
 from __future__ import annotations
 
