@@ -12,7 +12,7 @@ PYTEST   := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: venv build train test test-fast bench gpu-check gpu-wheels gpu-check-offline gpu-run gpu-first-contact clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.pxi csrc/*.h engine/kernels/*)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.pxi csrc/*.h kernels/*)
 	@echo "== creating $(VENV) and installing the engine with its core dependencies (numpy, mpi4py, the"
 	@echo "== MPICH wheel, scikit-learn, Pillow, threadpoolctl), then compiling its C extensions"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(VENV)/.extra-%: $(STAMP) pyproject.toml
 
 venv: $(STAMP)
 
-# Rebuild the Cython extensions in place after editing csrc/ or engine/kernels/. Through pip,
+# Rebuild the Cython extensions in place after editing csrc/ or kernels/. Through pip,
 # as make venv builds them: Cython comes from the build requirements, not from the venv. (The
 # filter drops setuptools' boxed caution that an editable install is one: it is meant to be.)
 build: $(STAMP)

@@ -1,6 +1,6 @@
 """Builds the Cython extensions in csrc/ into the engine package.
 
-Every csrc/<name>.pyx becomes engine.<name>; engine/kernels/ is on the include path so the
+Every csrc/<name>.pyx becomes engine.<name>; kernels/ is on the include path so the
 host build compiles exactly the __host__ __device__ headers that NVRTC compiles.
 """
 from pathlib import Path
@@ -29,7 +29,7 @@ def extensions():
         exts.append(Extension(
             f"engine.{pyx.stem}",
             [str(pyx.relative_to(HERE))],
-            include_dirs=["csrc", "engine/kernels", numpy.get_include()],
+            include_dirs=["csrc", "kernels", numpy.get_include()],
             extra_compile_args=["-O3", f"-march={march()}", "-fno-math-errno"],
             libraries=["dl"],
         ))

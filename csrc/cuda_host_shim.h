@@ -1,4 +1,4 @@
-/* CUDA C++ as host C++: enough of the language for the .cu files of engine/kernels to compile unchanged
+/* CUDA C++ as host C++: enough of the language for the .cu files of kernels to compile unchanged
  * with g++ and run on the CPU (engine/kernel_emulation.py force-includes this header).
  *
  * Execution model: the blocks of a grid run one after another; the threads of one block run

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""engine.hostmath: the host build of engine/kernels/recipe_math.cuh, the CPU twin of every kernel.
+"""engine.hostmath: the host build of kernels/recipe_math.cuh, the CPU twin of every kernel.
 
 The same __host__ __device__ header that NVRTC compiles into the CUDA kernels is compiled
 here by the host C compiler, so the CPU path and the GPU path run one formula. Every

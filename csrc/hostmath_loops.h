@@ -1,4 +1,4 @@
-/* Host loops over the per-element math of engine/kernels/recipe_math.cuh (the CPU path).
+/* Host loops over the per-element math of kernels/recipe_math.cuh (the CPU path).
  *
  * Each loop is the host twin of one CUDA kernel: same formulas, same order of operations
  * per element. The loops are branch-free over restrict pointers so that the C compiler

@@ -20,7 +20,7 @@ their BN passes (the ReLU gradient in the reduce kernel); the host paths below r
 separate residual passes (engine.hostmath's add_relu_/relu_grad_, the same float32 math)
 around the plain BN. The code below is generic in the array module (NumPy or CuPy); float32
 NumPy arrays go to engine.hostmath instead: the host build of the same per-element math as
-the CUDA kernels (engine/kernels/recipe_math.cuh), one fused C loop per pass, sums in float64,
+the CUDA kernels (kernels/recipe_math.cuh), one fused C loop per pass, sums in float64,
 2-5x faster than the NumPy passes.
 
 Each function also takes an optional keyword `out`: a preallocated (N*H*W, C) array that

@@ -19,7 +19,7 @@ Each copy is split over images with the workspace's Team (engine.parallel), so o
 CPU it runs on as many cores as the GEMM next to it.
 
 For float32 and bfloat16 CuPy arrays each direction is ONE fused kernel launch
-(engine/kernels/im2col.cu through engine.cuda_ops): im2col reads the unpadded input,
+(kernels/im2col.cu through engine.cuda_ops): im2col reads the unpadded input,
 16 bytes per thread where C allows; col2im is a gather, one thread per input element
 summing its patch gradients in float32, deterministic and without atomics. The code
 below (padded copy, strided views, K*K shifted accumulations) serves float64 (NumPy or

@@ -1,6 +1,6 @@
 """Fused CUDA kernels of the recipe: loader and launchers (CuPy, NVRTC).
 
-Each engine/kernels/*.cu file is compiled once per process by `cupy.RawModule` with NVRTC and
+Each kernels/*.cu file is compiled once per process by `cupy.RawModule` with NVRTC and
 the fixed option tuple NVRTC_OPTIONS, to which CuPy adds its own (include dirs, -ftz=true,
 -arch; tests/kernel_check.py compiles with exactly that assembly, for sm_70/sm_80/sm_90, in the
 normal test suite). CuPy is imported lazily: this module imports, and its launchers can be
@@ -45,7 +45,10 @@ import numpy as np
 
 from engine.backend import array_module, device_of
 
-KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+# The CUDA sources: kernels/ at the top of the source tree, engine/kernels where a wheel
+# installed them (pyproject.toml maps that package's data to the top-level folder).
+_HERE = Path(__file__).resolve().parent
+KERNELS_DIR = _HERE / "kernels" if (_HERE / "kernels").is_dir() else _HERE.parent / "kernels"
 
 # The one option tuple of every kernel compile. No fast math: sqrtf and division stay
 # correctly rounded, as in the host build the CPU path uses. CuPy appends -ftz=true after
@@ -55,7 +58,7 @@ NVRTC_OPTIONS = ("--std=c++17", f"--include-path={KERNELS_DIR}")
 
 THREADS = 256
 MAX_BLOCKS = 4096               # grid-stride loops cover the rest
-BN_BLOCK = (32, 8)              # RM_BN_TX, RM_BN_TY of engine/kernels/recipe_math.cuh
+BN_BLOCK = (32, 8)              # RM_BN_TX, RM_BN_TY of kernels/recipe_math.cuh
 BN_ROWS_PER_THREAD = 32         # rows a reduction thread walks before another block row pays off
 BN_MAX_BLOCKS = 1024
 
@@ -66,12 +69,12 @@ _functions: dict = {}    # (device, file name, kernel) -> its cupy Function, fet
 
 
 def kernel_source(filename: str) -> str:
-    """The code handed to NVRTC for engine/kernels/<filename> (tests/kernel_check.py compiles this too).
+    """The code handed to NVRTC for kernels/<filename> (tests/kernel_check.py compiles this too).
 
     CuPy's kernel cache keys on the code and the options, not on included files: the digest
     of the shared headers, appended as a comment, makes an edited header a new cache entry."""
     digest = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(KERNELS_DIR.glob("*.cuh")))).hexdigest()
-    return (KERNELS_DIR / filename).read_text() + f"\n// engine/kernels/*.cuh sha256 {digest}\n"
+    return (KERNELS_DIR / filename).read_text() + f"\n// kernels/*.cuh sha256 {digest}\n"
 
 
 def _module(filename: str):
@@ -423,7 +426,7 @@ def maxpool_backward(x, dy, dx, k, s, p):
 
 # ---- loss ----------------------------------------------------------------------------
 
-XENT_MAX_THREADS = 256          # SOFTMAX_XENT_THREADS of engine/kernels/softmax_xent.cu
+XENT_MAX_THREADS = 256          # SOFTMAX_XENT_THREADS of kernels/softmax_xent.cu
 
 
 def _xent_block(items: int) -> tuple:

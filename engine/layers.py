@@ -295,7 +295,7 @@ class MaxPool(Layer):
     float32 NumPy arrays go through engine.hostmath's C loops: one pass over the input each
     way, the argmax found again in backward from the kept input (at 112x112x64, batch 8:
     forward 15.7 -> 2.6 ms, backward 43.6 -> 6.6 ms). float32 and bfloat16 CuPy arrays take
-    one fused kernel launch each way (engine/kernels/maxpool.cu, same rules; backward a
+    one fused kernel launch each way (kernels/maxpool.cu, same rules; backward a
     gather summing in float32). Elsewhere (float64, bfloat16 NumPy) it works on the K*K
     shifted strided views of the -inf-padded input, one elementwise pass each, rather than
     on an im2col patch array: that would be K*K times the input's size, written and read

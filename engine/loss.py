@@ -5,7 +5,7 @@ q = (1 - e) * onehot(c) + e / K (PyTorch's definition), and
     loss = mean over the batch of  -sum_k q_k log softmax(z)_k,
     dloss/dz = (softmax(z) - q) / N.
 
-float32 device (CuPy) logits take the fused kernels of engine/kernels/softmax_xent.cu
+float32 device (CuPy) logits take the fused kernels of kernels/softmax_xent.cu
 (engine.cuda_ops.softmax_xent: two launches for the loss, dlogits and the top-1 hits);
 anything else (NumPy, float64 or bfloat16 device logits) the xp code below. A label outside
 [0, K) gives the fused path a NaN loss (and NaN gradient row) instead of an IndexError.

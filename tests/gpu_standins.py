@@ -26,7 +26,7 @@ What one logged op stands for, modelled on CuPy 14's implementation (cupy/_core)
   fill         a scalar setitem, fill(), zeros/ones
   gather/scatter  advanced-index getitem/setitem (CuPy: at least one kernel; counted as one)
   h2d, d2h     transfers (asarray of host data, .set(), .get(), asnumpy)
-  kernel       one engine.cuda_ops._launch (the fused kernels of engine/kernels/)
+  kernel       one engine.cuda_ops._launch (the fused kernels of kernels/)
   nccl         one collective on the stand-in NCCL communicator
   event        an event record or a stream waiting on an event
   sync         the host waits for the device: float(), int(), bool(), an index, .item(),

@@ -114,7 +114,7 @@ class Compiled:
 
 
 def compile_kernel_file(path, arch: str, extra=()) -> Compiled:
-    """Compile one engine/kernels/*.cu file as the loader does (its source text, its options) for `arch`."""
+    """Compile one kernels/*.cu file as the loader does (its source text, its options) for `arch`."""
     name = Path(path).name
     return compile_source(kernel_source(name), name, arch, extra)
 

@@ -1,4 +1,4 @@
-"""The CUDA kernels run on the host: engine/kernels/*.cu compiled unchanged as C++ against
+"""The CUDA kernels run on the host: kernels/*.cu compiled unchanged as C++ against
 csrc/cuda_host_shim.h, driven by the real launchers of engine.cuda_ops on NumPy buffers.
 
     emulated_launch(filename, kernel, grid, block, args)   # a drop-in for cuda_ops._launch
@@ -132,7 +132,7 @@ def _dims(name: str, dims: tuple, limits: tuple) -> tuple:
 
 
 def emulated_launch(filename: str, kernel: str, grid: tuple, block: tuple, args: tuple) -> None:
-    """Run `kernel` of engine/kernels/<filename> on the host, as cuda_ops._launch runs it on a GPU."""
+    """Run `kernel` of kernels/<filename> on the host, as cuda_ops._launch runs it on a GPU."""
     launch(cuda_ops.KERNELS_DIR / filename, kernel, grid, block, args)
 
 

@@ -1,7 +1,7 @@
 """The kernels' computations in float64 NumPy: the references that engine.hostmath
 (tests/test_hostmath.py), the emulated kernels (tests/test_kernels_emulated.py) and the CUDA
 kernels (tests/test_kernels_gpu.py) are checked against, written independently of
-engine/kernels/recipe_math.cuh, which all three share. (The loss has its own, with its error
+kernels/recipe_math.cuh, which all three share. (The loss has its own, with its error
 bounds: tests/softmax_xent_reference.py.)"""
 import numpy as np
 

@@ -1,5 +1,5 @@
 """The float64 reference and the float32 error bounds of the fused softmax cross-entropy
-(engine/kernels/softmax_xent.cu), shared by the emulated tier (tests/test_kernels_emulated.py)
+(kernels/softmax_xent.cu), shared by the emulated tier (tests/test_kernels_emulated.py)
 and the GPU tier (tests/test_kernels_gpu.py).
 
 Error bounds, u = 2**-24 (float32's unit roundoff), first order, for a row with shifted logits

@@ -1,4 +1,4 @@
-"""engine.hostmath (the host build of engine/kernels/recipe_math.cuh) against plain float64 NumPy."""
+"""engine.hostmath (the host build of kernels/recipe_math.cuh) against plain float64 NumPy."""
 import numpy as np
 import pytest
 

@@ -1,6 +1,6 @@
 """Each CUDA kernel against float64 NumPy (tests/kernel_reference.py, or a reference of its
 own) and against its CPU path (engine.hostmath, engine.precision); needs a GPU. The CPU path
-is built from the same header (engine/kernels/recipe_math.cuh), so agreeing with it alone
+is built from the same header (kernels/recipe_math.cuh), so agreeing with it alone
 would not show a bug they share.
 
 Skipped without a device; `make gpu-check` runs them where there is one.

@@ -69,7 +69,7 @@ def test_each_layer_launches_only_its_fused_kernels_and_gemms(step):
 
 
 def test_the_loss_and_top1_are_two_fused_launches(step):
-    """engine/kernels/softmax_xent.cu: rows, then the batch sums; allocated are only dlogits
+    """kernels/softmax_xent.cu: rows, then the batch sums; allocated are only dlogits
     and the buffer of the loss, the hit count and the per-row partials. The step itself
     (train) only copies the batch in: the top-1 count comes with the loss."""
     _, ops = step

@@ -26,7 +26,7 @@ def wheel(tmp_path_factory):
     src.mkdir()
     for name in ("pyproject.toml", "setup.py"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("csrc", "engine"):
+    for name in ("csrc", "engine", "kernels"):
         shutil.copytree(ROOT / name, src / name, ignore=BUILD_LEFTOVERS)
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                           "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
