@@ -93,13 +93,14 @@ def check_writable(directory: str, option: str) -> None:
         raise RunDirError(f"{option} {directory}: cannot write there ({e.strerror or e})") from None
 
 
-def check_room(directory: str, need_bytes: int, option: str) -> None:
-    """Refuse a directory with less free space than `need_bytes` (one more checkpoint)."""
+def check_room(directory: str, need_bytes: int, option: str, what: str = "a checkpoint needs") -> None:
+    """Refuse a directory with less free space than `need_bytes` (`what`: who needs them)."""
     st = os.statvfs(directory)
     free = st.f_bavail * st.f_frsize
     if free < need_bytes:
-        raise RunDirError(f"{option} {directory}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
-                          f"{need_bytes / 2**20:.0f} MiB; free some space or choose another directory")
+        raise RunDirError(f"{option} {directory}: {free / 2**20:.0f} MiB free, {what} about "
+                          f"{need_bytes / 2**20:.0f} MiB; free some space, lower --keep-checkpoints or choose "
+                          f"another directory")
 
 
 def is_environment_error(exc: BaseException) -> bool:

@@ -289,6 +289,8 @@ class Trainer:
                                  resume_step=self.resume_from and self.resume_from["step"], mode=a.progress)
         self.global_step = self.saved_step = 0
         self.saved_path, self.save_failing, self.stopped_by, self.exit_status = None, False, 0, 0
+        self.save_error = None          # why the newest save failed, while saves fail
+        self.bn_synced_at = -1          # the global step whose BN statistics were last all-reduced
         self.control = StepControl(MPI.COMM_WORLD, signals or StopSignals(), 60 * a.checkpoint_minutes)
         self.stats = StepStats(be, comm)
         self.grad_scale = 1.0 / self.world      # the all-reduce sums; the update averages
@@ -356,12 +358,28 @@ class Trainer:
 
     # ---- run directory and checkpoints ---------------------------------------------------------
 
-    def _settings(self, world_size: int) -> dict:
-        """The options that define a run: a resubmittable job's default name is made from them."""
+    def _settings(self, world_size: int, legacy: bool = False) -> dict:
+        """The options that define a run: a resubmittable job's default name is made from them.
+        The global batch, not ranks x images per rank: a job resubmitted at another rank count
+        with the same global batch finds its run. legacy: the settings names were made of
+        before issue 20 (ranks and images per rank), to find a run started then."""
         a = self.args
-        keys = ("arch", "dataset", "data", "image_size", "batch_per_rank", "seed", "epochs", "schedule",
+        keys = ("arch", "dataset", "data", "image_size", "seed", "epochs", "schedule",
                 "optimizer", "lr", "eta_rms", "momentum", "weight_decay", "label_smoothing")
-        return dict({k: getattr(a, k) for k in keys}, world_size=world_size)
+        if legacy:
+            return dict({k: getattr(a, k) for k in keys}, batch_per_rank=a.batch_per_rank, world_size=world_size)
+        return dict({k: getattr(a, k) for k in keys}, global_batch=a.batch_per_rank * world_size)
+
+    def _default_run_name(self, world_size: int) -> str:
+        from engine import rundir
+        if self.args.resume != "auto":
+            return rundir.default_run_name(None)
+        name = rundir.default_run_name(self._settings(world_size))
+        legacy = rundir.default_run_name(self._settings(world_size, legacy=True))
+        runs = self.args.runs_dir
+        if not os.path.exists(os.path.join(runs, name)) and os.path.isdir(os.path.join(runs, legacy)):
+            return legacy
+        return name
 
     def _prepare_run_dir(self, world) -> None:
         """Rank 0 names the run, locks its directories, checks they are writable and removes
@@ -370,7 +388,7 @@ class Trainer:
         a = self.args
 
         def decide():
-            name = a.run_name or rundir.default_run_name(self._settings(world.size) if a.resume == "auto" else None)
+            name = a.run_name or self._default_run_name(world.size)
             run_dir = os.path.join(a.runs_dir, name)
             if not (a.log_dir and (a.checkpoint_dir or a.no_checkpoint)) and not a.run_name and a.resume != "auto":
                 run_dir = rundir.claim_new(a.runs_dir, name)
@@ -398,40 +416,71 @@ class Trainer:
 
         def decide():
             found = [] if a.no_checkpoint else checkpoint.list_checkpoints(a.checkpoint_dir)
-            if not a.no_checkpoint:     # parameters, two optimizer buffers, a little header
-                rundir.check_room(a.checkpoint_dir, 3 * self.model.params.nbytes + 2**20, "--checkpoint-dir")
+            mine = checkpoint.of_run(found, self._run_identity())
+            if not a.no_checkpoint:
+                # The run's saves need room for --keep-checkpoints of them, plus the next one
+                # while it is written (older ones are pruned only after it is durable).
+                room = max(1, a.keep_checkpoints + 1 - len(mine))
+                rundir.check_room(a.checkpoint_dir, room * self.checkpoint_bytes(), "--checkpoint-dir",
+                                  f"{room} checkpoint(s) (--keep-checkpoints {a.keep_checkpoints} and the next save "
+                                  f"while it is written) need")
             if a.resume == "auto":
                 source = a.checkpoint_dir if found else None
             else:
                 source = a.resume
             if source is None:
-                mine = checkpoint.of_run(found, self._run_identity())
                 if mine:
                     raise rundir.Refused(f"{a.checkpoint_dir} already holds checkpoints of this run (newest "
                                          f"{mine[-1]}): continue it with --resume auto, or start another run "
                                          f"with another --run-name")
                 return None
-            path, _, meta, skipped = checkpoint.newest_intact(source)
+            path, _, meta, skipped = checkpoint.newest_intact(source, self._run_identity())
             checkpoint.check_compatible(path, meta, self._run_identity(), layout=self.model.layout)
             return dict(path=path, step=int(meta["global_step"]), skipped=[str(e) for e in skipped])
 
         return rundir.decided_by_rank0(world, decide)
 
     def _run_identity(self) -> dict:
-        """What must match for a checkpoint to continue this run's trajectory."""
+        """What must match for a checkpoint to continue this run's trajectory. The global batch,
+        not the rank count: the data order, augmentation and schedule depend only on it, the
+        seed and the global step, so a job of another rank count may continue the run."""
         a = self.args
         return dict(arch=a.arch, layout=self.model.layout.signature(), dataset=a.dataset,
-                    image_size=a.image_size, num_classes=self.train_set.num_classes, world_size=self.world,
-                    batch_per_rank=a.batch_per_rank, seed=a.seed, epochs=a.epochs, schedule=a.schedule,
+                    image_size=a.image_size, num_classes=self.train_set.num_classes,
+                    global_batch=self.sampler.global_batch, seed=a.seed, epochs=a.epochs, schedule=a.schedule,
                     optimizer=a.optimizer, lr=a.lr)
+
+    def _checkpoint_path(self) -> str:
+        """This step's checkpoint, named with the run's id: never another run's file."""
+        from engine import checkpoint
+        return checkpoint.path_for(self.args.checkpoint_dir, self.global_step, checkpoint.run_id(self._run_identity()))
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: parameters, two optimizer buffers, a little header."""
+        return 3 * self.model.params.nbytes + 2**20
+
+    def _sync_bn_stats(self) -> None:
+        """Collective: BN's evaluation statistics become those of all ranks' last batches, once
+        per step. Evaluation and every checkpoint use them, so a saved model evaluates as the
+        job reported (a second all-reduce could move them by a rounding)."""
+        from engine.bn_sync import allreduce_bn_stats
+        if self.bn_synced_at != self.global_step:
+            allreduce_bn_stats(self.model, self.comm)
+            self.bn_synced_at = self.global_step
 
     def save_checkpoint(self) -> None:
         """Rank 0 saves; a failed save (full or read-only disk) is reported once and training
-        goes on: the next interval tries again, and the previous checkpoints stay intact."""
+        goes on: the next interval tries again, and the previous checkpoints stay intact.
+        Collective while the BN statistics of this step are not yet all-reduced: every rank
+        calls it at the same steps (after the final evaluation, where rank 0 alone may call
+        it, they are)."""
         from engine import checkpoint, rundir
         a = self.args
         self.control.checkpointed()
-        if a.no_checkpoint or self.rank != 0:
+        if a.no_checkpoint:
+            return
+        self._sync_bn_stats()
+        if self.rank != 0:
             return
         asnp = self.backend.asnumpy
         opt = self.optimizer.state_dict()
@@ -440,17 +489,21 @@ class Trainer:
         for bn in self.model.batchnorms:
             arrays[f"bn.{bn.name}.eval_mean"] = asnp(bn.eval_mean)
             arrays[f"bn.{bn.name}.eval_var"] = asnp(bn.eval_var)
-        meta = dict(self._run_identity(), global_step=self.global_step,
+        # world_size, batch_per_rank: how the run was split when saved (not its identity);
+        # data, precision: what engine.evaluate needs to rebuild the model and its data.
+        meta = dict(self._run_identity(), world_size=self.world, batch_per_rank=a.batch_per_rank, data=a.data,
+                    precision=a.precision, bn_statistics="all ranks' last batches", global_step=self.global_step,
                     epoch=self.global_step // self.steps_per_epoch, step=self.global_step % self.steps_per_epoch,
                     random_state={"seed": a.seed, "position": self.global_step},
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
-        path = checkpoint.path_for(a.checkpoint_dir, self.global_step)
+        path = self._checkpoint_path()
         try:
             checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
             checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
         except OSError as e:
             if not rundir.is_environment_error(e):
                 raise
+            self.save_error = f"{e.strerror or e}"
             if not self.save_failing:
                 self.progress.warn(f"checkpoint of step {self.global_step} not saved: {e.strerror or e} "
                                    f"({a.checkpoint_dir}); training goes on and tries again at the next "
@@ -460,7 +513,7 @@ class Trainer:
             return
         if self.save_failing:
             self.progress.warn(f"saving checkpoints works again ({path})")
-        self.saved_step, self.saved_path, self.save_failing = self.global_step, path, False
+        self.saved_step, self.saved_path, self.save_failing, self.save_error = self.global_step, path, False, None
         self.progress.message(f"checkpoint {path} (step {self.global_step})")
 
     def load_checkpoint(self, chosen: dict) -> None:
@@ -480,7 +533,7 @@ class Trainer:
         for bn in self.model.batchnorms:
             bn.eval_mean[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_mean"])
             bn.eval_var[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_var"])
-        self.global_step = self.saved_step = int(meta["global_step"])
+        self.global_step = self.saved_step = self.bn_synced_at = int(meta["global_step"])
         self.saved_path = path
         self.progress.message(f"resumed from {path} at step {self.global_step} "
                               f"(epoch {self.global_step / self.steps_per_epoch:.2f})")
@@ -521,7 +574,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         from engine.evaluate import evaluate
-        r = evaluate(self.model, self.comm, self.val_loader, self.val_set, self.args.batch_per_rank, self.backend)
+        self._sync_bn_stats()
+        r = evaluate(self.model, self.comm, self.val_loader, self.val_set, self.args.batch_per_rank, self.backend,
+                     sync_bn=False)
         r.update(step=self.global_step, epoch=self.global_step / self.steps_per_epoch)
         self.progress.eval(r)
         return r
@@ -590,10 +645,15 @@ class Trainer:
             result = self.evaluate()
         if self.saved_step != self.global_step:
             self.save_checkpoint()
-            if self.saved_step != self.global_step and self.rank == 0 and not a.no_checkpoint:
-                self.exit_status = 1        # trained, but the model is not on disk: say so by the status
-        self.progress.message(f"done: {self.global_step} steps in {time.perf_counter() - t_start:.1f} s, "
-                              f"validation top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%")
+        done = (f"done: {self.global_step} steps in {time.perf_counter() - t_start:.1f} s, "
+                f"validation top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%")
+        if self.saved_step != self.global_step and self.rank == 0 and not a.no_checkpoint:
+            self.exit_status = 1        # trained, but the model is not on disk: the status and the last line say so
+            newest = (f"the newest saved is {self.saved_path} (step {self.saved_step})" if self.saved_path
+                      else "no checkpoint of this job was saved")
+            done += (f"; the final model is NOT saved: saving {self._checkpoint_path()} failed ({self.save_error}); "
+                     f"{newest}")
+        self.progress.message(done)
         return result
 
     def _report_stop(self) -> None:

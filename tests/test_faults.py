@@ -1,0 +1,106 @@
+"""The job under faults (issue 20): what is saved, reported and said when things go wrong.
+Real jobs (`mpiexec -n 2 python -m engine.train`, or one process without mpiexec) on the
+digits with ResNet-18 at 32 px, each bounded by a timeout."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from test_job import TINY, Job, _env
+
+
+def _rows(path, kind):
+    return [r for r in map(json.loads, open(path)) if r["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_evaluates_as_the_job_reported_in_a_new_process(tmp_path):
+    """The last step falls on a --checkpoint-every boundary: that checkpoint is the final
+    model, and it must carry the BN statistics of all ranks' last batches, which the final
+    evaluation used, not rank 0's own (with batch norm without moving averages they are part
+    of the model)."""
+    rc, out = Job(tmp_path, TINY + ["--max-steps", "6", "--checkpoint-every", "3", "--lr", "0.2",
+                                    "--run-name", "bn"]).finish()
+    assert rc == 0, out
+    saved = sorted((tmp_path / "runs/bn/checkpoints").glob("ckpt-00000006-*.npz"))
+    assert len(saved) == 1, out
+    reported = _rows(tmp_path / "runs/bn/metrics.jsonl", "eval")[-1]
+    assert reported["step"] == 6
+    proc = subprocess.run([sys.executable, "-m", "engine.evaluate", str(saved[0]), "--batch", "8"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    hits, count = map(int, re.search(r"top-1 (\d+)/(\d+) =", proc.stdout).groups())
+    assert count == reported["count"] == 359, proc.stdout
+    assert hits == round(reported["top1"] * count), (proc.stdout, reported)
+
+
+# ---- 1. checkpoint names are unique per run ------------------------------------------------------
+
+def _identity(**changes):
+    return dict(dict(arch="resnet18", layout="L", dataset="digits", global_batch=16, seed=0, lr=0.05), **changes)
+
+
+def _save(directory, step, identity, run=True, **meta):
+    import numpy as np
+
+    from engine import checkpoint as ck
+    path = ck.path_for(str(directory), step, ck.run_id(identity) if run else None)
+    ck.save(path, {"params": np.full(3, step, np.float32)}, dict(identity, global_step=step, **meta))
+    return path
+
+
+def test_runs_sharing_a_directory_never_write_the_same_name_and_each_resumes_its_own(tmp_path):
+    from engine import checkpoint as ck
+    first, second = _identity(seed=0), _identity(seed=1)
+    a = _save(tmp_path, 14, first)
+    b = _save(tmp_path, 14, second)             # the same step of another run
+    assert a != b and ck.run_id(first) in a and ck.run_id(second) in b
+    assert ck.load(a)[1]["seed"] == 0 and ck.load(b)[1]["seed"] == 1
+    newer_other = _save(tmp_path, 20, second)
+    assert ck.newest_intact(str(tmp_path), first)[0] == a          # not the other run's newer file
+    assert ck.newest_intact(str(tmp_path), second)[0] == newer_other
+    ck.prune(str(tmp_path), 1, second)
+    assert ck.list_checkpoints(str(tmp_path)) == [a, newer_other]
+    with pytest.raises(ck.CheckpointError, match=r"no checkpoint of this run there \(2 of other runs; the newest, "
+                                                 rf"{newer_other}, was written with seed=1, this run has seed=2\)"):
+        ck.newest_intact(str(tmp_path), _identity(seed=2))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_after_another_run_saved_the_same_step_in_its_checkpoint_dir(tmp_path):
+    """The issue's case: seed 0 to step 4, then seed 1 to step 4, one --checkpoint-dir; the
+    first run still resumes from its own step 4."""
+    common = TINY + ["--max-steps", "4", "--checkpoint-dir", "shared"]
+    for seed in (0, 1):
+        rc, out = Job(tmp_path, common + ["--seed", str(seed), "--run-name", f"s{seed}"], ranks=1).finish()
+        assert rc == 0, out
+    assert len(list((tmp_path / "shared").glob("ckpt-00000004-*.npz"))) == 2
+    rc, out = Job(tmp_path, TINY + ["--max-steps", "6", "--checkpoint-dir", "shared", "--seed", "0",
+                                    "--run-name", "s0", "--resume", "auto"], ranks=1).finish()
+    assert rc == 0 and re.search(r"resumed from shared/ckpt-00000004-[0-9a-f]{8}\.npz at step 4", out), out
+    from engine import checkpoint as ck
+    seeds = [(ck.read_meta(str(p))["seed"], ck.read_meta(str(p))["global_step"])
+             for p in sorted((tmp_path / "shared").glob("ckpt-*.npz"))]
+    assert sorted(seeds) == [(0, 4), (0, 6), (1, 4)]         # the other run's checkpoint is intact
+
+
+def test_checkpoints_of_the_old_names_are_still_found_and_resumed(tmp_path):
+    """Before issue 20 a checkpoint was ckpt-<step>.npz and its header named ranks x batch
+    per rank, not the global batch: such a file is the same run's, found, ordered by step
+    among new names, and refused by the field that differs when it is another run's."""
+    from engine import checkpoint as ck
+    mine = _identity(global_batch=16)
+    old_header = {k: v for k, v in mine.items() if k != "global_batch"}
+    old = _save(tmp_path, 9, old_header, run=False, world_size=2, batch_per_rank=8)
+    assert old.endswith("ckpt-00000009.npz") and ck.read_meta(old)["global_batch"] == 16
+    path, _, meta, _ = ck.newest_intact(str(tmp_path), mine)
+    assert path == old and meta["global_batch"] == 16
+    ck.check_compatible(path, meta, mine)
+    new = _save(tmp_path, 10, mine)
+    assert ck.list_checkpoints(str(tmp_path)) == [old, new]
+    assert ck.of_run(ck.list_checkpoints(str(tmp_path)), mine) == [old, new]
+    with pytest.raises(ck.CheckpointError, match=r"global_batch=16, this run has global_batch=32 \(2 ranks x 8 "
+                                                 r"images per rank; .* --batch-per-rank 16 / ranks\)"):
+        ck.check_compatible(old, ck.read_meta(old), _identity(global_batch=32))
