@@ -13,7 +13,11 @@ step has exactly one train row. A failed write (full disk) is reported once and 
 stops training: the row is lost and the file cut back to its last whole line.
 
 Display: a bar redrawn in place when the user's terminal is a terminal (see
-`launcher_terminal`), else a plain line every `print_every` steps.
+`launcher_terminal`), else a plain line every `print_every` steps. Every line rank 0 prints
+(messages, warnings, the plain progress lines) is also appended to train.log beside
+metrics.jsonl: the job's own log, whatever became of its stdout. When stdout is a pipe
+whose reader has gone (`... | head`, a killed `tee`), its lines go on to stderr, the stream
+is pointed at /dev/null (no error at exit), and `on_broken_output()` is called once.
 """
 from __future__ import annotations
 
@@ -159,18 +163,20 @@ class Progress:
     the job's launcher writes to one (launcher_terminal), else lines."""
 
     def __init__(self, active: bool, log_dir: str | None, total_steps: int, print_every: int = 10,
-                 stream=None, resume_step: int | None = None, mode: str = "auto"):
+                 stream=None, resume_step: int | None = None, mode: str = "auto", on_broken_output=None):
         self.active, self.total, self.every = active, total_steps, max(1, print_every)
         self.stream = stream or sys.stdout
+        self.on_broken_output = on_broken_output or (lambda: None)
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         launcher = None if tty or mode != "auto" else launcher_terminal()
         self.tty = active and (mode == "bar" or (mode == "auto" and (tty or launcher is not None)))
         self.columns = _columns(self.stream, launcher) if self.tty else 0
-        self.file = None
+        self.file = self.log_fd = None
         self.t0 = time.time()
         if active and log_dir:
             os.makedirs(log_dir, exist_ok=True)
             self.file = MetricsFile(os.path.join(log_dir, "metrics.jsonl"), resume_step, self.warn)
+            self.log_fd = os.open(os.path.join(log_dir, "train.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _record(self, kind: str, r: dict) -> None:
         if self.file:
@@ -189,8 +195,9 @@ class Progress:
             fill = int(BAR_WIDTH * r["step"] / max(1, self.total))
             line = (f"[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] step {r['step']}/{r['total_steps']} loss "
                     f"{r['loss']:.4f} top1 {100 * r['top1']:.1f}% {r['images_per_s']:.0f} img/s | {format_train(r)}")
-            self.stream.write(f"\r{line[:max(BAR_WIDTH + 2, self.columns - 1)]}\x1b[K")
-            self.stream.flush()
+            self._emit(f"\r{line[:max(BAR_WIDTH + 2, self.columns - 1)]}\x1b[K", self.stream, end="")
+            if r["step"] % self.every == 0 or r["step"] == self.total:
+                self._log(format_train(r))
         elif r["step"] % self.every == 0 or r["step"] == self.total:
             self.message(format_train(r))
 
@@ -203,14 +210,50 @@ class Progress:
         """A line of its own (on a terminal, below the bar, which is redrawn next step)."""
         if self.active:
             prefix = "\r\x1b[K" if self.tty else ""
-            print(prefix + text, file=self.stream, flush=True)
+            self._emit(prefix + text, self.stream)
+            self._log(text)
 
     def warn(self, text: str) -> None:
         """A line on stderr (rank 0's only reporter of trouble that does not stop the job)."""
         if self.active:
-            print(f"[rank 0] engine.train: {text}", file=sys.stderr, flush=True)
+            self._emit(f"[rank 0] engine.train: {text}", sys.stderr)
+            self._log(f"[rank 0] engine.train: {text}")
+
+    def _emit(self, text: str, stream, end: str = "\n") -> None:
+        try:
+            stream.write(text + end)
+            stream.flush()
+        except (BrokenPipeError, ValueError):   # the reader is gone (ValueError: closed earlier)
+            self._output_gone(stream)
+            if stream is self.stream and stream is not sys.stderr:
+                self.stream, self.tty = sys.stderr, False
+                self.on_broken_output()
+                self._emit(text.lstrip("\r"), self.stream, end="\n")
+
+    @staticmethod
+    def _output_gone(stream) -> None:
+        """Point the stream's descriptor at /dev/null: what is still buffered, and any later
+        write, goes nowhere instead of raising again (also at interpreter exit)."""
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _log(self, text: str) -> None:
+        """train.log; a failed write (full disk) is not reported again: metrics.jsonl in the
+        same directory reports it."""
+        if self.log_fd is not None:
+            try:
+                os.write(self.log_fd, (text + "\n").encode())
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.file:
             self.file.close()
             self.file = None
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None

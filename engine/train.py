@@ -33,6 +33,7 @@ import contextlib
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -285,13 +286,18 @@ class Trainer:
         if a.trace:     # a common mark on every rank's clock, so `trace merge` lines ranks up
             self.timeline.sync(comm)
         self.resume_from = self._choose_checkpoint(MPI.COMM_WORLD)
+        self.signals = signals or StopSignals()
+        # A closed output pipe stops the job as a signal would (the pipe's reader is gone:
+        # whoever watched it would not see the job's end), its lines go on to stderr and train.log.
         self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
-                                 resume_step=self.resume_from and self.resume_from["step"], mode=a.progress)
+                                 resume_step=self.resume_from and self.resume_from["step"], mode=a.progress,
+                                 on_broken_output=lambda: self.signals.request(signal.SIGPIPE))
         self.global_step = self.saved_step = 0
         self.saved_path, self.save_failing, self.stopped_by, self.exit_status = None, False, 0, 0
+        self.abandoned = None           # why the stop's save was abandoned (StopSignals)
         self.save_error = None          # why the newest save failed, while saves fail
         self.bn_synced_at = -1          # the global step whose BN statistics were last all-reduced
-        self.control = StepControl(MPI.COMM_WORLD, signals or StopSignals(), 60 * a.checkpoint_minutes)
+        self.control = StepControl(MPI.COMM_WORLD, self.signals, 60 * a.checkpoint_minutes)
         self.stats = StepStats(be, comm)
         self.grad_scale = 1.0 / self.world      # the all-reduce sums; the update averages
         self.graphed = None
@@ -475,6 +481,7 @@ class Trainer:
         calls it at the same steps (after the final evaluation, where rank 0 alone may call
         it, they are)."""
         from engine import checkpoint, rundir
+        from engine.guard import SaveAbandoned
         a = self.args
         self.control.checkpointed()
         if a.no_checkpoint:
@@ -498,8 +505,12 @@ class Trainer:
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
         path = self._checkpoint_path()
         try:
-            checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
-            checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
+            with self.signals.writing_file():
+                checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
+                checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
+        except SaveAbandoned as e:
+            self.abandoned = f"the checkpoint of step {self.global_step} was abandoned ({e}) and not written"
+            return
         except OSError as e:
             if not rundir.is_environment_error(e):
                 raise
@@ -629,7 +640,10 @@ class Trainer:
                 # evaluation, so a non-finite loss stops the job before either.
                 self._report(pending=0 if checkpoint or evaluation else 1)
                 if checkpoint:
-                    self.save_checkpoint()
+                    with self.signals.protect_save() if self.stopped_by else contextlib.nullcontext():
+                        self.save_checkpoint()
+                        if self.stopped_by:     # every rank waits, a second signal deferred, until the file is durable
+                            self.control.comm.Barrier()
                 if self.stopped_by:
                     break
                 if evaluation:
@@ -661,9 +675,13 @@ class Trainer:
         from engine.control import signal_name
         from engine.guard import STOPPED_EXIT_CODE
         self.exit_status = STOPPED_EXIT_CODE
-        why = f"stopped by {signal_name(self.stopped_by)} at step {self.global_step}/{self.total_steps}"
+        cause = "its output pipe closed (SIGPIPE)" if self.stopped_by == signal.SIGPIPE else signal_name(self.stopped_by)
+        why = f"stopped by {cause} at step {self.global_step}/{self.total_steps}"
         if self.args.no_checkpoint:
             where = "no checkpoint (--no-checkpoint)"
+        elif self.abandoned:
+            where = f"{self.abandoned}; " + (f"the newest saved is {self.saved_path} (step {self.saved_step})"
+                                              if self.saved_path else "this job saved no checkpoint")
         elif self.saved_path is None:
             where = "no checkpoint could be written"
         else:
@@ -728,8 +746,9 @@ def main(argv=None) -> int:
     from engine.loader import WorkerDied
     from engine.metrics import NonFiniteLoss
     from engine.reducer import StartupError
+    from mpi4py import MPI  # noqa: F401  MPI_Init first: UCX takes SIGHUP (its debug signal) there
     signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint "
-                                                    "(the same signal again: stop at once)").install()
+                                                    "(the same signal again: stop at once, or during that save: right after it)").install()
     guard.install()   # an exception on any rank, in any thread, ends the whole job
     trainer = None
     try:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from engine.guard import STOPPED_EXIT_CODE
 from test_job import TINY, Job, _env
 
 
@@ -104,3 +105,77 @@ def test_checkpoints_of_the_old_names_are_still_found_and_resumed(tmp_path):
     with pytest.raises(ck.CheckpointError, match=r"global_batch=16, this run has global_batch=32 \(2 ranks x 8 "
                                                  r"images per rank; .* --batch-per-rank 16 / ranks\)"):
         ck.check_compatible(old, ck.read_meta(old), _identity(global_batch=32))
+
+
+# ---- 2, 5. hang-ups, closed output pipes, a second signal during the stop's save ----------------
+
+def _solo(cwd, args, **kw):
+    """One rank without mpiexec (a signal or a closed pipe reaches the process itself, as under
+    srun or a plain shell), its stdout and stderr as pipes of their own."""
+    return subprocess.Popen([sys.executable, "-m", "engine.train", *TINY, *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _read_until(stream, text, timeout=120):
+    import time
+    seen, t0 = [], time.monotonic()
+    for line in stream:
+        seen.append(line)
+        if text in line or time.monotonic() - t0 > timeout:
+            break
+    assert any(text in line for line in seen), "".join(seen)
+    return "".join(seen)
+
+
+def _checkpoints(directory):
+    from engine import checkpoint as ck
+    return [(p, ck.load(p)[1]["global_step"]) for p in ck.list_checkpoints(str(directory))]
+
+
+@pytest.mark.slow
+def test_a_hang_up_stops_with_a_checkpoint_like_sigterm(tmp_path):
+    import signal
+    job = _solo(tmp_path, ["--max-steps", "400", "--run-name", "hup", "--threads", "1"])
+    _read_until(job.stdout, "step 2/")
+    job.send_signal(signal.SIGHUP)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == STOPPED_EXIT_CODE, out + err
+    (path, step), = _checkpoints(tmp_path / "runs/hup/checkpoints")
+    stops = [line for line in out.splitlines() if "stopped by SIGHUP" in line]
+    assert len(stops) == 1 and f"at step {step}/" in stops[0] and path.split("runs/")[1] in stops[0], out + err
+
+
+@pytest.mark.slow
+def test_a_closed_output_pipe_stops_with_a_checkpoint_and_one_line_on_stderr_and_in_the_log(tmp_path):
+    """`python -m engine.train | head`: the reader goes away; the job saves and says so on
+    stderr and in train.log instead of dying of a broken pipe."""
+    job = _solo(tmp_path, ["--max-steps", "400", "--run-name", "pipe", "--threads", "1"])
+    _read_until(job.stdout, "step 2/")
+    job.stdout.close()
+    err = job.stderr.read()
+    assert job.wait(timeout=120) == STOPPED_EXIT_CODE, err
+    (path, step), = _checkpoints(tmp_path / "runs/pipe/checkpoints")
+    line = f"stopped by its output pipe closed (SIGPIPE) at step {step}/"
+    assert err.count(line) == 1 and path.split("runs/")[1] in err and "Traceback" not in err, err
+    assert "BrokenPipe" not in err and "Errno" not in err, err
+    assert (tmp_path / "runs/pipe/train.log").read_text().count(line) == 1
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_stops_save_is_deferred_until_the_checkpoint_is_written(tmp_path):
+    import signal
+    import time
+    job = _solo(tmp_path, ["--max-steps", "400", "--run-name", "twice", "--threads", "1",
+                           "--checkpoint-minutes", "0"])
+    _read_until(job.stdout, "step 2/")
+    job.send_signal(signal.SIGTERM)
+    ckpt_dir, t0 = tmp_path / "runs/twice/checkpoints", time.monotonic()
+    while not [p for p in ckpt_dir.glob(".tmp-*.npz")] and time.monotonic() - t0 < 120:
+        time.sleep(0.001)                       # the stop's save has begun writing
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == STOPPED_EXIT_CODE, out + err
+    assert err.count("SIGTERM again: finishing the checkpoint being written") == 1, err
+    (path, step), = _checkpoints(ckpt_dir)          # written whole: it loads and verifies
+    assert not list(ckpt_dir.glob(".tmp-*")) and f"checkpoint {path.split('twice/')[0]}" not in out
+    assert out.count("stopped by SIGTERM") == 1 and path.split("runs/")[1] in out, out
