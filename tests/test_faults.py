@@ -2,6 +2,7 @@
 Real jobs (`mpiexec -n 2 python -m engine.train`, or one process without mpiexec) on the
 digits with ResNet-18 at 32 px, each bounded by a timeout."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -179,3 +180,90 @@ def test_a_second_sigterm_during_the_stops_save_is_deferred_until_the_checkpoint
     (path, step), = _checkpoints(ckpt_dir)          # written whole: it loads and verifies
     assert not list(ckpt_dir.glob(".tmp-*")) and f"checkpoint {path.split('twice/')[0]}" not in out
     assert out.count("stopped by SIGTERM") == 1 and path.split("runs/")[1] in out, out
+
+
+def test_a_third_signal_abandons_the_save_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """In one process: the first SIGTERM asks for the stop, the second (during the save) is
+    deferred, the third abandons the file being written, whose temporary file is removed."""
+    import signal
+
+    import numpy as np
+
+    from engine import checkpoint as ck
+    from engine.guard import SaveAbandoned, StopSignals
+    previous = {s: signal.getsignal(s) for s in StopSignals.SIGNALS + (signal.SIGALRM,)}
+    signals = StopSignals("stopping", grace_s=30).install()
+    real_savez = ck.np.savez
+
+    def savez(f, **arrays):
+        f.write(b"the first bytes of a checkpoint")
+        signal.raise_signal(signal.SIGTERM)         # the user insists while the file is written
+        real_savez(f, **arrays)
+
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+        with signals.protect_save():
+            signal.raise_signal(signal.SIGTERM)     # deferred: the save goes on
+            assert signals.insisted == 1 and signal.getitimer(signal.ITIMER_REAL)[0] > 0
+            monkeypatch.setattr(ck.np, "savez", savez)
+            with pytest.raises(SaveAbandoned, match="SIGTERM a third time"), signals.writing_file():
+                ck.save(ck.path_for(str(tmp_path), 3, "abcd0123"), {"params": np.zeros(4, np.float32)}, {})
+        assert os.listdir(tmp_path) == [] and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ---- 4. a disk that fills late ----------------------------------------------------------------------
+
+def _trainer(tmp_path, argv):
+    from engine.train import Trainer, parse_args
+    return Trainer(parse_args(TINY + ["--runs-dir", str(tmp_path / "runs"), "--threads", "1"] + argv))
+
+
+def test_a_final_save_that_fails_says_so_on_the_last_line_with_the_newest_saved(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from engine import checkpoint
+    real_savez, calls = checkpoint.np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(1)
+        if len(calls) > 1:                      # the disk fills after the first checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(checkpoint.np, "savez", savez)
+    trainer = _trainer(tmp_path, ["--max-steps", "4", "--checkpoint-every", "2", "--run-name", "full"])
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert result is not None and trainer.exit_status == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    saved, = checkpoint.list_checkpoints(str(tmp_path / "runs/full/checkpoints"))
+    assert last.startswith("done: 4 steps") and f"validation top-1 {100 * result['top1']:.2f}%" in last, last
+    assert re.search(r"the final model is NOT saved: saving \S+/ckpt-00000004-[0-9a-f]{8}\.npz failed \(No space "
+                     rf"left on device\); the newest saved is {re.escape(saved)} \(step 2\)$", last), last
+
+
+def test_start_up_checks_room_for_the_checkpoints_the_run_keeps(tmp_path, monkeypatch):
+    """--keep-checkpoints K needs room for K checkpoints and the next one while it is written."""
+    import os as os_module
+
+    from engine import rundir
+    from engine.rundir import Refused
+    probe = _trainer(tmp_path, ["--no-checkpoint", "--run-name", "probe"])
+    size = probe.checkpoint_bytes()
+    probe.close()
+    real = os_module.statvfs
+
+    class Disk:                                 # 2.5 checkpoints free
+        f_frsize, f_bavail = 1, int(2.5 * size)
+
+    monkeypatch.setattr(rundir.os, "statvfs", lambda path: Disk if "runs" in str(path) else real(path))
+    with pytest.raises(Refused, match=r"--checkpoint-dir \S+: \d+ MiB free, 3 checkpoint\(s\) \(--keep-checkpoints 2 "
+                                      r"and the next save while it is written\) need about \d+ MiB"):
+        _trainer(tmp_path, ["--keep-checkpoints", "2", "--run-name", "k2"])
+    _trainer(tmp_path, ["--keep-checkpoints", "1", "--run-name", "k1"]).close()
