@@ -310,3 +310,57 @@ def test_a_two_rank_run_continues_on_one_rank_with_the_same_global_batch(tmp_pat
     # Measured: 0.20 of the distance the three steps moved (0.03 of the parameters' norm).
     assert moved > 0 and apart < 0.35 * moved, (apart, moved)
     assert not np.array_equal(elastic, whole)
+
+
+# ---- 6. a loader worker killed by a signal ---------------------------------------------------------
+
+def test_a_killed_loader_worker_is_replaced_and_its_batches_redone(tmp_path):
+    """SIGKILL (the out-of-memory killer) on a worker with batches in flight: one warning
+    naming the signal, a new worker, and every batch as the in-process loader makes it."""
+    import signal
+
+    import numpy as np
+
+    from engine import data, loader, transforms
+    train, _ = data.digits(16)
+    tf = transforms.TrainTransform(16, train.crop_scale, train.flip)
+    sampler = loader.ShardSampler(len(train), 0, 1, 8, seed=3)
+    with loader.Loader(train, tf, transforms.ValTransform(16), seed=3, workers=0) as inproc:
+        want = [b for _, b in inproc.train_batches(sampler, 1)]
+    warnings = []
+    with loader.Loader(train, tf, transforms.ValTransform(16), seed=3, workers=2, warn=warnings.append) as pooled:
+        got = []
+        for step, batch in pooled.train_batches(sampler, 1):
+            got.append(batch)
+            if step == 3:                       # batches of both workers are in flight
+                victim = pooled.workers[1].proc
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+        assert len(pooled.workers) == 2 and pooled.workers[1].proc.poll() is None
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert warnings == ["data loader worker 1 died (exit code -9: killed by SIGKILL; out of memory? see `dmesg`): "
+                        "started a new one, which redoes its unfinished batches"], warnings
+
+
+def _crash(worker):
+    """Make a loader worker fail by itself: a task it cannot read (a traceback, exit status 1)."""
+    import pickle
+    pickle.dump("not a task", worker.proc.stdin)
+    worker.proc.stdin.flush()
+    worker.proc.wait()
+
+
+def test_a_worker_that_exits_by_itself_ends_the_pass_naming_its_status():
+    from engine import data, loader, transforms
+    train, _ = data.digits(16)
+    tf = transforms.TrainTransform(16, train.crop_scale, train.flip)
+    sampler = loader.ShardSampler(len(train), 0, 1, 8, seed=3)
+    with loader.Loader(train, tf, transforms.ValTransform(16), seed=3, workers=1, warn=print) as pooled:
+        batches = iter(pooled.train_batches(sampler, 0))
+        next(batches)
+        _crash(pooled.workers[0])
+        with pytest.raises(loader.WorkerDied, match=r"worker 0 died \(exit code 1; its error, if it printed one, "
+                                                    r"is above\)"):
+            list(batches)
