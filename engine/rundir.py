@@ -45,14 +45,17 @@ def default_run_name(settings: dict | None) -> str:
 
 def claim_new(runs_dir: str, name: str) -> str:
     """Create runs_dir/name, or name-2, name-3... if taken (mkdir is the atomic claim)."""
-    os.makedirs(runs_dir, exist_ok=True)
     for n in range(1, 1000):
         path = os.path.join(runs_dir, name if n == 1 else f"{name}-{n}")
         try:
+            os.makedirs(runs_dir, exist_ok=True)
             os.mkdir(path)
             return path
         except FileExistsError:
             continue
+        except OSError as e:    # read-only, full, not a directory: the option, not an errno
+            raise RunDirError(f"--runs-dir {runs_dir}: cannot create a run directory there "
+                              f"({e.strerror or e})") from None
     raise RunDirError(f"{runs_dir}: no free run directory named {name}-N")
 
 
@@ -71,9 +74,13 @@ class RunLock:
             os.close(fd)
             raise RunDirError(f"{option} {directory} is in use by another job ({holder}); wait for it "
                               f"to end, or give this job another --run-name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as e:    # a full disk: the probe file of check_writable took no space
+            os.close(fd)
+            raise RunDirError(f"{option} {directory}: cannot write there ({e.strerror or e})") from None
         self.fd = fd
 
     def release(self) -> None:

@@ -251,13 +251,14 @@ class Trainer:
         self.train_set, self.val_set = on_every_rank(
             MPI.COMM_WORLD, lambda: build_datasets(a.dataset, data_dir=a.data, image_size=a.image_size, seed=a.seed),
             DataError)
+        world, ts = MPI.COMM_WORLD, self.train_set
+        self.sampler = on_every_rank(    # a global batch larger than the data set: also said once
+            world, lambda: ShardSampler(len(ts), world.rank, world.size, a.batch_per_rank, a.seed), DataError)
         self.locks = []
-        self._prepare_run_dir(MPI.COMM_WORLD)   # after the device checks: a job they stop leaves no run directory
+        self._prepare_run_dir(world)   # after the device checks: a job they stop leaves no run directory
         self.comm = comm = create_communicator(be)
         self.rank, self.world = comm.rank, comm.size
         self.threads = limit_blas_threads(a.threads)
-        ts = self.train_set
-        self.sampler = ShardSampler(len(ts), self.rank, self.world, a.batch_per_rank, a.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = max(1, round(a.epochs * self.steps_per_epoch))
         self.stop_step = min(self.total_steps, a.max_steps) if a.max_steps else self.total_steps
@@ -677,7 +678,8 @@ class Trainer:
         from engine.control import signal_name
         from engine.guard import STOPPED_EXIT_CODE
         self.exit_status = STOPPED_EXIT_CODE
-        cause = "its output pipe closed (SIGPIPE)" if self.stopped_by == signal.SIGPIPE else signal_name(self.stopped_by)
+        cause = ("its output pipe closed (SIGPIPE)" if self.stopped_by == signal.SIGPIPE
+                 else signal_name(self.stopped_by))
         why = f"stopped by {cause} at step {self.global_step}/{self.total_steps}"
         if self.args.no_checkpoint:
             where = "no checkpoint (--no-checkpoint)"
@@ -749,8 +751,9 @@ def main(argv=None) -> int:
     from engine.metrics import NonFiniteLoss
     from engine.reducer import StartupError
     from mpi4py import MPI  # noqa: F401  MPI_Init first: UCX takes SIGHUP (its debug signal) there
-    signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint "
-                                                    "(the same signal again: stop at once, or during that save: right after it)").install()
+    signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint (the "
+                                                    "same signal again: stop at once, or during that save: after it)")
+    signals.install()
     guard.install()   # an exception on any rank, in any thread, ends the whole job
     trainer = None
     try:
@@ -762,7 +765,15 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"engine.train: {e}", file=sys.stderr, flush=True)
         return 2
-    except (DataError, CheckpointError, DeviceError, StartupError, WorkerDied, NonFiniteLoss) as e:
+    except DataError as e:
+        if trainer is not None or not getattr(e, "collective", False):
+            guard.abort_job(f"engine.train: {e}")
+        # The data set or the batch, refused alike on every rank before the job started:
+        # a usage error, said once, and every rank leaves with nothing collective pending.
+        if rank == 0:
+            print(f"engine.train: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (CheckpointError, DeviceError, StartupError, WorkerDied, NonFiniteLoss) as e:
         # Errors about the user's input, the run or the machine: the message says it all, no
         # traceback. One that every rank meets alike after a collective check is said once.
         guard.abort_job(f"engine.train: {e}", quiet=rank != 0 and getattr(e, "collective", False))

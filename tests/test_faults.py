@@ -364,3 +364,50 @@ def test_a_worker_that_exits_by_itself_ends_the_pass_naming_its_status():
         with pytest.raises(loader.WorkerDied, match=r"worker 0 died \(exit code 1; its error, if it printed one, "
                                                     r"is above\)"):
             list(batches)
+
+
+# ---- 7. messages -------------------------------------------------------------------------------------
+
+def test_data_folder_errors_name_what_the_user_typed(tmp_path):
+    from engine import data
+    with pytest.raises(data.DataError, match=rf"^--data {tmp_path}/missing: no such directory \(expected"):
+        data.imagefolder(str(tmp_path / "missing"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(data.DataError, match=rf"^--data {tmp_path}/file: is a file, not a directory"):
+        data.imagefolder(str(tmp_path / "file"))
+    (tmp_path / "loop/train").mkdir(parents=True)
+    (tmp_path / "loop/train/b").symlink_to("c")
+    (tmp_path / "loop/train/c").symlink_to("b")
+    with pytest.raises(data.DataError, match=rf"^--data {tmp_path}/loop: cannot list {tmp_path}/loop/train/\w: "
+                                             r"Too many levels of symbolic links$"):
+        data.imagefolder(str(tmp_path / "loop"))
+
+
+def test_an_unwritable_runs_dir_and_a_full_lock_file_name_the_option(tmp_path, monkeypatch):
+    import errno
+
+    from engine import rundir
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(rundir.os, "makedirs", refuse)
+        with pytest.raises(rundir.RunDirError, match=rf"^--runs-dir {tmp_path}/runs: cannot create a run directory "
+                                                     r"there \(Read-only file system\)$"):
+            rundir.claim_new(str(tmp_path / "runs"), "20261203-120000")
+    monkeypatch.setattr(rundir.os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space "
+                                                                                       "left on device")))
+    with pytest.raises(rundir.RunDirError, match=rf"^--log-dir {tmp_path}: cannot write there \(No space left"):
+        rundir.RunLock(str(tmp_path), "--log-dir")
+
+
+@pytest.mark.parametrize("argv, once", [
+    (["--data", "no/such/folder"], "engine.train: --data no/such/folder: no such directory"),
+    (["--batch-per-rank", "1000"],
+     "is larger than the training set (1438 images); lower --batch-per-rank (rank 0, 1 of 2)"),
+])
+def test_a_data_or_batch_refusal_is_a_usage_error_said_once_without_mpi_abort(tmp_path, argv, once):
+    rc, out = Job(tmp_path, TINY + argv + ["--no-checkpoint"]).finish(timeout=120)
+    assert rc == 2 and out.count(once) == 1, out
+    assert "MPI_Abort" not in out and "aborting" not in out and "Traceback" not in out, out
