@@ -499,10 +499,11 @@ class Trainer:
         for bn in self.model.batchnorms:
             arrays[f"bn.{bn.name}.eval_mean"] = asnp(bn.eval_mean)
             arrays[f"bn.{bn.name}.eval_var"] = asnp(bn.eval_var)
-        # world_size, batch_per_rank: how the run was split when saved (not its identity);
+        # world_size, batch_per_rank, blas_threads: how the run was split when saved (not its
+        # identity: another split continues it, though not bit for bit, see load_checkpoint);
         # data, precision: what engine.evaluate needs to rebuild the model and its data.
         meta = dict(self._run_identity(), world_size=self.world, batch_per_rank=a.batch_per_rank, data=a.data,
-                    precision=a.precision, bn_statistics="all ranks' last batches", global_step=self.global_step,
+                    precision=a.precision, blas_threads=self.threads, bn_statistics="all ranks' last batches", global_step=self.global_step,
                     epoch=self.global_step // self.steps_per_epoch, step=self.global_step % self.steps_per_epoch,
                     random_state={"seed": a.seed, "position": self.global_step},
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
@@ -549,6 +550,14 @@ class Trainer:
             bn.eval_var[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_var"])
         self.global_step = self.saved_step = self.bn_synced_at = int(meta["global_step"])
         self.saved_path = path
+        # OpenBLAS's sums depend on its thread count, and BN's on the images per rank: the run
+        # goes on from the same state, but its trajectory is not the uninterrupted one's.
+        changed = [f"{what} {meta[key]} -> {now}" for key, what, now in (
+            ("world_size", "ranks", self.world), ("batch_per_rank", "images per rank", self.args.batch_per_rank),
+            ("blas_threads", "BLAS threads per rank", self.threads)) if key in meta and meta[key] != now]
+        if changed:
+            self.progress.message(f"note: this job continues the run with {', '.join(changed)}: the same data, "
+                                  f"schedule and state, but not bit for bit the trajectory of the same split")
         self.progress.message(f"resumed from {path} at step {self.global_step} "
                               f"(epoch {self.global_step / self.steps_per_epoch:.2f})")
 
