@@ -431,3 +431,27 @@ def test_a_resume_with_another_blas_thread_count_says_the_trajectory_changes(tmp
         assert notes == ([] if threads == "1" else [
             "note: this job continues the run with BLAS threads per rank 1 -> 2: the same data, schedule and "
             "state, but not bit for bit the trajectory of the same split"]), out
+
+
+def test_resume_auto_names_a_run_by_its_global_batch_and_still_finds_one_named_the_old_way(tmp_path):
+    from types import SimpleNamespace
+
+    from engine import rundir
+    from engine.train import Trainer, parse_args
+
+    def job(world, batch):
+        args = parse_args(["--resume", "auto", "--batch-per-rank", str(batch), "--runs-dir", str(tmp_path)])
+        fake = SimpleNamespace(args=args)
+        fake._settings = lambda w, legacy=False: Trainer._settings(fake, w, legacy)
+        return Trainer._default_run_name(fake, world), args
+
+    two, args = job(2, 16)
+    assert two == job(1, 32)[0] != job(1, 16)[0]           # the same global batch: the same run
+    keys = ("arch", "dataset", "data", "image_size", "batch_per_rank", "seed", "epochs", "schedule",
+            "optimizer", "lr", "eta_rms", "momentum", "weight_decay", "label_smoothing")
+    before = rundir.default_run_name(dict({k: getattr(args, k) for k in keys}, world_size=2))  # the names before issue 20
+    assert before != two
+    (tmp_path / before).mkdir()
+    assert job(2, 16)[0] == before                          # a run started before finds its directory
+    (tmp_path / two).mkdir()
+    assert job(2, 16)[0] == two
