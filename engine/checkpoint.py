@@ -1,7 +1,9 @@
 """Checkpoints: one .npz file per save, written atomically, verified when read.
 
-A checkpoint holds named float arrays (parameters, optimizer state) and a JSON header
-(`meta`): what run it belongs to (arch, layout signature, data set, global batch, seed),
+A checkpoint holds named float arrays (parameters, optimizer state, the BN statistics) and
+a JSON header (`meta`): what run it belongs to (arch, layout signature, data set, global
+batch, seed: the run identity; headers written before issue 20 held ranks and images per
+rank instead, read as their product),
 where training stands (epoch, step, global step: the data position and the schedule's
 fractional epoch), the loader's and the run's random state (all randomness in a run is
 counter-based, derived from the seed and the position, so seed + position IS the random
@@ -12,10 +14,14 @@ the final name, then the directory fsync'ed; a crash at any point leaves either 
 file or the new one, never a torn one. Older checkpoints are pruned only after the new
 one is durable, so the previous good checkpoint always survives a failed write.
 
+Names: ckpt-<global step>-<run id>.npz, the run id a hash of the run identity (run_id), so
+runs sharing a directory never write to one name; ckpt-<global step>.npz, the name before
+issue 20, is still listed and read.
+
 Reading: a truncated, corrupt or foreign file raises CheckpointError naming the file;
-resuming from a directory takes the newest checkpoint that verifies and names the ones it
-skipped. Pruning keeps the newest checkpoints of one run, recognised by the run identity
-in each header (not by file name), so runs sharing a directory never delete each other's.
+resuming from a directory takes the newest checkpoint of the run that verifies and names
+the ones it skipped. Pruning keeps the newest checkpoints of one run, recognised by the run
+identity in each header, so runs sharing a directory never delete each other's.
 
 Conv weight layout. Conv weights are OHWI (Cout, KH, KW, Cin) since issue 17 (cuDNN's
 filter layout for NHWC); checkpoints written before hold them HWIO (KH, KW, Cin, Cout),

@@ -3,13 +3,15 @@
     runs/<run name>/                 the run directory (--runs-dir, --run-name); --log-dir
         .lock                        flock'ed by rank 0 of the job using it: "host H pid P since T"
         metrics.jsonl                engine.metrics
-        checkpoints/                 --checkpoint-dir: ckpt-*.npz (engine.checkpoint), its own .lock
+        train.log                    every line rank 0 prints (engine.metrics)
+        checkpoints/                 --checkpoint-dir: ckpt-<step>-<run id>.npz (engine.checkpoint), its own .lock
 
 The run name of a fresh run defaults to rank 0's start time (20261130-203501, "-2" added
 if that directory exists). A job that may be a resubmission (--resume auto) cannot use the
 clock: without --run-name its name is derived from the settings that define the run
-(arch-dataset-<hash of arch, data, size, ranks, batch, seed, epochs, recipe>), so the same
-command line finds the same directory every time.
+(arch-dataset-<hash of arch, data, size, global batch, seed, epochs, recipe>), so the same
+command line finds the same directory every time, also at another rank count with the same
+global batch (a run named before issue 20 by ranks and images per rank is found by that name).
 
 Every check here runs on rank 0 only (the directories may be shared by all ranks); the
 verdict reaches every rank through `decided_by_rank0`, so a refusal is printed once and

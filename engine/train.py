@@ -13,9 +13,10 @@ late (engine.stepstats), so step s's progress line and its NaN check come after 
 is enqueued, and the last step's after the loop. Only --trace synchronizes inside a step.
 
 Then the progress line and the metrics file (rank 0), the step-boundary agreement of all
-ranks (engine.control: stop on SIGTERM/SIGINT, periodic checkpoint due), checkpoints (rank 0
-writes, every --checkpoint-minutes, every --checkpoint-every steps, on a stop and at the
-end), evaluation every --eval-every epochs and at the end. With the defaults this trains
+ranks (engine.control: stop on SIGTERM, SIGINT, SIGHUP or a closed stdout, periodic
+checkpoint due), checkpoints (rank 0 writes, every --checkpoint-minutes, every
+--checkpoint-every steps, on a stop and at the end, with the BN statistics all-reduced
+first), evaluation every --eval-every epochs and at the end. With the defaults this trains
 ResNet-50 on the built-in digits, in a run directory of its own (engine.rundir).
 
 Options are parsed and checked before MPI starts, so --help and a bad option answer at
