@@ -504,7 +504,8 @@ class Trainer:
         # identity: another split continues it, though not bit for bit, see load_checkpoint);
         # data, precision: what engine.evaluate needs to rebuild the model and its data.
         meta = dict(self._run_identity(), world_size=self.world, batch_per_rank=a.batch_per_rank, data=a.data,
-                    precision=a.precision, blas_threads=self.threads, bn_statistics="all ranks' last batches", global_step=self.global_step,
+                    precision=a.precision, blas_threads=self.threads, bn_statistics="all ranks' last batches",
+                    global_step=self.global_step,
                     epoch=self.global_step // self.steps_per_epoch, step=self.global_step % self.steps_per_epoch,
                     random_state={"seed": a.seed, "position": self.global_step},
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})

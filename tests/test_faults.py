@@ -449,7 +449,8 @@ def test_resume_auto_names_a_run_by_its_global_batch_and_still_finds_one_named_t
     assert two == job(1, 32)[0] != job(1, 16)[0]           # the same global batch: the same run
     keys = ("arch", "dataset", "data", "image_size", "batch_per_rank", "seed", "epochs", "schedule",
             "optimizer", "lr", "eta_rms", "momentum", "weight_decay", "label_smoothing")
-    before = rundir.default_run_name(dict({k: getattr(args, k) for k in keys}, world_size=2))  # the names before issue 20
+    # The name that resume auto derived before issue 20:
+    before = rundir.default_run_name(dict({k: getattr(args, k) for k in keys}, world_size=2))
     assert before != two
     (tmp_path / before).mkdir()
     assert job(2, 16)[0] == before                          # a run started before finds its directory
