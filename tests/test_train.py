@@ -225,7 +225,7 @@ def test_a_fresh_run_sets_an_earlier_runs_metrics_aside(tmp_path, capsys):
     fresh = Progress(True, str(tmp_path), total_steps=20, stream=_Stream(False))
     fresh.train(_record(1))
     fresh.close()
-    kept = [p for p in tmp_path.iterdir() if p.name not in ("metrics.jsonl",)]
+    kept = [p for p in tmp_path.iterdir() if p.name not in ("metrics.jsonl", "train.log")]
     assert len(kept) == 1 and kept[0].name.startswith("metrics.") and kept[0].suffix == ".jsonl"
     assert json.loads(kept[0].read_text())["loss"] == 9.0 and str(kept[0]) in capsys.readouterr().err
     assert [json.loads(line)["loss"] for line in open(old)] == [1.25]
