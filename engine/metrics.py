@@ -56,26 +56,62 @@ def format_eval(r: dict) -> str:
             f"top5 {100 * r['top5']:.2f}% loss {r['loss']:.4f} ({r['count']} images, {r['seconds']:.1f} s)")
 
 
-def launcher_terminal(pid: int | None = None) -> str | None:
-    """The terminal the job was launched from, when this process's output reaches it only
-    through mpiexec: under MPICH's hydra a rank's stdout is a pipe to hydra_pmi_proxy, whose
-    output goes through mpiexec, whose stdout may be the user's terminal. Walks up through
-    those launcher processes only (a pipe to `tee` or a log file means lines, not a bar)."""
+def _launchers(pid: int | None = None):
+    """(pid, name) of the launcher processes this one's output passes through under MPICH's
+    hydra (hydra_pmi_proxy, then mpiexec), nearest first; none outside hydra, and no mpiexec
+    on a node other than mpiexec's (the proxy's parent is then sshd or the like)."""
     pid = os.getppid() if pid is None else pid
     for _ in range(3):
         try:
             with open(f"/proc/{pid}/comm") as f:
                 name = f.read().strip()
             if not name.startswith(("hydra_pmi_proxy", "mpiexec")):
-                return None
-            out = os.readlink(f"/proc/{pid}/fd/1")
-            if out.startswith(("/dev/pts/", "/dev/tty")):
-                return out
+                return
+            yield pid, name
             with open(f"/proc/{pid}/stat") as f:
                 pid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
+            return
+
+
+def launcher_terminal(pid: int | None = None) -> str | None:
+    """The terminal the job was launched from, when this process's output reaches it only
+    through mpiexec: under MPICH's hydra a rank's stdout is a pipe to hydra_pmi_proxy, whose
+    output goes through mpiexec, whose stdout may be the user's terminal. Walks up through
+    those launcher processes only (a pipe to `tee` or a log file means lines, not a bar)."""
+    for launcher, _ in _launchers(pid):
+        try:
+            out = os.readlink(f"/proc/{launcher}/fd/1")
+        except OSError:
             return None
+        if out.startswith(("/dev/pts/", "/dev/tty")):
+            return out
     return None
+
+
+def write_past_the_launcher() -> list:
+    """Point this process's stdout and stderr straight at mpiexec's own, where that is a pipe
+    (`mpiexec ... | tee log`): hydra dies of SIGPIPE when it writes into a pipe whose reader
+    has gone (a Ctrl-C kills tee too) and then SIGKILLs every rank, before any checkpoint.
+    Written directly, the broken pipe is this process's own error (Python ignores SIGPIPE),
+    which Progress turns into a stop with a checkpoint, and hydra, with nothing of this
+    rank's to relay, lives. A file or a terminal is left alone (a second descriptor of a
+    file would write at its own offset; a terminal breaks no pipe). Returns the fds moved."""
+    mpiexec = [pid for pid, name in _launchers() if name.startswith("mpiexec")]
+    moved = []
+    for fd in ((1, 2) if mpiexec else ()):
+        path = f"/proc/{mpiexec[0]}/fd/{fd}"
+        try:
+            if not os.readlink(path).startswith("pipe:"):
+                continue
+            target = os.open(path, os.O_WRONLY)
+        except OSError:
+            continue
+        (sys.stdout if fd == 1 else sys.stderr).flush()
+        os.dup2(target, fd)
+        os.close(target)
+        moved.append(fd)
+    return moved
 
 
 def _columns(stream, tty_path: str | None) -> int:

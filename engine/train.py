@@ -762,6 +762,9 @@ def main(argv=None) -> int:
     from engine.metrics import NonFiniteLoss
     from engine.reducer import StartupError
     from mpi4py import MPI  # noqa: F401  MPI_Init first: UCX takes SIGHUP (its debug signal) there
+    if rank == 0:
+        from engine.metrics import write_past_the_launcher
+        write_past_the_launcher()       # a broken `| tee` is then this rank's to handle, not hydra's death
     signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint (the "
                                                     "same signal again: stop at once, or during that save: after it)")
     signals.install()

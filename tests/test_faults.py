@@ -456,3 +456,22 @@ def test_resume_auto_names_a_run_by_its_global_batch_and_still_finds_one_named_t
     assert job(2, 16)[0] == before                          # a run started before finds its directory
     (tmp_path / two).mkdir()
     assert job(2, 16)[0] == two
+
+
+@pytest.mark.slow
+def test_mpiexec_survives_its_reader_going_away_and_the_job_stops_with_a_checkpoint(tmp_path):
+    """`mpiexec -n 2 ... | head`: hydra would die of SIGPIPE at its next write and SIGKILL the
+    ranks; rank 0 writes past it, meets the broken pipe itself, and the job stops as on
+    SIGTERM, its last line in train.log."""
+    import subprocess as sp
+
+    from test_job import MPIEXEC
+    proc = sp.Popen([str(MPIEXEC), "-n", "2", sys.executable, "-m", "engine.train", *TINY, "--max-steps", "400",
+                     "--run-name", "head"], cwd=tmp_path, env=_env(), stdout=sp.PIPE, stderr=sp.STDOUT, text=True)
+    _read_until(proc.stdout, "step 2/")
+    proc.stdout.close()
+    assert proc.wait(timeout=180) == STOPPED_EXIT_CODE
+    (path, step), = _checkpoints(tmp_path / "runs/head/checkpoints")
+    last = (tmp_path / "runs/head/train.log").read_text().splitlines()[-1]
+    assert last.startswith(f"engine.train: stopped by its output pipe closed (SIGPIPE) at step {step}/"), last
+    assert path.split("runs/")[1] in last, last
