@@ -50,6 +50,10 @@ from engine.data import DataError
 # Environment variables by which MPI launchers hand a process its place in a job.
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "HYDRA_", "OMPI_", "MV2_", "I_MPI_", "SLURM_")
 _REGION_ALIGN = 4096        # ring regions start on page boundaries
+# Sources larger than this are named once per process (stderr): an 8000x8000 JPEG stalled
+# its step by 2.8 s (issue 20), decoded in full for a 224 px crop.
+LARGE_IMAGE_PIXELS = 40_000_000
+_named_large: set = set()
 
 
 class WorkerDied(RuntimeError):
@@ -107,7 +111,9 @@ def load_batch(dataset, transform, indices, seed: int, epoch: int, fill: bool, o
     for i in indices:
         try:
             with dataset.open(i) as src:
+                size, t0 = getattr(src, "size", None), time.perf_counter()   # before a draft() shrinks it
                 img = transform(src, sample_rng(seed, epoch, i))
+                _name_if_large(dataset.describe(i), size, time.perf_counter() - t0)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
             failures.append((dataset.describe(i), f"{type(e).__name__}: {e}"))
             continue
@@ -122,6 +128,16 @@ def load_batch(dataset, transform, indices, seed: int, epoch: int, fill: bool, o
             out[readable + k] = out[k]
             labels.append(labels[k])
     return out[:len(labels)], np.asarray(labels, np.int64), failures
+
+
+def _name_if_large(name: str, size, seconds: float) -> None:
+    """One line on stderr the first time this process decodes a source of more than
+    LARGE_IMAGE_PIXELS: it slows every step that meets it, and nothing else would say why."""
+    if isinstance(size, tuple) and size[0] * size[1] > LARGE_IMAGE_PIXELS and name not in _named_large:
+        _named_large.add(name)
+        print(f"engine.loader: {name} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} MP): decoding it took "
+              f"{seconds:.2f} s of its batch; shrink such images in the data set (each is named once)",
+              file=sys.stderr, flush=True)
 
 
 @dataclass

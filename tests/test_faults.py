@@ -475,3 +475,22 @@ def test_mpiexec_survives_its_reader_going_away_and_the_job_stops_with_a_checkpo
     last = (tmp_path / "runs/head/train.log").read_text().splitlines()[-1]
     assert last.startswith(f"engine.train: stopped by its output pipe closed (SIGPIPE) at step {step}/"), last
     assert path.split("runs/")[1] in last, last
+
+
+def test_a_very_large_image_is_named_once_with_its_decode_time(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from engine import data, loader, transforms
+    from test_data import make_imagefolder
+    make_imagefolder(tmp_path, np.random.default_rng(), per_class=2)     # 40x30 images
+    monkeypatch.setattr(loader, "LARGE_IMAGE_PIXELS", 40 * 30 - 1)      # all of them "large" here
+    monkeypatch.setattr(loader, "_named_large", set())
+    train, _ = data.imagefolder(str(tmp_path))
+    with loader.Loader(train, transforms.TrainTransform(16), transforms.ValTransform(16), seed=0) as ld:
+        sampler = loader.ShardSampler(len(train), 0, 1, 3, seed=0)
+        for epoch in (0, 1):
+            list(ld.train_batches(sampler, epoch))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(train) and len({line.split()[1] for line in lines}) == len(train), lines
+    assert all(re.fullmatch(r"engine\.loader: \S+\.JPEG is 40x30 \(0 MP\): decoding it took \d+\.\d\d s of its "
+                            r"batch; shrink such images in the data set \(each is named once\)", ln) for ln in lines)
