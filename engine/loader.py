@@ -36,6 +36,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -231,8 +232,10 @@ class _Worker:
         """What an exit status says: a signal by name, or where the worker's own error is."""
         if code >= 0:
             return "; its error, if it printed one, is above"
-        import signal
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:          # a real-time signal has no name
+            name = f"signal {-code}"
         return f": killed by {name}" + ("; out of memory? see `dmesg`" if -code == signal.SIGKILL else "")
 
     def close(self):
@@ -382,7 +385,6 @@ class Loader:
             if ticket.worker is dead and ticket.task_id not in self._answers:
                 ticket.retried = True
                 self._hand(ticket, fresh)
-                fresh.pending += 1
         return fresh
 
     def _report(self, batch: Batch) -> Batch:
