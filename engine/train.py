@@ -511,9 +511,9 @@ class Trainer:
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
         path = self._checkpoint_path()
         try:
-            with self.signals.writing_file():
+            with self.signals.writing_file():       # the file only: once durable, it is not abandoned
                 checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
-                checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
+            checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
         except SaveAbandoned as e:
             self.abandoned = f"the checkpoint of step {self.global_step} was abandoned ({e}) and not written"
             return
