@@ -104,7 +104,10 @@ def write_past_the_launcher() -> list:
         try:
             if not os.readlink(path).startswith("pipe:"):
                 continue
-            target = os.open(path, os.O_WRONLY)
+            # Non-blocking: opening a pipe for writing would wait for a reader forever; without
+            # one it fails (ENXIO). Writes then block again, as the inherited stdout's do.
+            target = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.set_blocking(target, True)
         except OSError:
             continue
         (sys.stdout if fd == 1 else sys.stderr).flush()
