@@ -1,7 +1,9 @@
 """Checkpoints: one .npz file per save, written atomically, verified when read.
 
-A checkpoint holds named float arrays (parameters, optimizer state) and a JSON header
-(`meta`): what run it belongs to (arch, layout signature, data set, global batch, seed),
+A checkpoint holds named float arrays (parameters, optimizer state, the BN statistics) and
+a JSON header (`meta`): what run it belongs to (arch, layout signature, data set, global
+batch, seed: the run identity; headers written before issue 20 held ranks and images per
+rank instead, read as their product),
 where training stands (epoch, step, global step: the data position and the schedule's
 fractional epoch), the loader's and the run's random state (all randomness in a run is
 counter-based, derived from the seed and the position, so seed + position IS the random
@@ -12,10 +14,14 @@ the final name, then the directory fsync'ed; a crash at any point leaves either 
 file or the new one, never a torn one. Older checkpoints are pruned only after the new
 one is durable, so the previous good checkpoint always survives a failed write.
 
+Names: ckpt-<global step>-<run id>.npz, the run id a hash of the run identity (run_id), so
+runs sharing a directory never write to one name; ckpt-<global step>.npz, the name before
+issue 20, is still listed and read.
+
 Reading: a truncated, corrupt or foreign file raises CheckpointError naming the file;
-resuming from a directory takes the newest checkpoint that verifies and names the ones it
-skipped. Pruning keeps the newest checkpoints of one run, recognised by the run identity
-in each header (not by file name), so runs sharing a directory never delete each other's.
+resuming from a directory takes the newest checkpoint of the run that verifies and names
+the ones it skipped. Pruning keeps the newest checkpoints of one run, recognised by the run
+identity in each header, so runs sharing a directory never delete each other's.
 
 Conv weight layout. Conv weights are OHWI (Cout, KH, KW, Cin) since issue 17 (cuDNN's
 filter layout for NHWC); checkpoints written before hold them HWIO (KH, KW, Cin, Cout),
@@ -27,6 +33,7 @@ without `layout=`, such a checkpoint is refused with a message naming the change
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -37,7 +44,8 @@ import numpy as np
 
 FORMAT = "engine-checkpoint-1"
 CONV_WEIGHTS = "OHWI"           # the conv weight layout of the flat arrays, in each header
-_NAME = re.compile(r"^ckpt-(\d{8})\.npz$")
+# ckpt-<global step>-<run id>.npz; ckpt-<global step>.npz is the name before issue 20 (still read).
+_NAME = re.compile(r"^ckpt-(\d{8})(?:-([0-9a-f]{8}))?\.npz$")
 
 
 class CheckpointError(RuntimeError):
@@ -87,7 +95,16 @@ def load(path: str) -> tuple[dict, dict]:
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this engine (no valid header)")
-    return arrays, meta
+    return arrays, _with_global_batch(meta)
+
+
+def _with_global_batch(meta: dict) -> dict:
+    """A header written before the run identity named the global batch (issue 20) carries
+    ranks x images per rank instead: the same run, whatever rank count continues it."""
+    if "global_batch" not in meta and isinstance(meta.get("world_size"), int) \
+            and isinstance(meta.get("batch_per_rank"), int):
+        return dict(meta, global_batch=meta["world_size"] * meta["batch_per_rank"])
+    return meta
 
 
 def check_compatible(path: str, meta: dict, expected: dict, layout=None) -> None:
@@ -106,8 +123,24 @@ def check_compatible(path: str, meta: dict, expected: dict, layout=None) -> None
                                   + ("and not for this model; " if layout is not None else
                                      "and this run cannot convert it; ")
                                   + f"its layout={have!r}, this run has layout={want!r}; refusing to resume from it")
-        raise CheckpointError(f"{path}: checkpoint was written with {key}={have!r}, "
-                              f"this run has {key}={want!r}; refusing to resume from it")
+        raise CheckpointError(f"{path}: checkpoint was written with {_differences(meta, {key: want})[0]}; "
+                              f"refusing to resume from it")
+
+
+def _differences(meta: dict, expected: dict) -> list:
+    """'key=had, this run has key=wants' for each key of `expected` the header differs on; a
+    global batch says how to keep it at another rank count."""
+    out = []
+    for key, want in expected.items():
+        have = meta.get(key)
+        if have == want:
+            continue
+        text = f"{key}={have!r}, this run has {key}={want!r}"
+        if key == "global_batch" and "world_size" in meta:
+            text += (f" ({meta['world_size']} ranks x {meta.get('batch_per_rank')} images per rank; a job of "
+                     f"another rank count continues the run with --batch-per-rank {have} / ranks)")
+        out.append(text)
+    return out
 
 
 def _is_hwio(meta: dict) -> bool:
@@ -153,15 +186,38 @@ def upgrade_conv_layout(path: str, arrays: dict, meta: dict, layout, say=print) 
     return out, meta
 
 
-def path_for(directory: str, global_step: int) -> str:
-    return os.path.join(directory, f"ckpt-{global_step:08d}.npz")
+def run_id(identity: dict) -> str:
+    """Eight hex digits naming the run `identity` in its checkpoints' file names, so that
+    runs sharing a directory never write to the same name."""
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def path_for(directory: str, global_step: int, run: str | None = None) -> str:
+    """The checkpoint of `global_step` of the run whose run_id is `run` (None: the name
+    checkpoints had before issue 20, which carried the step only)."""
+    return os.path.join(directory, f"ckpt-{global_step:08d}" + (f"-{run}" if run else "") + ".npz")
 
 
 def list_checkpoints(directory: str) -> list:
-    """Checkpoint files in `directory`, oldest first."""
+    """Checkpoint files in `directory` (of every run), oldest step first."""
     if not os.path.isdir(directory):
         return []
-    return [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if _NAME.match(n)]
+    found = [(int(m.group(1)), n) for n in os.listdir(directory) if (m := _NAME.match(n))]
+    return [os.path.join(directory, n) for _, n in sorted(found)]
+
+
+def of_run_by_name(paths: list, identity: dict) -> list:
+    """The checkpoints among `paths` that may belong to the run `identity`: those named with
+    its run_id, and those of the old names (no run id) whose header matches it or cannot be
+    read (a damaged file is reported when it is tried, not silently passed over). The layout
+    signature of an old name is left to check_compatible: it may be the HWIO one it converts."""
+    mine, out = run_id(identity), []
+    for p in paths:
+        m = _NAME.match(os.path.basename(p))
+        if m.group(2) == mine or (m.group(2) is None and ((meta := read_meta(p)) is None or all(
+                meta.get(k) == v for k, v in identity.items() if k != "layout"))):
+            out.append(p)
+    return out
 
 
 def read_meta(path: str) -> dict | None:
@@ -171,7 +227,7 @@ def read_meta(path: str) -> dict | None:
             meta = json.loads(np.lib.format.read_array(f, allow_pickle=False).tobytes().decode())
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, UnicodeDecodeError):
         return None
-    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+    return _with_global_batch(meta) if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def of_run(paths: list, identity: dict) -> list:
@@ -181,13 +237,21 @@ def of_run(paths: list, identity: dict) -> list:
             if (meta := read_meta(p)) is not None and all(meta.get(k) == v for k, v in identity.items())]
 
 
-def newest_intact(resume: str) -> tuple[str, dict, dict, list]:
+def newest_intact(resume: str, identity: dict | None = None) -> tuple[str, dict, dict, list]:
     """(path, arrays, meta, skipped) of --resume FILE, or of the newest checkpoint of --resume
-    DIR that verifies; `skipped` holds the CheckpointError of each newer one that did not."""
+    DIR that verifies; `skipped` holds the CheckpointError of each newer one that did not.
+    With `identity`, only the checkpoints of that run in DIR are candidates (of_run_by_name);
+    a DIR holding only other runs' checkpoints raises, naming what differs in the newest."""
     if os.path.isdir(resume):
         candidates = list_checkpoints(resume)[::-1]
         if not candidates:
             raise CheckpointError(f"{resume}: --resume names a directory without checkpoints (ckpt-*.npz)")
+        if identity is not None:
+            foreign, candidates = candidates, of_run_by_name(candidates, identity)
+            if not candidates:
+                differ = "; ".join(_differences(read_meta(foreign[0]) or {}, identity)[:3])
+                raise CheckpointError(f"{resume}: no checkpoint of this run there ({len(foreign)} of other runs; "
+                                      f"the newest, {foreign[0]}, was written with {differ})")
     elif os.path.exists(resume):
         candidates = [resume]
     else:

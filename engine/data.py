@@ -205,8 +205,15 @@ def imagefolder(root: str) -> tuple[FolderDataset, FolderDataset]:
     """root/train/<class>/*.JPEG and root/val/<class>/*.JPEG; classes numbered in sorted order."""
     if not root:
         raise DataError("--dataset imagefolder needs --data DIR (ImageNet layout)")
-    train_paths, train_labels, classes = _list_split(os.path.join(root, "train"), None)
-    val_paths, val_labels, _ = _list_split(os.path.join(root, "val"), classes)
+    if not os.path.isdir(root):
+        what = "is a file, not a directory" if os.path.exists(root) else "no such directory"
+        raise DataError(f"--data {root}: {what} (expected ImageNet layout DIR/train/<class>/*.JPEG and "
+                        f"DIR/val/<class>/*.JPEG)")
+    try:
+        train_paths, train_labels, classes = _list_split(os.path.join(root, "train"), None)
+        val_paths, val_labels, _ = _list_split(os.path.join(root, "val"), classes)
+    except OSError as e:        # a symlink loop, an unreadable folder: the path it names is enough
+        raise DataError(f"--data {root}: cannot list {e.filename}: {e.strerror or e}") from None
     return (FolderDataset(train_paths, train_labels, classes, name=f"{root}/train"),
             FolderDataset(val_paths, val_labels, classes, name=f"{root}/val"))
 

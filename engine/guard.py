@@ -20,6 +20,7 @@ twice the timeout reports that and aborts. An asynchronous NCCL error ends the j
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -86,26 +87,91 @@ def on_every_rank(world, fn, errors):
     raise error
 
 
-class StopSignals:
-    """The first SIGTERM or SIGINT is remembered (`received`): the job stops at the next step
-    boundary agreed by all ranks and saves a checkpoint. The handler then restores the
-    default action for that signal, so a second one ends the process at once. (Under
-    mpiexec, hydra forwards the first Ctrl-C to every rank and kills the job on the second.)"""
+class SaveAbandoned(BaseException):
+    """Raised inside a stop's save by StopSignals when the user insists (a third signal) or
+    its grace time runs out: the save removes its temporary file and the job ends saying so.
+    A BaseException, so no `except Exception` on the way swallows it."""
 
-    def __init__(self, notice: str | None = None):
+
+class StopSignals:
+    """The first SIGTERM, SIGINT or SIGHUP (a closed terminal, where it reaches the process)
+    is remembered (`received`): the job stops at the next step boundary agreed by all ranks
+    and saves a checkpoint. `request(signum)` does the same from inside the job (SIGPIPE:
+    its output pipe closed).
+
+    A second signal ends the process at once (the default action), except during the stop's
+    save (`protect_save`, on every rank until rank 0's checkpoint is durable): then it is
+    deferred and the save goes on for at most `grace_s`; a third signal, or the end of the
+    grace, abandons the file being written (`writing`: SaveAbandoned is raised inside it,
+    engine.checkpoint.save removes its temporary file) or, outside it, ends the process.
+    Under mpiexec, hydra kills every rank itself on a second Ctrl-C: nothing here can
+    defer that."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, notice: str | None = None, grace_s: float = 60.0):
         self.received = 0          # signal number, 0: none
         self.notice = notice       # printed when the first signal arrives (by one rank only)
+        self.grace_s = grace_s
+        self.saving = self.writing = False
+        self.insisted = 0          # signals received during the stop's save
 
     def install(self) -> "StopSignals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._on_signal)
         return self
 
-    def _on_signal(self, signum, frame) -> None:
-        signal.signal(signum, signal.SIG_DFL)
-        if not self.received and self.notice:
-            os.write(2, f"{signal.Signals(signum).name}: {self.notice}\n".encode())
+    def request(self, signum: int) -> None:
+        """Stop at the next step boundary as if `signum` had arrived (once)."""
         self.received = self.received or signum
+
+    def _say(self, text: str) -> None:
+        if self.notice:             # the rank that reports; stderr may be gone as well
+            try:
+                os.write(2, f"{text}\n".encode())
+            except OSError:
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.received:
+            self._say(f"{name}: {self.notice}")
+            self.received = signum
+            return
+        if self.saving and not self.insisted:
+            self.insisted = 1
+            self._say(f"{name} again: finishing the checkpoint being written (at most {self.grace_s:g} s; "
+                      f"once more abandons it)")
+            signal.signal(signal.SIGALRM, self._on_grace_over)
+            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+            return
+        if self.writing:
+            raise SaveAbandoned(f"{name} a third time")
+        signal.signal(signum, signal.SIG_DFL)       # not saving, or insisting: end at once
+        os.kill(os.getpid(), signum)
+
+    def _on_grace_over(self, signum, frame) -> None:
+        if self.writing:
+            raise SaveAbandoned(f"still writing {self.grace_s:g} s after the second signal")
+
+    @contextlib.contextmanager
+    def protect_save(self):
+        """The stop's save on every rank, until rank 0's file is durable (see the class)."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    @contextlib.contextmanager
+    def writing_file(self):
+        """Rank 0 writing the checkpoint: what a third signal abandons."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
 
 
 def _on_exception(exc_type, exc, tb, where: str, world) -> None:

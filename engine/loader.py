@@ -22,6 +22,11 @@ pixels there, and only the labels and the names of unreadable files come back th
 its stdout, so no batch of pixels is ever pickled. Up to `prefetch` batches per worker
 per pass are in flight before the step asks for them.
 
+A worker killed by a signal (the out-of-memory killer, a stray kill) is replaced once per
+task, with one warning naming the signal, and its unfinished tasks are handed to the new
+worker: batches depend only on the seed, the epoch and the indices, so nothing is lost. A
+worker that exits by itself, or dies again on the same task, raises WorkerDied.
+
 A file that cannot be read or decoded is reported (its path and the error) and skipped:
 in training its slot is filled with another image of the same batch, so batch shapes
 stay fixed; in evaluation it is left out of the counts.
@@ -31,6 +36,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,11 +51,15 @@ from engine.data import DataError
 # Environment variables by which MPI launchers hand a process its place in a job.
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "HYDRA_", "OMPI_", "MV2_", "I_MPI_", "SLURM_")
 _REGION_ALIGN = 4096        # ring regions start on page boundaries
+# Sources larger than this are named once per process (stderr): an 8000x8000 JPEG stalled
+# its step by 2.8 s (issue 20), decoded in full for a 224 px crop.
+LARGE_IMAGE_PIXELS = 40_000_000
+_named_large: set = set()
 
 
 class WorkerDied(RuntimeError):
-    """A data-loader worker process is gone (killed, out of memory, crashed): the rank
-    cannot get its batches. Its own error, if it printed one, is above this message."""
+    """A data-loader worker process is gone (crashed, or killed again after a restart): the
+    rank cannot get its batches. The message names its exit status or signal."""
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -102,7 +112,9 @@ def load_batch(dataset, transform, indices, seed: int, epoch: int, fill: bool, o
     for i in indices:
         try:
             with dataset.open(i) as src:
+                size, t0 = getattr(src, "size", None), time.perf_counter()   # before a draft() shrinks it
                 img = transform(src, sample_rng(seed, epoch, i))
+                _name_if_large(dataset.describe(i), size, time.perf_counter() - t0)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
             failures.append((dataset.describe(i), f"{type(e).__name__}: {e}"))
             continue
@@ -117,6 +129,16 @@ def load_batch(dataset, transform, indices, seed: int, epoch: int, fill: bool, o
             out[readable + k] = out[k]
             labels.append(labels[k])
     return out[:len(labels)], np.asarray(labels, np.int64), failures
+
+
+def _name_if_large(name: str, size, seconds: float) -> None:
+    """One line on stderr the first time this process decodes a source of more than
+    LARGE_IMAGE_PIXELS: it slows every step that meets it, and nothing else would say why."""
+    if isinstance(size, tuple) and size[0] * size[1] > LARGE_IMAGE_PIXELS and name not in _named_large:
+        _named_large.add(name)
+        print(f"engine.loader: {name} is {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.0f} MP): decoding it took "
+              f"{seconds:.2f} s of its batch; shrink such images in the data set (each is named once)",
+              file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -201,7 +223,20 @@ class _Worker:
 
     def _died(self) -> "WorkerDied":
         code = self.proc.wait()
-        return WorkerDied(f"data loader worker {self.wid} died (exit code {code}); see its error above")
+        error = WorkerDied(f"data loader worker {self.wid} died (exit code {code}{self.cause(code)})")
+        error.signal = -code if code < 0 else 0
+        return error
+
+    @staticmethod
+    def cause(code: int) -> str:
+        """What an exit status says: a signal by name, or where the worker's own error is."""
+        if code >= 0:
+            return "; its error, if it printed one, is above"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:          # a real-time signal has no name
+            name = f"signal {-code}"
+        return f": killed by {name}" + ("; out of memory? see `dmesg`" if -code == signal.SIGKILL else "")
 
     def close(self):
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -215,11 +250,14 @@ class _Worker:
 
 @dataclass
 class _Ticket:
-    """A task handed to a worker, until its batch is collected."""
+    """A task handed to a worker, until its batch is collected (handed again to the
+    worker that replaces a killed one)."""
     task_id: int
     worker: _Worker
     region: tuple
     shape: tuple                    # of the full batch; fewer rows come back if files fail
+    task: tuple                     # (kind, indices, epoch, fill)
+    retried: bool = False
 
 
 class Loader:
@@ -243,8 +281,10 @@ class Loader:
         self._reported: set = set()
         self._answers: dict = {}    # task id -> answer read while waiting for an earlier task
         self._next_task = 0
-        setup = pickle.dumps((self.splits, seed), protocol=pickle.HIGHEST_PROTOCOL)
-        self.workers = [_Worker(k, setup) for k in range(workers)]
+        self._setup = pickle.dumps((self.splits, seed), protocol=pickle.HIGHEST_PROTOCOL)
+        self.workers = [_Worker(k, self._setup) for k in range(workers)]
+        self._uncollected: list = []    # tickets handed out and not yet collected
+        self._retired: list = []        # killed workers, whose rings may hold answers still
 
     def train_batches(self, sampler: ShardSampler, epoch: int, start_step: int = 0):
         """Yields (step, Batch) for steps start_step.. of `epoch` on this rank."""
@@ -293,27 +333,59 @@ class Loader:
         """Hands the task to the worker with the fewest uncollected tasks."""
         worker = min(self.workers, key=lambda w: w.pending)
         shape = (len(idx),) + self.splits[kind][1].output_shape
-        region = worker.ring.acquire(int(np.prod(shape)))
-        ticket = _Ticket(self._next_task, worker, region, shape)
-        self._next_task += 1
-        worker.send((ticket.task_id, kind, np.asarray(idx), epoch, fill, region[0], worker.ring.size))
+        ticket = _Ticket(-1, worker, (0, 0), shape, (kind, np.asarray(idx), epoch, fill))
+        try:
+            self._hand(ticket, worker)
+        except WorkerDied as died:      # it was gone before this task reached it
+            if not died.signal:
+                raise
+            self._hand(ticket, self._replace(worker, died))
+        self._uncollected.append(ticket)
         return ticket
+
+    def _hand(self, ticket: _Ticket, worker: _Worker) -> None:
+        kind, idx, epoch, fill = ticket.task
+        ticket.worker, ticket.task_id = worker, self._next_task
+        ticket.region = worker.ring.acquire(int(np.prod(ticket.shape)))
+        self._next_task += 1
+        worker.send((ticket.task_id, kind, idx, epoch, fill, ticket.region[0], worker.ring.size))
 
     def _collect(self, ticket: _Ticket) -> Batch:
         """Waits for the ticket's answer (stashing the worker's answers to other passes' tasks)."""
-        worker = ticket.worker
-        try:
-            while ticket.task_id not in self._answers:
-                task_id, status, payload = worker.receive()
-                self._answers[task_id] = (status, payload)
+        while True:
+            worker = ticket.worker
+            try:
+                while ticket.task_id not in self._answers:
+                    task_id, status, payload = worker.receive()
+                    self._answers[task_id] = (status, payload)
+            except WorkerDied as died:
+                if not died.signal or ticket.retried:
+                    self._uncollected.remove(ticket)
+                    raise
+                self._replace(worker, died)
+                continue
+            self._uncollected.remove(ticket)
+            worker.pending -= 1
+            worker.ring.release(ticket.region)
             status, payload = self._answers.pop(ticket.task_id)
             if status == "error":
                 raise DataError(payload)
             count, labels, failures = payload
             return Batch(worker.ring.copy_out(ticket.region[0], (count,) + ticket.shape[1:]), labels, failures)
-        finally:
-            worker.pending -= 1
-            worker.ring.release(ticket.region)
+
+    def _replace(self, dead: _Worker, died: WorkerDied) -> _Worker:
+        """A new worker in the killed one's place, given every task the dead one had not
+        answered. Its ring stays mapped until close(): the answers it sent before dying
+        are collected from there."""
+        fresh = _Worker(dead.wid, self._setup)
+        self.workers[self.workers.index(dead)] = fresh
+        self._retired.append(dead)
+        self.warn(f"{died}: started a new one, which redoes its unfinished batches")
+        for ticket in self._uncollected:
+            if ticket.worker is dead and ticket.task_id not in self._answers:
+                ticket.retried = True
+                self._hand(ticket, fresh)
+        return fresh
 
     def _report(self, batch: Batch) -> Batch:
         for name, err in batch.failures:
@@ -324,9 +396,9 @@ class Loader:
 
     def close(self):
         """Stops the workers; safe to call more than once."""
-        for w in self.workers:
+        for w in self.workers + self._retired:
             w.close()
-        self.workers = []
+        self.workers, self._retired = [], []
 
     def __enter__(self):
         return self

@@ -13,7 +13,11 @@ step has exactly one train row. A failed write (full disk) is reported once and 
 stops training: the row is lost and the file cut back to its last whole line.
 
 Display: a bar redrawn in place when the user's terminal is a terminal (see
-`launcher_terminal`), else a plain line every `print_every` steps.
+`launcher_terminal`), else a plain line every `print_every` steps. Every line rank 0 prints
+(messages, warnings, the plain progress lines) is also appended to train.log beside
+metrics.jsonl: the job's own log, whatever became of its stdout. When stdout is a pipe
+whose reader has gone (`... | head`, a killed `tee`), its lines go on to stderr, the stream
+is pointed at /dev/null (no error at exit), and `on_broken_output()` is called once.
 """
 from __future__ import annotations
 
@@ -52,26 +56,65 @@ def format_eval(r: dict) -> str:
             f"top5 {100 * r['top5']:.2f}% loss {r['loss']:.4f} ({r['count']} images, {r['seconds']:.1f} s)")
 
 
-def launcher_terminal(pid: int | None = None) -> str | None:
-    """The terminal the job was launched from, when this process's output reaches it only
-    through mpiexec: under MPICH's hydra a rank's stdout is a pipe to hydra_pmi_proxy, whose
-    output goes through mpiexec, whose stdout may be the user's terminal. Walks up through
-    those launcher processes only (a pipe to `tee` or a log file means lines, not a bar)."""
+def _launchers(pid: int | None = None):
+    """(pid, name) of the launcher processes this one's output passes through under MPICH's
+    hydra (hydra_pmi_proxy, then mpiexec), nearest first; none outside hydra, and no mpiexec
+    on a node other than mpiexec's (the proxy's parent is then sshd or the like)."""
     pid = os.getppid() if pid is None else pid
     for _ in range(3):
         try:
             with open(f"/proc/{pid}/comm") as f:
                 name = f.read().strip()
             if not name.startswith(("hydra_pmi_proxy", "mpiexec")):
-                return None
-            out = os.readlink(f"/proc/{pid}/fd/1")
-            if out.startswith(("/dev/pts/", "/dev/tty")):
-                return out
+                return
+            yield pid, name
             with open(f"/proc/{pid}/stat") as f:
                 pid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
+            return
+
+
+def launcher_terminal(pid: int | None = None) -> str | None:
+    """The terminal the job was launched from, when this process's output reaches it only
+    through mpiexec: under MPICH's hydra a rank's stdout is a pipe to hydra_pmi_proxy, whose
+    output goes through mpiexec, whose stdout may be the user's terminal. Walks up through
+    those launcher processes only (a pipe to `tee` or a log file means lines, not a bar)."""
+    for launcher, _ in _launchers(pid):
+        try:
+            out = os.readlink(f"/proc/{launcher}/fd/1")
+        except OSError:
             return None
+        if out.startswith(("/dev/pts/", "/dev/tty")):
+            return out
     return None
+
+
+def write_past_the_launcher() -> list:
+    """Point this process's stdout and stderr straight at mpiexec's own, where that is a pipe
+    (`mpiexec ... | tee log`): hydra dies of SIGPIPE when it writes into a pipe whose reader
+    has gone (a Ctrl-C kills tee too) and then SIGKILLs every rank, before any checkpoint.
+    Written directly, the broken pipe is this process's own error (Python ignores SIGPIPE),
+    which Progress turns into a stop with a checkpoint, and hydra, with nothing of this
+    rank's to relay, lives. A file or a terminal is left alone (a second descriptor of a
+    file would write at its own offset; a terminal breaks no pipe). Returns the fds moved."""
+    mpiexec = [pid for pid, name in _launchers() if name.startswith("mpiexec")]
+    moved = []
+    for fd in ((1, 2) if mpiexec else ()):
+        path = f"/proc/{mpiexec[0]}/fd/{fd}"
+        try:
+            if not os.readlink(path).startswith("pipe:"):
+                continue
+            # Non-blocking: opening a pipe for writing would wait for a reader forever; without
+            # one it fails (ENXIO). Writes then block again, as the inherited stdout's do.
+            target = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.set_blocking(target, True)
+        except OSError:
+            continue
+        (sys.stdout if fd == 1 else sys.stderr).flush()
+        os.dup2(target, fd)
+        os.close(target)
+        moved.append(fd)
+    return moved
 
 
 def _columns(stream, tty_path: str | None) -> int:
@@ -159,18 +202,20 @@ class Progress:
     the job's launcher writes to one (launcher_terminal), else lines."""
 
     def __init__(self, active: bool, log_dir: str | None, total_steps: int, print_every: int = 10,
-                 stream=None, resume_step: int | None = None, mode: str = "auto"):
+                 stream=None, resume_step: int | None = None, mode: str = "auto", on_broken_output=None):
         self.active, self.total, self.every = active, total_steps, max(1, print_every)
         self.stream = stream or sys.stdout
+        self.on_broken_output = on_broken_output or (lambda: None)
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         launcher = None if tty or mode != "auto" else launcher_terminal()
         self.tty = active and (mode == "bar" or (mode == "auto" and (tty or launcher is not None)))
         self.columns = _columns(self.stream, launcher) if self.tty else 0
-        self.file = None
+        self.file = self.log_fd = None
         self.t0 = time.time()
         if active and log_dir:
             os.makedirs(log_dir, exist_ok=True)
             self.file = MetricsFile(os.path.join(log_dir, "metrics.jsonl"), resume_step, self.warn)
+            self.log_fd = os.open(os.path.join(log_dir, "train.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _record(self, kind: str, r: dict) -> None:
         if self.file:
@@ -189,8 +234,9 @@ class Progress:
             fill = int(BAR_WIDTH * r["step"] / max(1, self.total))
             line = (f"[{'#' * fill}{'.' * (BAR_WIDTH - fill)}] step {r['step']}/{r['total_steps']} loss "
                     f"{r['loss']:.4f} top1 {100 * r['top1']:.1f}% {r['images_per_s']:.0f} img/s | {format_train(r)}")
-            self.stream.write(f"\r{line[:max(BAR_WIDTH + 2, self.columns - 1)]}\x1b[K")
-            self.stream.flush()
+            self._emit(f"\r{line[:max(BAR_WIDTH + 2, self.columns - 1)]}\x1b[K", self.stream, end="")
+            if r["step"] % self.every == 0 or r["step"] == self.total:
+                self._log(format_train(r))
         elif r["step"] % self.every == 0 or r["step"] == self.total:
             self.message(format_train(r))
 
@@ -203,14 +249,50 @@ class Progress:
         """A line of its own (on a terminal, below the bar, which is redrawn next step)."""
         if self.active:
             prefix = "\r\x1b[K" if self.tty else ""
-            print(prefix + text, file=self.stream, flush=True)
+            self._emit(prefix + text, self.stream)
+            self._log(text)
 
     def warn(self, text: str) -> None:
         """A line on stderr (rank 0's only reporter of trouble that does not stop the job)."""
         if self.active:
-            print(f"[rank 0] engine.train: {text}", file=sys.stderr, flush=True)
+            self._emit(f"[rank 0] engine.train: {text}", sys.stderr)
+            self._log(f"[rank 0] engine.train: {text}")
+
+    def _emit(self, text: str, stream, end: str = "\n") -> None:
+        try:
+            stream.write(text + end)
+            stream.flush()
+        except (BrokenPipeError, ValueError):   # the reader is gone (ValueError: closed earlier)
+            self._output_gone(stream)
+            if stream is self.stream and stream is not sys.stderr:
+                self.stream, self.tty = sys.stderr, False
+                self.on_broken_output()
+                self._emit(text.lstrip("\r"), self.stream, end="\n")
+
+    @staticmethod
+    def _output_gone(stream) -> None:
+        """Point the stream's descriptor at /dev/null: what is still buffered, and any later
+        write, goes nowhere instead of raising again (also at interpreter exit)."""
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _log(self, text: str) -> None:
+        """train.log; a failed write (full disk) is not reported again: metrics.jsonl in the
+        same directory reports it."""
+        if self.log_fd is not None:
+            try:
+                os.write(self.log_fd, (text + "\n").encode())
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.file:
             self.file.close()
             self.file = None
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None

@@ -3,13 +3,15 @@
     runs/<run name>/                 the run directory (--runs-dir, --run-name); --log-dir
         .lock                        flock'ed by rank 0 of the job using it: "host H pid P since T"
         metrics.jsonl                engine.metrics
-        checkpoints/                 --checkpoint-dir: ckpt-*.npz (engine.checkpoint), its own .lock
+        train.log                    every line rank 0 prints (engine.metrics)
+        checkpoints/                 --checkpoint-dir: ckpt-<step>-<run id>.npz (engine.checkpoint), its own .lock
 
 The run name of a fresh run defaults to rank 0's start time (20261130-203501, "-2" added
 if that directory exists). A job that may be a resubmission (--resume auto) cannot use the
 clock: without --run-name its name is derived from the settings that define the run
-(arch-dataset-<hash of arch, data, size, ranks, batch, seed, epochs, recipe>), so the same
-command line finds the same directory every time.
+(arch-dataset-<hash of arch, data, size, global batch, seed, epochs, recipe>), so the same
+command line finds the same directory every time, also at another rank count with the same
+global batch (a run named before issue 20 by ranks and images per rank is found by that name).
 
 Every check here runs on rank 0 only (the directories may be shared by all ranks); the
 verdict reaches every rank through `decided_by_rank0`, so a refusal is printed once and
@@ -45,14 +47,17 @@ def default_run_name(settings: dict | None) -> str:
 
 def claim_new(runs_dir: str, name: str) -> str:
     """Create runs_dir/name, or name-2, name-3... if taken (mkdir is the atomic claim)."""
-    os.makedirs(runs_dir, exist_ok=True)
     for n in range(1, 1000):
         path = os.path.join(runs_dir, name if n == 1 else f"{name}-{n}")
         try:
+            os.makedirs(runs_dir, exist_ok=True)
             os.mkdir(path)
             return path
         except FileExistsError:
             continue
+        except OSError as e:    # read-only, full, not a directory: the option, not an errno
+            raise RunDirError(f"--runs-dir {runs_dir}: cannot create a run directory there "
+                              f"({e.strerror or e})") from None
     raise RunDirError(f"{runs_dir}: no free run directory named {name}-N")
 
 
@@ -71,9 +76,13 @@ class RunLock:
             os.close(fd)
             raise RunDirError(f"{option} {directory} is in use by another job ({holder}); wait for it "
                               f"to end, or give this job another --run-name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as e:    # a full disk: the probe file of check_writable took no space
+            os.close(fd)
+            raise RunDirError(f"{option} {directory}: cannot write there ({e.strerror or e})") from None
         self.fd = fd
 
     def release(self) -> None:
@@ -93,13 +102,14 @@ def check_writable(directory: str, option: str) -> None:
         raise RunDirError(f"{option} {directory}: cannot write there ({e.strerror or e})") from None
 
 
-def check_room(directory: str, need_bytes: int, option: str) -> None:
-    """Refuse a directory with less free space than `need_bytes` (one more checkpoint)."""
+def check_room(directory: str, need_bytes: int, option: str, what: str = "a checkpoint needs") -> None:
+    """Refuse a directory with less free space than `need_bytes` (`what`: who needs them)."""
     st = os.statvfs(directory)
     free = st.f_bavail * st.f_frsize
     if free < need_bytes:
-        raise RunDirError(f"{option} {directory}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
-                          f"{need_bytes / 2**20:.0f} MiB; free some space or choose another directory")
+        raise RunDirError(f"{option} {directory}: {free / 2**20:.0f} MiB free, {what} about "
+                          f"{need_bytes / 2**20:.0f} MiB; free some space, lower --keep-checkpoints or choose "
+                          f"another directory")
 
 
 def is_environment_error(exc: BaseException) -> bool:

@@ -13,18 +13,20 @@ late (engine.stepstats), so step s's progress line and its NaN check come after 
 is enqueued, and the last step's after the loop. Only --trace synchronizes inside a step.
 
 Then the progress line and the metrics file (rank 0), the step-boundary agreement of all
-ranks (engine.control: stop on SIGTERM/SIGINT, periodic checkpoint due), checkpoints (rank 0
-writes, every --checkpoint-minutes, every --checkpoint-every steps, on a stop and at the
-end), evaluation every --eval-every epochs and at the end. With the defaults this trains
+ranks (engine.control: stop on SIGTERM, SIGINT, SIGHUP or a closed stdout, periodic
+checkpoint due), checkpoints (rank 0 writes, every --checkpoint-minutes, every
+--checkpoint-every steps, on a stop and at the end, with the BN statistics all-reduced
+first), evaluation every --eval-every epochs and at the end. With the defaults this trains
 ResNet-50 on the built-in digits, in a run directory of its own (engine.rundir).
 
 Options are parsed and checked before MPI starts, so --help and a bad option answer at
 once, naming the option, printed by rank 0 only.
 
 Exit status: 0 done (or the run was already complete); 1 an error (its message says which
-rank and why); 2 a usage error or a start-up refusal (locked, unwritable or full directory,
-unusable checkpoint); 3 the watchdog found a stuck collective; 75 (STOPPED_EXIT_CODE)
-stopped by SIGTERM/SIGINT after saving a checkpoint: resubmit with --resume auto.
+rank and why), or trained but the final model not saved (the last line says so); 2 a usage
+error or a start-up refusal (locked, unwritable or full directory, unusable checkpoint); 3
+the watchdog found a stuck collective; 75 (STOPPED_EXIT_CODE) stopped by SIGTERM, SIGINT,
+SIGHUP or a closed output pipe after saving a checkpoint: resubmit with --resume auto.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import argparse
 import contextlib
 import math
 import shlex
+import signal
 import sys
 import time
 
@@ -138,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a name derived from the run's settings, so a resubmitted command finds its run)")
     g.add_argument("--checkpoint-dir",
                    help="where checkpoints go (written by rank 0, atomically; default: RUN_DIR/checkpoints)")
-    g.add_argument("--checkpoint-minutes", type=float, default=10.0,
-                   help="save a checkpoint every this many minutes of the job, by rank 0's clock (0: off)")
+    g.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="save a checkpoint every this many minutes of the job, by rank 0's clock (0: off); "
+                        "a kill -9 or a dead node loses at most this much work (a ResNet-50 save took 1 s here)")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="also save a checkpoint every this many steps (0: off); one is always saved at "
                         "the end and when SIGTERM or SIGINT stops the job")
@@ -254,13 +258,14 @@ class Trainer:
         self.train_set, self.val_set = on_every_rank(
             MPI.COMM_WORLD, lambda: build_datasets(a.dataset, data_dir=a.data, image_size=a.image_size, seed=a.seed),
             DataError)
+        world, ts = MPI.COMM_WORLD, self.train_set
+        self.sampler = on_every_rank(    # a global batch larger than the data set: also said once
+            world, lambda: ShardSampler(len(ts), world.rank, world.size, a.batch_per_rank, a.seed), DataError)
         self.locks = []
-        self._prepare_run_dir(MPI.COMM_WORLD)   # after the device checks: a job they stop leaves no run directory
+        self._prepare_run_dir(world)   # after the device checks: a job they stop leaves no run directory
         self.comm = comm = create_communicator(be)
         self.rank, self.world = comm.rank, comm.size
         self.threads = limit_blas_threads(a.threads)
-        ts = self.train_set
-        self.sampler = ShardSampler(len(ts), self.rank, self.world, a.batch_per_rank, a.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = max(1, round(a.epochs * self.steps_per_epoch))
         self.stop_step = min(self.total_steps, a.max_steps) if a.max_steps else self.total_steps
@@ -291,11 +296,18 @@ class Trainer:
         if a.trace:     # a common mark on every rank's clock, so `trace merge` lines ranks up
             self.timeline.sync(comm)
         self.resume_from = self._choose_checkpoint(MPI.COMM_WORLD)
+        self.signals = signals or StopSignals()
+        # A closed output pipe stops the job as a signal would (the pipe's reader is gone:
+        # whoever watched it would not see the job's end), its lines go on to stderr and train.log.
         self.progress = Progress(self.rank == 0, a.log_dir, self.total_steps, a.print_every,
-                                 resume_step=self.resume_from and self.resume_from["step"], mode=a.progress)
+                                 resume_step=self.resume_from and self.resume_from["step"], mode=a.progress,
+                                 on_broken_output=lambda: self.signals.request(signal.SIGPIPE))
         self.global_step = self.saved_step = 0
         self.saved_path, self.save_failing, self.stopped_by, self.exit_status = None, False, 0, 0
-        self.control = StepControl(MPI.COMM_WORLD, signals or StopSignals(), 60 * a.checkpoint_minutes)
+        self.abandoned = None           # why the stop's save was abandoned (StopSignals)
+        self.save_error = None          # why the newest save failed, while saves fail
+        self.bn_synced_at = -1          # the global step whose BN statistics were last all-reduced
+        self.control = StepControl(MPI.COMM_WORLD, self.signals, 60 * a.checkpoint_minutes)
         self.stats = StepStats(be, comm)
         self.grad_scale = 1.0 / self.world      # the all-reduce sums; the update averages
         self.graphed = None
@@ -385,12 +397,28 @@ class Trainer:
 
     # ---- run directory and checkpoints ---------------------------------------------------------
 
-    def _settings(self, world_size: int) -> dict:
-        """The options that define a run: a resubmittable job's default name is made from them."""
+    def _settings(self, world_size: int, legacy: bool = False) -> dict:
+        """The options that define a run: a resubmittable job's default name is made from them.
+        The global batch, not ranks x images per rank: a job resubmitted at another rank count
+        with the same global batch finds its run. legacy: the settings names were made of
+        before issue 20 (ranks and images per rank), to find a run started then."""
         a = self.args
-        keys = ("arch", "dataset", "data", "image_size", "batch_per_rank", "seed", "epochs", "schedule",
+        keys = ("arch", "dataset", "data", "image_size", "seed", "epochs", "schedule",
                 "optimizer", "lr", "eta_rms", "momentum", "weight_decay", "label_smoothing")
-        return dict({k: getattr(a, k) for k in keys}, world_size=world_size)
+        if legacy:
+            return dict({k: getattr(a, k) for k in keys}, batch_per_rank=a.batch_per_rank, world_size=world_size)
+        return dict({k: getattr(a, k) for k in keys}, global_batch=a.batch_per_rank * world_size)
+
+    def _default_run_name(self, world_size: int) -> str:
+        from engine import rundir
+        if self.args.resume != "auto":
+            return rundir.default_run_name(None)
+        name = rundir.default_run_name(self._settings(world_size))
+        legacy = rundir.default_run_name(self._settings(world_size, legacy=True))
+        runs = self.args.runs_dir
+        if not os.path.exists(os.path.join(runs, name)) and os.path.isdir(os.path.join(runs, legacy)):
+            return legacy
+        return name
 
     def _prepare_run_dir(self, world) -> None:
         """Rank 0 names the run, locks its directories, checks they are writable and removes
@@ -399,7 +427,7 @@ class Trainer:
         a = self.args
 
         def decide():
-            name = a.run_name or rundir.default_run_name(self._settings(world.size) if a.resume == "auto" else None)
+            name = a.run_name or self._default_run_name(world.size)
             run_dir = os.path.join(a.runs_dir, name)
             if not (a.log_dir and (a.checkpoint_dir or a.no_checkpoint)) and not a.run_name and a.resume != "auto":
                 run_dir = rundir.claim_new(a.runs_dir, name)
@@ -427,40 +455,72 @@ class Trainer:
 
         def decide():
             found = [] if a.no_checkpoint else checkpoint.list_checkpoints(a.checkpoint_dir)
-            if not a.no_checkpoint:     # parameters, two optimizer buffers, a little header
-                rundir.check_room(a.checkpoint_dir, 3 * self.model.params.nbytes + 2**20, "--checkpoint-dir")
+            mine = checkpoint.of_run(found, self._run_identity())
+            if not a.no_checkpoint:
+                # The run's saves need room for --keep-checkpoints of them, plus the next one
+                # while it is written (older ones are pruned only after it is durable).
+                room = max(1, a.keep_checkpoints + 1 - len(mine))
+                rundir.check_room(a.checkpoint_dir, room * self.checkpoint_bytes(), "--checkpoint-dir",
+                                  f"{room} checkpoint(s) (--keep-checkpoints {a.keep_checkpoints} and the next save "
+                                  f"while it is written) need")
             if a.resume == "auto":
                 source = a.checkpoint_dir if found else None
             else:
                 source = a.resume
             if source is None:
-                mine = checkpoint.of_run(found, self._run_identity())
                 if mine:
                     raise rundir.Refused(f"{a.checkpoint_dir} already holds checkpoints of this run (newest "
                                          f"{mine[-1]}): continue it with --resume auto, or start another run "
                                          f"with another --run-name")
                 return None
-            path, _, meta, skipped = checkpoint.newest_intact(source)
+            path, _, meta, skipped = checkpoint.newest_intact(source, self._run_identity())
             checkpoint.check_compatible(path, meta, self._run_identity(), layout=self.model.layout)
             return dict(path=path, step=int(meta["global_step"]), skipped=[str(e) for e in skipped])
 
         return rundir.decided_by_rank0(world, decide)
 
     def _run_identity(self) -> dict:
-        """What must match for a checkpoint to continue this run's trajectory."""
+        """What must match for a checkpoint to continue this run's trajectory. The global batch,
+        not the rank count: the data order, augmentation and schedule depend only on it, the
+        seed and the global step, so a job of another rank count may continue the run."""
         a = self.args
         return dict(arch=a.arch, layout=self.model.layout.signature(), dataset=a.dataset,
-                    image_size=a.image_size, num_classes=self.train_set.num_classes, world_size=self.world,
-                    batch_per_rank=a.batch_per_rank, seed=a.seed, epochs=a.epochs, schedule=a.schedule,
+                    image_size=a.image_size, num_classes=self.train_set.num_classes,
+                    global_batch=self.sampler.global_batch, seed=a.seed, epochs=a.epochs, schedule=a.schedule,
                     optimizer=a.optimizer, lr=a.lr)
+
+    def _checkpoint_path(self) -> str:
+        """This step's checkpoint, named with the run's id: never another run's file."""
+        from engine import checkpoint
+        return checkpoint.path_for(self.args.checkpoint_dir, self.global_step, checkpoint.run_id(self._run_identity()))
+
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: parameters, two optimizer buffers, a little header."""
+        return 3 * self.model.params.nbytes + 2**20
+
+    def _sync_bn_stats(self) -> None:
+        """Collective: BN's evaluation statistics become those of all ranks' last batches, once
+        per step. Evaluation and every checkpoint use them, so a saved model evaluates as the
+        job reported (a second all-reduce could move them by a rounding)."""
+        from engine.bn_sync import allreduce_bn_stats
+        if self.bn_synced_at != self.global_step:
+            allreduce_bn_stats(self.model, self.comm)
+            self.bn_synced_at = self.global_step
 
     def save_checkpoint(self) -> None:
         """Rank 0 saves; a failed save (full or read-only disk) is reported once and training
-        goes on: the next interval tries again, and the previous checkpoints stay intact."""
+        goes on: the next interval tries again, and the previous checkpoints stay intact.
+        Collective while the BN statistics of this step are not yet all-reduced: every rank
+        calls it at the same steps (after the final evaluation, where rank 0 alone may call
+        it, they are)."""
         from engine import checkpoint, rundir
+        from engine.guard import SaveAbandoned
         a = self.args
         self.control.checkpointed()
-        if a.no_checkpoint or self.rank != 0:
+        if a.no_checkpoint:
+            return
+        self._sync_bn_stats()
+        if self.rank != 0:
             return
         asnp = self.backend.asnumpy
         opt = self.optimizer.state_dict()
@@ -469,17 +529,27 @@ class Trainer:
         for bn in self.model.batchnorms:
             arrays[f"bn.{bn.name}.eval_mean"] = asnp(bn.eval_mean)
             arrays[f"bn.{bn.name}.eval_var"] = asnp(bn.eval_var)
-        meta = dict(self._run_identity(), global_step=self.global_step,
+        # world_size, batch_per_rank, blas_threads: how the run was split when saved (not its
+        # identity: another split continues it, though not bit for bit, see load_checkpoint);
+        # data, precision: what engine.evaluate needs to rebuild the model and its data.
+        meta = dict(self._run_identity(), world_size=self.world, batch_per_rank=a.batch_per_rank, data=a.data,
+                    precision=a.precision, blas_threads=self.threads, bn_statistics="all ranks' last batches",
+                    global_step=self.global_step,
                     epoch=self.global_step // self.steps_per_epoch, step=self.global_step % self.steps_per_epoch,
                     random_state={"seed": a.seed, "position": self.global_step},
                     optimizer_state={k: v for k, v in opt.items() if not hasattr(v, "dtype")})
-        path = checkpoint.path_for(a.checkpoint_dir, self.global_step)
+        path = self._checkpoint_path()
         try:
-            checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
+            with self.signals.writing_file():       # the file only: once durable, it is not abandoned
+                checkpoint.save(path, arrays, meta)      # removes its temporary file if it fails
             checkpoint.prune(a.checkpoint_dir, a.keep_checkpoints, self._run_identity())
+        except SaveAbandoned as e:
+            self.abandoned = f"the checkpoint of step {self.global_step} was abandoned ({e}) and not written"
+            return
         except OSError as e:
             if not rundir.is_environment_error(e):
                 raise
+            self.save_error = f"{e.strerror or e}"
             if not self.save_failing:
                 self.progress.warn(f"checkpoint of step {self.global_step} not saved: {e.strerror or e} "
                                    f"({a.checkpoint_dir}); training goes on and tries again at the next "
@@ -489,7 +559,7 @@ class Trainer:
             return
         if self.save_failing:
             self.progress.warn(f"saving checkpoints works again ({path})")
-        self.saved_step, self.saved_path, self.save_failing = self.global_step, path, False
+        self.saved_step, self.saved_path, self.save_failing, self.save_error = self.global_step, path, False, None
         self.progress.message(f"checkpoint {path} (step {self.global_step})")
 
     def load_checkpoint(self, chosen: dict) -> None:
@@ -509,8 +579,16 @@ class Trainer:
         for bn in self.model.batchnorms:
             bn.eval_mean[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_mean"])
             bn.eval_var[...] = xp.asarray(arrays[f"bn.{bn.name}.eval_var"])
-        self.global_step = self.saved_step = int(meta["global_step"])
+        self.global_step = self.saved_step = self.bn_synced_at = int(meta["global_step"])
         self.saved_path = path
+        # OpenBLAS's sums depend on its thread count, and BN's on the images per rank: the run
+        # goes on from the same state, but its trajectory is not the uninterrupted one's.
+        changed = [f"{what} {meta[key]} -> {now}" for key, what, now in (
+            ("world_size", "ranks", self.world), ("batch_per_rank", "images per rank", self.args.batch_per_rank),
+            ("blas_threads", "BLAS threads per rank", self.threads)) if key in meta and meta[key] != now]
+        if changed:
+            self.progress.message(f"note: this job continues the run with {', '.join(changed)}: the same data, "
+                                  f"schedule and state, but not bit for bit the trajectory of the same split")
         self.progress.message(f"resumed from {path} at step {self.global_step} "
                               f"(epoch {self.global_step / self.steps_per_epoch:.2f})")
 
@@ -556,7 +634,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         from engine.evaluate import evaluate
-        r = evaluate(self.model, self.comm, self.val_loader, self.val_set, self.args.batch_per_rank, self.backend)
+        self._sync_bn_stats()
+        r = evaluate(self.model, self.comm, self.val_loader, self.val_set, self.args.batch_per_rank, self.backend,
+                     sync_bn=False)
         self._evaluations += 1
         if self._evaluations == 1:
             self._say_conv_notes()
@@ -612,7 +692,10 @@ class Trainer:
                 # evaluation, so a non-finite loss stops the job before either.
                 self._report(pending=0 if checkpoint or evaluation else 1)
                 if checkpoint:
-                    self.save_checkpoint()
+                    with self.signals.protect_save() if self.stopped_by else contextlib.nullcontext():
+                        self.save_checkpoint()
+                        if self.stopped_by:     # every rank waits, a second signal deferred, until the file is durable
+                            self.control.comm.Barrier()
                 if self.stopped_by:
                     break
                 if evaluation:
@@ -628,10 +711,15 @@ class Trainer:
             result = self.evaluate()
         if self.saved_step != self.global_step:
             self.save_checkpoint()
-            if self.saved_step != self.global_step and self.rank == 0 and not a.no_checkpoint:
-                self.exit_status = 1        # trained, but the model is not on disk: say so by the status
-        self.progress.message(f"done: {self.global_step} steps in {time.perf_counter() - t_start:.1f} s, "
-                              f"validation top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%")
+        done = (f"done: {self.global_step} steps in {time.perf_counter() - t_start:.1f} s, "
+                f"validation top-1 {100 * result['top1']:.2f}% top-5 {100 * result['top5']:.2f}%")
+        if self.saved_step != self.global_step and self.rank == 0 and not a.no_checkpoint:
+            self.exit_status = 1        # trained, but the model is not on disk: the status and the last line say so
+            newest = (f"the newest saved is {self.saved_path} (step {self.saved_step})" if self.saved_path
+                      else "no checkpoint of this job was saved")
+            done += (f"; the final model is NOT saved: saving {self._checkpoint_path()} failed ({self.save_error}); "
+                     f"{newest}")
+        self.progress.message(done)
         return result
 
     def _report_stop(self) -> None:
@@ -639,9 +727,14 @@ class Trainer:
         from engine.control import signal_name
         from engine.guard import STOPPED_EXIT_CODE
         self.exit_status = STOPPED_EXIT_CODE
-        why = f"stopped by {signal_name(self.stopped_by)} at step {self.global_step}/{self.total_steps}"
+        cause = ("its output pipe closed (SIGPIPE)" if self.stopped_by == signal.SIGPIPE
+                 else signal_name(self.stopped_by))
+        why = f"stopped by {cause} at step {self.global_step}/{self.total_steps}"
         if self.args.no_checkpoint:
             where = "no checkpoint (--no-checkpoint)"
+        elif self.abandoned:
+            where = f"{self.abandoned}; " + (f"the newest saved is {self.saved_path} (step {self.saved_step})"
+                                              if self.saved_path else "this job saved no checkpoint")
         elif self.saved_path is None:
             where = "no checkpoint could be written"
         else:
@@ -706,8 +799,13 @@ def main(argv=None) -> int:
     from engine.loader import WorkerDied
     from engine.metrics import NonFiniteLoss
     from engine.reducer import StartupError
-    signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint "
-                                                    "(the same signal again: stop at once)").install()
+    from mpi4py import MPI  # noqa: F401  MPI_Init first: UCX takes SIGHUP (its debug signal) there
+    if rank == 0:
+        from engine.metrics import write_past_the_launcher
+        write_past_the_launcher()       # a broken `| tee` is then this rank's to handle, not hydra's death
+    signals = guard.StopSignals(None if rank else "engine.train: stopping at the next step with a checkpoint (the "
+                                                    "same signal again: stop at once, or during that save: after it)")
+    signals.install()
     guard.install()   # an exception on any rank, in any thread, ends the whole job
     trainer = None
     try:
@@ -719,7 +817,15 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"engine.train: {e}", file=sys.stderr, flush=True)
         return 2
-    except (DataError, CheckpointError, DeviceError, StartupError, WorkerDied, NonFiniteLoss) as e:
+    except DataError as e:
+        if trainer is not None or not getattr(e, "collective", False):
+            guard.abort_job(f"engine.train: {e}")
+        # The data set or the batch, refused alike on every rank before the job started:
+        # a usage error, said once, and every rank leaves with nothing collective pending.
+        if rank == 0:
+            print(f"engine.train: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (CheckpointError, DeviceError, StartupError, WorkerDied, NonFiniteLoss) as e:
         # Errors about the user's input, the run or the machine: the message says it all, no
         # traceback. One that every rank meets alike after a collective check is said once.
         guard.abort_job(f"engine.train: {e}", quiet=rank != 0 and getattr(e, "collective", False))

@@ -87,7 +87,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_auto_continues(tm
     assert 3 <= step < 60 and f"at step {step}/" in stops[0] and "--resume auto --run-name pre" in stops[0]
     # The same command line, resubmitted: continues from that checkpoint and finishes.
     rc, out = Job(tmp_path, args).finish()
-    assert rc == 0 and f"resumed from runs/pre/checkpoints/ckpt-{step:08d}.npz at step {step}" in out, out
+    assert rc == 0 and f"resumed from {saved[0].relative_to(tmp_path)} at step {step}" in out, out
     steps, rows = _train_rows(tmp_path / "runs/pre/metrics.jsonl")
     assert steps == list(range(1, 61)), steps                  # no step twice, none missing
     assert [r["step"] for r in rows if r["kind"] == "start"] == [0, step]
@@ -147,7 +147,7 @@ def test_fresh_runs_get_their_own_directories(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 2, runs
     for name in runs:
-        assert [p.name for p in (tmp_path / "runs" / name / "checkpoints").glob("*.npz")] == ["ckpt-00000002.npz"]
+        assert [p.name[:14] for p in (tmp_path / "runs" / name / "checkpoints").glob("*.npz")] == ["ckpt-00000002-"]
         assert _train_rows(tmp_path / "runs" / name / "metrics.jsonl")[0] == [1, 2]
 
 
@@ -243,13 +243,14 @@ def _descendants(pid):
     return children
 
 
-def test_a_killed_loader_worker_ends_the_job_with_one_line_naming_it(tmp_path):
-    job = Job(tmp_path, TINY + ["--dataset", "synthetic", "--workers", "1", "--max-steps", "400", "--no-checkpoint"])
+def test_a_killed_loader_worker_is_replaced_with_one_line_naming_it(tmp_path):
+    job = Job(tmp_path, TINY + ["--dataset", "synthetic", "--workers", "1", "--max-steps", "12", "--no-checkpoint"])
     job.wait_for("step 2/")
     workers = _loader_workers(_descendants(job.proc.pid))
     assert workers, "no loader worker found"
     os.kill(workers[0], signal.SIGKILL)
     rc, out = job.finish(timeout=120)
-    assert rc != 0, out
-    assert len(re.findall(r"engine\.train: data loader worker \d+ died \(exit code -9\)", out)) == 1, out
+    assert rc == 0 and "done: 12 steps" in out, out
+    assert len(re.findall(r"data loader worker \d+ died \(exit code -9: killed by SIGKILL; .*started a new one",
+                          out)) == 1, out
     assert "Traceback" not in out
