@@ -164,19 +164,25 @@ def _reducer_step(seed, x, labels, optimizer, coef, mode):
     return model.params.copy(), updated_after
 
 
+def _reducer_inputs(rng, optimizer):
+    """mode, eta -> _reducer_step's result for one random batch, model seed and optimizer."""
+    from engine.schedule import Coefficients
+    seed = int(rng.integers(1 << 30))
+    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, 2)
+    return lambda mode, eta=0.5: _reducer_step(seed, x, labels, optimizer, Coefficients(eta=eta, a_sgd=0.5, a_rms=0.01),
+                                               mode)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "hybrid"])
 def test_early_update_step_equals_a_normal_step(rng, optimizer):
     """ResNet-18, one bucket per layer, works that complete at once: the parameters after
     a step whose updates run inside backward equal, bit for bit, those after a step that
     updates once backward is over (float32: the reducer reduces float32 gradients). Each
     bucket is updated at the first report after the one that launched it."""
-    from engine.schedule import Coefficients
-    seed = int(rng.integers(1 << 30))
-    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
-    labels = rng.integers(0, 4, 2)
-    coef = Coefficients(eta=0.5, a_sgd=0.5, a_rms=0.01)
-    normal, _ = _reducer_step(seed, x, labels, optimizer, coef, "normal")
-    early, updated_after = _reducer_step(seed, x, labels, optimizer, coef, "early")
+    step = _reducer_inputs(rng, optimizer)
+    normal, _ = step("normal")
+    early, updated_after = step("early")
     layers = 20 + 20 + 1
     # fc at the 2nd report, conv1 in finish
     assert [n for _, _, n in updated_after] == list(range(2, layers + 1)) + [layers]
@@ -189,17 +195,12 @@ def test_update_once_step_equals_per_bucket_updates(rng, optimizer):
     """The GPU job's update_once: ONE update over the whole flat buffer after backward
     (not one per bucket) gives, bit for bit, the parameters of per-bucket updates (the
     update is elementwise: no range split changes a bit)."""
-    from engine.schedule import Coefficients
-    seed = int(rng.integers(1 << 30))
-    x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
-    labels = rng.integers(0, 4, 2)
-    coef = Coefficients(eta=0.5, a_sgd=0.5, a_rms=0.01)
-    per_bucket, updates = _reducer_step(seed, x, labels, optimizer, coef, "normal")
-    once, updated = _reducer_step(seed, x, labels, optimizer, coef, "once")
+    step = _reducer_inputs(rng, optimizer)
+    per_bucket, updates = step("normal")
+    once, updated = step("once")
     total = updates[-1][1]
     assert len(updates) == 20 + 20 + 1 and updated == [(0, total, 20 + 20 + 1)]
-    assert np.isfinite(once).all() and not np.array_equal(once, _reducer_step(seed, x, labels, optimizer,
-                                                                              Coefficients(0, 0, 0), "once")[0])
+    assert np.isfinite(once).all() and not np.array_equal(once, step("once", eta=0.0)[0])
     np.testing.assert_array_equal(once, per_bucket)
 
 
