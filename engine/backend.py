@@ -17,6 +17,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from engine.errors import EngineError
+
 DEVICES = ("cpu", "gpu", "auto")
 
 # Environment variables that MPI launchers set to the rank within the node, most specific first.
@@ -24,14 +26,9 @@ _LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_W
                     "SLURM_LOCALID", "LOCAL_RANK")
 
 
-class DeviceError(RuntimeError):
-    """The requested device cannot be used (no CuPy, no GPU, a broken driver, ranks that disagree).
-    `collective`: raised alike on every rank (agree_on_backend, job_backend), so rank 0's
-    report is enough."""
-
-    def __init__(self, message: str, collective: bool = False):
-        super().__init__(message)
-        self.collective = collective
+class DeviceError(EngineError):
+    """The requested device cannot be used (no CuPy, no GPU, a broken driver, ranks that
+    disagree); collective where agree_on_backend and job_backend raise it on every rank."""
 
 
 def local_rank_from_env() -> int:

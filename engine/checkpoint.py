@@ -42,13 +42,15 @@ import zipfile
 
 import numpy as np
 
+from engine.errors import EngineError
+
 FORMAT = "engine-checkpoint-1"
 CONV_WEIGHTS = "OHWI"           # the conv weight layout of the flat arrays, in each header
 # ckpt-<global step>-<run id>.npz; ckpt-<global step>.npz is the name before issue 20 (still read).
 _NAME = re.compile(r"^ckpt-(\d{8})(?:-([0-9a-f]{8}))?\.npz$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EngineError):
     """A checkpoint cannot be used: unreadable, truncated, corrupt, or from another run."""
 
 

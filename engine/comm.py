@@ -38,10 +38,12 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from engine.errors import EngineError
+
 OPS = ("sum", "avg")
 
 
-class CommError(RuntimeError):
+class CommError(EngineError):
     """A collective failed or was called with an unusable buffer."""
 
 

@@ -60,6 +60,7 @@ from collections import namedtuple
 import numpy as np
 
 from engine.conv import out_size
+from engine.errors import EngineError
 
 DIRECTIONS = ("forward", "backward_data", "backward_filter")
 ROUNDING = {"fp32": 0.0, "tf32": 2 * 2.0 ** -11, "bf16": 2.0 ** -8}
@@ -91,7 +92,7 @@ class ConvShape(namedtuple("ConvShape", "n h w cin cout k stride pad")):
                 f"{self.n}x{self.h}x{self.w}x{self.cin} -> {self.cout}")
 
 
-class CudnnConvError(RuntimeError):
+class CudnnConvError(EngineError):
     """A cuDNN convolution could not be set up or run; names the shape and direction.
     `cause` is the underlying error (a CudnnError, say), or None."""
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import EngineError
+
 DATASETS = ("digits", "imagefolder", "synthetic")
 
 # Modes of 16-bit (and 32-bit integer) images; their values are read as 0..65535.
@@ -35,8 +37,10 @@ DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 20170904
 
 
-class DataError(ValueError):
-    """A data set cannot be used as given (missing, empty or malformed directory)."""
+class DataError(EngineError, ValueError):
+    """A data set cannot be used as given (missing, empty or malformed directory): a usage
+    error where every rank meets it alike before training (engine.guard.on_every_rank)."""
+    usage = True
 
 
 @dataclass

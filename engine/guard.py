@@ -66,9 +66,10 @@ def abort_job(message: str, code: int = 1, world=None, quiet: bool = False) -> N
 
 
 def on_every_rank(world, fn, errors):
-    """fn() on every rank of `world` (collective). When it raises one of `errors` on any rank,
-    every rank raises the same error, of the first failing rank's type, whose message names
-    each reason once with the ranks that met it, marked `collective` (rank 0 reports it)."""
+    """fn() on every rank of `world` (collective). When it raises one of `errors` (engine.errors
+    EngineError types) on any rank, every rank raises the same error, of the first failing
+    rank's type, whose message names each reason once with the ranks that met it, marked
+    `collective` (rank 0 reports it)."""
     try:
         result, failure = fn(), None
     except errors as e:
@@ -81,10 +82,8 @@ def on_every_rank(world, fn, errors):
     if not ranks_by_reason:
         return result
     error_type = next(f for f in failures if f)[0]
-    error = error_type("\n  ".join(f"{why} (rank {', '.join(ranks)} of {world.size})"
-                                    for (_, why), ranks in ranks_by_reason.items()))
-    error.collective = True
-    raise error
+    raise error_type("\n  ".join(f"{why} (rank {', '.join(ranks)} of {world.size})"
+                                  for (_, why), ranks in ranks_by_reason.items()), collective=True)
 
 
 class SaveAbandoned(BaseException):

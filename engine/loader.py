@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.data import DataError
+from engine.errors import EngineError
 
 # Environment variables by which MPI launchers hand a process its place in a job.
 _LAUNCHER_ENV_PREFIXES = ("PMI_", "PMIX_", "MPI_", "MPIR_", "HYDRA_", "OMPI_", "MV2_", "I_MPI_", "SLURM_")
@@ -57,7 +58,7 @@ LARGE_IMAGE_PIXELS = 40_000_000
 _named_large: set = set()
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(EngineError):
     """A data-loader worker process is gone (crashed, or killed again after a restart): the
     rank cannot get its batches. The message names its exit status or signal."""
 

@@ -28,10 +28,12 @@ import shutil
 import sys
 import time
 
+from engine.errors import EngineError
+
 BAR_WIDTH = 24
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(EngineError, FloatingPointError):
     """The loss became NaN or infinite: training cannot go on. The loss checked is the global
     batch's, so every rank raises it alike at the same step (rank 0's report is enough)."""
     collective = True

@@ -57,12 +57,13 @@ import time
 import numpy as np
 
 from engine.backend import array_module
+from engine.errors import EngineError
 from engine.precision import pack_fp16
 
 MB = 1 << 20
 
 
-class StartupError(RuntimeError):
+class StartupError(EngineError):
     """Ranks disagree on the model layout or the configuration: the job must not start.
     Raised alike on every rank, after the allgather that found the difference."""
     collective = True

@@ -28,12 +28,15 @@ import socket
 import tempfile
 import time
 
+from engine.errors import EngineError
 
-class Refused(RuntimeError):
+
+class Refused(EngineError):
     """A start-up refusal that every rank raises alike (printed once, by rank 0)."""
+    collective = usage = True
 
 
-class RunDirError(RuntimeError):
+class RunDirError(EngineError):
     """An output directory cannot be used: held by another job, unwritable, or too full."""
 
 

@@ -793,12 +793,7 @@ def main(argv=None) -> int:
             contextlib.redirect_stderr(null if rank else sys.stderr):
         args = parse_args(argv)
     from engine import guard, rundir
-    from engine.backend import DeviceError
-    from engine.checkpoint import CheckpointError
-    from engine.data import DataError
-    from engine.loader import WorkerDied
-    from engine.metrics import NonFiniteLoss
-    from engine.reducer import StartupError
+    from engine.errors import EngineError
     from mpi4py import MPI  # noqa: F401  MPI_Init first: UCX takes SIGHUP (its debug signal) there
     if rank == 0:
         from engine.metrics import write_past_the_launcher
@@ -811,24 +806,17 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(args, signals)
         trainer.run()
-    except rundir.Refused as e:
-        # Decided on rank 0 and raised on every rank alike before training: said once, and
-        # every rank leaves together with nothing collective pending.
-        if rank == 0:
-            print(f"engine.train: {e}", file=sys.stderr, flush=True)
-        return 2
-    except DataError as e:
-        if trainer is not None or not getattr(e, "collective", False):
-            guard.abort_job(f"engine.train: {e}")
-        # The data set or the batch, refused alike on every rank before the job started:
-        # a usage error, said once, and every rank leaves with nothing collective pending.
-        if rank == 0:
-            print(f"engine.train: {e}", file=sys.stderr, flush=True)
-        return 2
-    except (CheckpointError, DeviceError, StartupError, WorkerDied, NonFiniteLoss) as e:
-        # Errors about the user's input, the run or the machine: the message says it all, no
-        # traceback. One that every rank meets alike after a collective check is said once.
-        guard.abort_job(f"engine.train: {e}", quiet=rank != 0 and getattr(e, "collective", False))
+    except EngineError as e:
+        # The user's input, the run or the machine (engine.errors): the message says it all,
+        # no traceback. One that every rank met alike (collective) is said once, by rank 0; a
+        # refusal of that kind (usage: an option, the data, a run directory, a checkpoint)
+        # leaves every rank together, exit status 2, with nothing collective pending. Any
+        # other is this rank's, or a failure of the run: it ends the whole job, exit status 1.
+        if e.usage and e.collective:
+            if rank == 0:
+                print(f"engine.train: {e}", file=sys.stderr, flush=True)
+            return 2
+        guard.abort_job(f"engine.train: {e}", quiet=rank != 0 and e.collective)
     except OSError as e:
         if not rundir.is_environment_error(e):
             raise
