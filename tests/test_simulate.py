@@ -459,3 +459,22 @@ def test_the_extremes_of_every_range_run(capsys):
                      "--inter-alpha-us", "1e6", "--intra-gbs", "1e-6", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert len(rows) == 6 and all(math.isfinite(r["step_s"]) and r["step_s"] > 0 for r in rows)
+
+
+def test_published_figures_are_predicted_from_their_own_one_gpu_calibration():
+    """bench/published.py: every group's 1-GPU figure is only the calibration (no row of
+    its own), the others are predictions with finite errors, and the summary is the median /
+    signed median / worst of those errors."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "published.py"
+    spec = importlib.util.spec_from_file_location("published", path)
+    published = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(published)
+    rows = published.predictions()
+    assert len(rows) == sum(len(g[-1]) - 1 for g in published.GROUPS) and all(r["gpus"] > 1 for r in rows)
+    assert all(math.isfinite(r["error"]) and r["source"] in published.SOURCES for r in rows)
+    s = published.summary(rows)
+    errors = sorted(r["error"] for r in rows)
+    assert s["signed_median"] == pytest.approx(float(np.median(errors)), rel=1e-12)
+    assert s["worst"] in (errors[0], errors[-1]) and abs(s["worst"]) >= s["median_abs_error"]

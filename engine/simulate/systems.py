@@ -82,6 +82,7 @@ class System:
 # Data sheets: peak FLOP/s dense (no sparsity), memory bandwidth, SM count.
 P100_PCIE = Device("Tesla P100 PCIe 16GB", {"fp32": 9.3e12, "mixed": 18.7e12}, 732 * GB, 56, 60)
 V100_SXM2 = Device("Tesla V100 SXM2", {"fp32": 15.7e12, "mixed": 125e12}, 900 * GB, 80, 70)
+V100_SXM3 = Device("Tesla V100 SXM3 32GB", {"fp32": 15.7e12, "mixed": 125e12}, 900 * GB, 80, 70)
 A100_SXM4 = Device("A100 SXM4 80GB", {"fp32": 19.5e12, "tf32": 156e12, "mixed": 312e12}, 2039 * GB, 108, 80)
 H100_SXM5 = Device("H100 SXM5", {"fp32": 67e12, "tf32": 494.7e12, "mixed": 989.4e12}, 3350 * GB, 132, 90)
 H200_SXM = Device("H200 SXM 141GB", {"fp32": 67e12, "tf32": 494.7e12, "mixed": 989.4e12}, 4800 * GB, 132, 90)
@@ -110,6 +111,13 @@ PRESETS = {
                 "4x 100 Gb/s EDR InfiniBand, 2x 20-core Xeon E5-2698 v4 per node; V100 data sheet: "
                 "15.7 TFLOPS FP32, 125 tensor, 900 GB/s, 80 SMs (no TF32). ASSUMED: 1200 images/s per "
                 "V100 (mixed precision, batch 256), 3 us (NVLink) and 5 us (IB) per message step. " + _COMMON),
+    "dgx2-v100": System(
+        V100_SXM3, "mixed", 16, Link(3e-6, 150 * GB), Link(5e-6, 8 * 100e9 / 8),
+        calib_ips=1200, calib_batch=256, gpus=16, batch=256, workers=3, node_cores=48,
+        sources="DGX-2 data sheet: 16x V100 32GB on NVSwitch (300 GB/s per GPU both ways), 8x 100 "
+                "Gb/s EDR InfiniBand, 2x 24-core Xeon Platinum 8168; V100 data sheet: 15.7 TFLOPS "
+                "FP32, 125 tensor, 900 GB/s, 80 SMs. ASSUMED: 1200 images/s per V100 (mixed precision, "
+                "batch 256), 3/5 us per message step. " + _COMMON),
     "dgx-a100": System(
         A100_SXM4, "mixed", 8, Link(3e-6, 300 * GB), Link(5e-6, 8 * 200e9 / 8),
         calib_ips=2500, calib_batch=256, gpus=64, batch=256, workers=16, node_cores=128,
