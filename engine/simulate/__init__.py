@@ -5,7 +5,7 @@
     python -m engine.simulate --preset dgx-a100 --precision tf32 --batch 128 --json
     python -m engine.simulate --trace runs/predict.rank0.json --arch resnet50 --classes 10 \\
         --batch 8 --intra-alpha-us 60 --intra-gbs 2 --gpus 2 --per-node 2
-    python -m engine.simulate --study docs/simulate.png          # docs/overlap.md, "Overlap at scale"
+    python -m engine.simulate --study docs/simulate.png          # docs/simulate.md, "The study"
 
 It uses the engine's own pieces, never a copy: the model's flat layout (`ResNet.layout`,
 each layer's `grad_range`) and the reducer's bucket planner (`engine.reducer.plan_buckets`);

@@ -113,7 +113,7 @@ def parse(argv=None):
     add("--out-trace", type=writable, help="write the overlapped step of the first configuration here")
     add("--plot", metavar="PNG", type=writable, help="plot the sweep: step time and scaling against devices")
     add("--json", action="store_true", help="print every figure of every row, with the inputs, as JSON")
-    add("--study", metavar="PNG", type=writable, help="print the study tables of docs/overlap.md and plot them to PNG")
+    add("--study", metavar="PNG", type=writable, help="print the study tables of docs/simulate.md and plot them to PNG")
     a = p.parse_args(argv)
     if a.preset not in PRESETS:
         p.error(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}")

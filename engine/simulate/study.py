@@ -1,4 +1,4 @@
-"""docs/overlap.md, "Overlap at scale": the tables and the plot, from the presets alone.
+"""docs/simulate.md, "The study": the tables and the plot, from the presets alone.
 
     python -m engine.simulate --study docs/simulate.png
 

@@ -87,7 +87,7 @@ A100_SXM4 = Device("A100 SXM4 80GB", {"fp32": 19.5e12, "tf32": 156e12, "mixed": 
 H100_SXM5 = Device("H100 SXM5", {"fp32": 67e12, "tf32": 494.7e12, "mixed": 989.4e12}, 3350 * GB, 132, 90)
 H200_SXM = Device("H200 SXM 141GB", {"fp32": 67e12, "tf32": 494.7e12, "mixed": 989.4e12}, 4800 * GB, 132, 90)
 
-_COMMON = ("ASSUMED for every preset: 10 us per op and direction, 1 ms per step outside the layers, "
+_COMMON = ("ASSUMED for every preset unless it says otherwise: 10 us per op and direction, 1 ms per step outside the layers, "
            "20 us per all-reduce, NCCL holding 8 SMs while it runs, 1% step-to-step compute spread, "
            "5 ms to decode an image per loader worker.")
 
@@ -99,11 +99,12 @@ PRESETS = {
         sources="Akiba, Suzuki, Fukuda 2017 and PFN's MN-1 description (tech.preferred.jp, 'MN-1: "
                 "a GPU cluster behind 15-min ImageNet'): 128 nodes x 8 P100 (4.7 TFLOPS FP64 each, "
                 "i.e. the PCIe card), two FDR InfiniBand links (56 Gb/s each, 64b/66b coding) and two "
-                "8-core Xeons per node, ChainerMN's ring all-reduce (MPI, no NCCL kernels on the SMs: "
-                "nccl_sms 0), FP16 gradients, FP32 compute, 32 images/GPU. P100 PCIe data sheet: 9.3 "
+                "8-core Xeons per node, ChainerMN's ring all-reduce, FP16 gradients, FP32 compute, 32 "
+                "images/GPU. P100 PCIe data sheet: 9.3 "
                 "TFLOPS FP32, 18.7 FP16, 732 GB/s HBM2, 56 SMs. ASSUMED: PCIe gen3 between GPUs at 10 "
                 "GB/s effective, 5 us per message step, 200 images/s per P100 (FP32, batch 32), 2 "
-                "loader workers per GPU, the thin-tree switch layout ignored. " + _COMMON),
+                "loader workers per GPU, no SMs held by the all-reduce (nccl_sms 0, this "
+                "preset's own), the thin-tree switch layout ignored. " + _COMMON),
     "dgx1-v100": System(
         V100_SXM2, "mixed", 8, Link(3e-6, 150 * GB), Link(5e-6, 4 * 100e9 / 8),
         calib_ips=1200, calib_batch=256, gpus=64, batch=256, workers=5, node_cores=40,
