@@ -9,7 +9,7 @@ import pytest
 import engine.simulate as sim
 from engine import trace
 from engine.reducer import plan_buckets
-from engine.simulate import Link, Network, Profile, Task, allreduce_s, profiles, schedule, step, systems
+from engine.simulate import Link, Network, Profile, Task, allreduce_s, profiles, schedule, step
 from engine.simulate.cli import main as cli_main
 from engine.simulate.collectives import TREE_BUS, tree_factor
 

@@ -11,8 +11,8 @@ communication at 1/(1+comm_contention).
 
 The step (`simulate`) is the schedule's end plus the wait for the slowest rank: each
 device's compute varies from step to step (coefficient of variation `jitter`) and every
-collective waits for the last, so p > 1 ranks pay jitter x compute x sqrt(2 ln p) (the
-expected maximum of p normal draws). Data loading runs ahead in worker processes and is a
+collective waits for the last, so p > 1 ranks pay jitter x compute x sqrt(2 ln p) (about
+the expected maximum of p normal draws, in standard deviations). Data loading runs ahead in worker processes and is a
 floor: the step takes at least batch x decode_s / workers, where a node's devices share
 its CPU cores (each device gets min(workers, node_cores / devices in the node)).
 
