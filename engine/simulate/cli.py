@@ -76,7 +76,8 @@ def parse(argv=None):
     add("--preset", default="seed", help=f"system: {', '.join(PRESETS)} (default seed)")
     add("--trace", help="measured trace with per-layer spans (instead of the device model)")
     add("--arch", default="resnet50", choices=tuple(ARCHS))
-    add("--classes", type=number(1, 100_000, integer=True), default=1000)
+    add("--classes", type=number(1, 25_000, integer=True), default=1000,
+        help="classes of the model's last layer (default 1000; ImageNet-21k has 21,841)")
     add("--px", type=number(32, 4096, integer=True), default=224, help="image size of the device model (default 224)")
     add("--batch", type=number(1, MAX_BATCH, integer=True), help="images per device (default: the preset's)")
     add("--gpus", type=numbers(1, MAX_RANKS, integer=True), help="device counts, comma-separated (default: the preset's)")

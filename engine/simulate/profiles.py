@@ -27,6 +27,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
+from functools import lru_cache
 
 from engine.conv import out_size
 from engine.simulate.systems import ACTIVATION_BYTES, System
@@ -61,8 +62,10 @@ class Profile:
     other_s: float = 0.0    # compute outside the layers (loss, glue around the passes), run before backward
 
 
+@lru_cache(maxsize=8)
 def real_model(arch: str, classes: int):
-    """The engine's real ResNet (zeroed buffers, never run): its layers and flat layout."""
+    """The engine's real ResNet (zeroed buffers, never run, never changed, hence shared):
+    its layers and flat layout."""
     from engine.backend import get_backend
     from engine.model import ResNet
     return ResNet(arch, classes, get_backend("cpu"), threads=1)
