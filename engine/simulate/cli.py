@@ -116,6 +116,12 @@ def parse(argv=None):
     add("--json", action="store_true", help="print every figure of every row, with the inputs, as JSON")
     add("--study", metavar="PNG", type=writable, help="print the study tables of docs/simulate.md and plot them to PNG")
     a = p.parse_args(argv)
+    refuse_inconsistent(p, a)
+    return a
+
+
+def refuse_inconsistent(p: argparse.ArgumentParser, a) -> None:
+    """What each option accepts alone is checked by its type; these are checked together."""
     if a.preset not in PRESETS:
         p.error(f"unknown preset {a.preset!r}; choose one of {', '.join(PRESETS)}")
     if (a.calib2_ips is None) != (a.calib2_batch is None):
@@ -137,7 +143,6 @@ def parse(argv=None):
     sms = s.device.sms
     if a.nccl_sms is not None and a.nccl_sms >= sms:
         p.error(f"--nccl-sms must be in [0, {sms - 1}] ({s.device.name} has {sms} SMs), got {a.nccl_sms}")
-    return a
 
 
 def device_from_args(a, device: Device, precision: str) -> Device:
