@@ -8,11 +8,12 @@ Its 1-GPU figure is the calibration (`--calib-ips` at that batch, 224 px), set u
 would from the preset's data sheets; every other figure of the group is predicted from it
 and the presets' constants, which are never fitted to these figures. The input pipeline is
 each source's: PyTorch's decodes on the CPU (its configs.yml: 8 workers per GPU on DGX-1, 16
-on DGX A100, sharing the node's cores at the presets' 5 ms per image), MXNet's DALI decodes
-on the GPU (decode cost 0 here); the buckets are each framework's default (PyTorch DDP 25
-MB, Horovod's 64 MB fusion buffer)
-and the wire precision the gradients' own (PyTorch AMP keeps FP32 parameters, so FP32
-gradients; MXNet float16 trains FP16 gradients).
+on DGX A100), TensorFlow's tf.data on the CPU too (as many threads as the node's cores),
+both sharing the node's cores at the presets' 5 ms per image; MXNet's DALI decodes on the
+GPU (decode cost 0 here). The buckets are each framework's default (PyTorch DDP 25 MB,
+Horovod's 64 MB fusion buffer, which MXNet and TensorFlow use)
+and the wire precision the gradients' own (PyTorch and TensorFlow AMP keep FP32
+parameters, so FP32 gradients; MXNet float16 trains FP16 gradients).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.simulate import Network, analytic_profile, simulate       # noqa: E402
-from engine.simulate.systems import PRESETS                            # noqa: E402
+from engine.simulate.systems import A100_SXM4_40GB, PRESETS            # noqa: E402
 
 SOURCES = {
     "pytorch": "NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md "
@@ -35,9 +36,15 @@ SOURCES = {
     "mxnet": "NVIDIA DeepLearningExamples, MxNet/Classification/RN50v1.5/README.md (commit 134510b), "
              "'Training performance results', mxnet-20.12 NGC container, batch per GPU as its benchmark.py "
              "commands state",
+    "tf": "NVIDIA DeepLearningExamples, TensorFlow/Classification/ConvNets/resnet50v1.5/README.md "
+          "(commit 1d4211f), 'Training performance results', TensorFlow 20.06-tf1 NGC container, XLA on, "
+          "batch per GPU as its tables state",
 }
+DEVICES = {"DGX A100 (8x A100 40GB)": A100_SXM4_40GB}     # where the source's system differs from the preset's
 
-LOADER_WORKERS = {("pytorch", "dgx-a100"): 16, ("pytorch", "dgx1-v100"): 8}   # per GPU; absent: GPU decode
+# loader workers per GPU (capped by the node's cores); absent: decoded on the GPU
+LOADER_WORKERS = {("pytorch", "dgx-a100"): 16, ("pytorch", "dgx1-v100"): 8,
+                  ("tf", "dgx-a100"): 128, ("tf", "dgx1-v100"): 40, ("tf", "dgx2-v100"): 48}
 
 # (source, what the source calls the system, preset, precision, batch/GPU, wire, bucket MB, {GPUs: images/s})
 GROUPS = [
@@ -55,15 +62,23 @@ GROUPS = [
      {1: 1492, 2: 2935, 4: 5726, 8: 11368, 16: 21484}),
     ("mxnet", "DGX-2 (16x V100 32GB)", "dgx2-v100", "fp32", 128, "fp32", 64,
      {1: 417, 2: 821, 4: 1623, 8: 3223, 16: 6338}),
+    ("tf", "DGX A100 (8x A100 40GB)", "dgx-a100", "tf32", 256, "fp32", 64, {1: 909, 8: 7000}),
+    ("tf", "DGX A100 (8x A100 40GB)", "dgx-a100", "mixed", 256, "fp32", 64, {1: 2375, 8: 17400}),
+    ("tf", "DGX-1 (8x V100 16GB)", "dgx1-v100", "fp32", 128, "fp32", 64, {1: 412, 8: 3170}),
+    ("tf", "DGX-1 (8x V100 16GB)", "dgx1-v100", "mixed", 256, "fp32", 64, {1: 1270, 8: 9510}),
+    ("tf", "DGX-2 (16x V100 32GB)", "dgx2-v100", "fp32", 128, "fp32", 64, {1: 432, 16: 6500}),
+    ("tf", "DGX-2 (16x V100 32GB)", "dgx2-v100", "mixed", 256, "fp32", 64, {1: 1300, 16: 17250}),
 ]
 
 
-def predictions(algo: str = "auto") -> list:
-    """One row per published multi-GPU figure: the reported and the predicted images/s."""
+def predictions(algo: str = "auto", cpu_loaders: bool = True) -> list:
+    """One row per published multi-GPU figure: the reported and the predicted images/s.
+    cpu_loaders=False: every loader as if it decoded on the GPU (never the bound)."""
     rows = []
     for source, system_name, name, precision, batch, wire, bucket_mb, figures in GROUPS:
-        workers = LOADER_WORKERS.get((source, name))
-        s = replace(PRESETS[name], precision=precision, calib_ips=figures[1], calib_batch=batch, batch=batch,
+        workers = LOADER_WORKERS.get((source, name)) if cpu_loaders else None
+        s = replace(PRESETS[name], device=DEVICES.get(system_name, PRESETS[name].device), precision=precision,
+                    calib_ips=figures[1], calib_batch=batch, batch=batch,
                     wire=wire, algo=algo, decode_s=PRESETS[name].decode_s if workers else 0.0,
                     workers=workers or 1)
         profile = analytic_profile(s)
@@ -92,9 +107,11 @@ def summary(rows) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algo", default="auto", choices=("auto", "ring", "tree", "hier"))
+    p.add_argument("--no-cpu-loader", action="store_true",
+                   help="take no loader as the bound (what the model gives without its 5 ms per image assumption)")
     p.add_argument("--json", action="store_true", help="print every row and the summary as JSON")
     a = p.parse_args(argv)
-    rows = predictions(a.algo)
+    rows = predictions(a.algo, cpu_loaders=not a.no_cpu_loader)
     s = summary(rows)
     if a.json:
         print(json.dumps({"sources": SOURCES, "rows": rows, "summary": s}, indent=1))

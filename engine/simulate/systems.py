@@ -83,6 +83,7 @@ class System:
 P100_PCIE = Device("Tesla P100 PCIe 16GB", {"fp32": 9.3e12, "mixed": 18.7e12}, 732 * GB, 56, 60)
 V100_SXM2 = Device("Tesla V100 SXM2", {"fp32": 15.7e12, "mixed": 125e12}, 900 * GB, 80, 70)
 V100_SXM3 = Device("Tesla V100 SXM3 32GB", {"fp32": 15.7e12, "mixed": 125e12}, 900 * GB, 80, 70)
+A100_SXM4_40GB = Device("A100 SXM4 40GB", {"fp32": 19.5e12, "tf32": 156e12, "mixed": 312e12}, 1555 * GB, 108, 80)
 A100_SXM4 = Device("A100 SXM4 80GB", {"fp32": 19.5e12, "tf32": 156e12, "mixed": 312e12}, 2039 * GB, 108, 80)
 H100_SXM5 = Device("H100 SXM5", {"fp32": 67e12, "tf32": 494.7e12, "mixed": 989.4e12}, 3350 * GB, 132, 90)
 H200_SXM = Device("H200 SXM 141GB", {"fp32": 67e12, "tf32": 494.7e12, "mixed": 989.4e12}, 4800 * GB, 132, 90)
