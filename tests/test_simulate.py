@@ -478,3 +478,11 @@ def test_published_figures_are_predicted_from_their_own_one_gpu_calibration():
     errors = sorted(r["error"] for r in rows)
     assert s["signed_median"] == pytest.approx(float(np.median(errors)), rel=1e-12)
     assert s["worst"] in (errors[0], errors[-1]) and abs(s["worst"]) >= s["median_abs_error"]
+
+
+def test_a_calibration_the_overheads_alone_exceed_is_refused_by_option():
+    s = replace(sim.preset("dgx-a100"), calib_ips=1e6, calib_batch=1)
+    with pytest.raises(ValueError, match=r"--calib-ips 1e\+06 at batch 1 is 0.001 ms per step, less than the 218 ops"):
+        sim.calibrate(s)
+    with pytest.raises(ValueError, match=r"--calib2-ips 1e\+06 at batch 2"):
+        sim.calibrate(replace(sim.preset("dgx-a100"), calib2=(1e6, 2)))

@@ -167,10 +167,10 @@ def calibrate(system: System, arch: str = "resnet50", classes: int = 1000) -> tu
     points = [(system.calib_ips, system.calib_batch)] + ([system.calib2] if system.calib2 else [])
     roofs = [roofline(system, arch, classes, system.calib_px, batch) for _, batch in points]
     budgets = [_budget(system, r, ips, batch) for r, (ips, batch) in zip(roofs, points)]
-    for (ips, batch), budget, roof in zip(points, budgets, roofs):
+    for option, (ips, batch), budget, roof in zip(("--calib-ips", "--calib2-ips"), points, budgets, roofs):
         if budget <= 0:
-            raise ValueError(f"calibration: {ips:g} images/s at batch {batch} is {batch / ips * 1e3:.3g} ms per step, "
-                             f"less than the {2 * len(roof.ops)} ops x {system.overhead_s * 1e6:g} us and "
+            raise ValueError(f"{option} {ips:g} at batch {batch} is {batch / ips * 1e3:.3g} ms per step, less than "
+                             f"the {2 * len(roof.ops)} ops x {system.overhead_s * 1e6:g} us and "
                              f"{system.step_overhead_s * 1e3:g} ms per step of overhead alone")
     (a1, b1), h = roofs[0].sums(), system.half_work_elems
     if system.calib2:
@@ -179,10 +179,10 @@ def calibrate(system: System, arch: str = "resnet50", classes: int = 1000) -> tu
         x = (budgets[0] * b2 - budgets[1] * b1) / det if det else -1.0
         y = (a1 * budgets[1] - a2 * budgets[0]) / det if det else -1.0
         if not (x > 0 and y >= 0):
-            raise ValueError(f"calibration: {system.calib_ips:g} images/s at batch {system.calib_batch} and "
+            raise ValueError(f"--calib2-ips: {system.calib_ips:g} images/s at batch {system.calib_batch} and "
                              f"{system.calib2[0]:g} at batch {system.calib2[1]} do not fit one efficiency with a "
-                             "falloff at small batches (the larger batch must run more images/s per image of "
-                             "overhead); check --calib2-ips and --calib2-batch")
+                             "falloff at small batches (per image, the larger batch gains less than the fixed "
+                             "per-op and per-step costs alone predict); check --calib2-ips and --calib2-batch")
         eff, h = 1 / x, y / x
     else:
         eff = (a1 + h * b1) / budgets[0]
