@@ -2,7 +2,7 @@
 
     python -m engine.simulate --preset seed                       # the paper's 1024 P100s
     python -m engine.simulate --preset dgx-h100 --gpus 8,64,512,4096 --bucket-mb 0,4,25
-    python -m engine.simulate --preset dgx-a100 --precision tf32 --batch 128 --json
+    python -m engine.simulate --preset dgx-a100 --precision tf32 --calib-ips 938 --batch 128 --json
     python -m engine.simulate --trace runs/predict.rank0.json --arch resnet50 --classes 10 \\
         --batch 8 --intra-alpha-us 60 --intra-gbs 2 --gpus 2 --per-node 2
     python -m engine.simulate --study docs/simulate.png          # docs/simulate.md, "The study"
