@@ -403,6 +403,8 @@ REFUSED = [
     (["--device-tflops", "0"], "argument --device-tflops: must be one of the numbers in (0, 1e+06], got '0'"),
     (["--nccl-sms", "56"], "--nccl-sms must be in [0, 55] (Tesla P100 PCIe 16GB has 56 SMs), got 56"),
     (["--calib2-ips", "300"], "--calib2-ips and --calib2-batch go together"),
+    (["--preset", "dgx-a100", "--precision", "tf32"],
+     "--precision tf32 needs --calib-ips measured at tf32: the preset's 2500 images/s are a mixed figure"),
     (["--calib2-ips", "300", "--calib2-batch", "32"], "--calib2-batch 32 must differ from --calib-batch"),
     (["--out-trace", "no/such/folder/t.json"], "argument --out-trace: folder 'no/such/folder' does not exist"),
     (["--plot", "no/such/folder/p.png"], "argument --plot: folder 'no/such/folder' does not exist"),
@@ -422,8 +424,10 @@ def test_bad_input_is_refused_in_one_line_naming_the_option(argv, message, capsy
 
 @pytest.mark.parametrize("argv, message", [
     (["--calib-ips", "1400"], "--calib-ips 1400 is above what Tesla P100 PCIe 16GB can run (fp32, batch 32, 224 px)"),
-    (["--preset", "dgx-a100", "--precision", "fp32"], "--calib-ips 2500 is above what A100 SXM4 80GB can run (fp32"),
-    (["--preset", "dgx1-v100", "--precision", "tf32"], "--precision tf32: Tesla V100 SXM2 has no tf32 peak"),
+    (["--preset", "dgx-a100", "--precision", "fp32", "--calib-ips", "2500"],
+     "--calib-ips 2500 is above what A100 SXM4 80GB can run (fp32"),
+    (["--preset", "dgx1-v100", "--precision", "tf32", "--calib-ips", "400"],
+     "--precision tf32: Tesla V100 SXM2 has no tf32 peak"),
     (["--device-tflops", "1"], "--calib-ips 200 is above what Tesla P100 PCIe 16GB (as given) can run"),
     (["--calib-ips", "1", "--calib-batch", "1", "--calib2-ips", "1", "--calib2-batch", "64"], "do not fit one efficiency"),
 ])

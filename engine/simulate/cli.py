@@ -140,6 +140,9 @@ def refuse_inconsistent(p: argparse.ArgumentParser, a) -> None:
     if a.calib2_batch is not None and a.calib2_batch == (a.calib_batch or s.calib_batch):
         p.error(f"--calib2-batch {a.calib2_batch} must differ from --calib-batch (two points at one batch "
                 "cannot set the small-batch falloff)")
+    if a.precision not in (None, s.precision) and a.calib_ips is None:
+        p.error(f"--precision {a.precision} needs --calib-ips measured at {a.precision}: the preset's "
+                f"{s.calib_ips:g} images/s are a {s.precision} figure")
     sms = s.device.sms
     if a.nccl_sms is not None and a.nccl_sms >= sms:
         p.error(f"--nccl-sms must be in [0, {sms - 1}] ({s.device.name} has {sms} SMs), got {a.nccl_sms}")
