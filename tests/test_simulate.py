@@ -126,7 +126,7 @@ def test_two_calibration_points_are_both_reproduced_and_set_the_falloff():
     assert 0 < eff <= 1 and half > 0
     for ips, batch in ((1500.0, 32), (2400.0, 128)):
         assert batch / _compute_step(sim.analytic_profile(s, batch=batch)) == pytest.approx(ips, rel=1e-9)
-    # a larger falloff from the second point: more loss per image at small batches than one point's default
+    # the loss per image at small batches grows with half_work: a quarter of the solved one loses less
     one = replace(s, calib2=None, half_work=half / 4)
     ratio = lambda sys_: (_compute_step(sim.analytic_profile(sys_, batch=16)) / 16       # noqa: E731
                           / (_compute_step(sim.analytic_profile(sys_, batch=256)) / 256))
@@ -176,6 +176,11 @@ def test_precision_and_device_overrides():
     with pytest.raises(ValueError, match="has no tf32 peak"):
         sim.calibrate(replace(sim.preset("dgx1-v100"), precision="tf32"))
     assert "dgx-h200" in sim.PRESETS and sim.PRESETS["dgx-h200"].device.mem_bw == 4800e9
+    from engine.simulate.cli import parse, system_from_args
+    given = system_from_args(parse(["--preset", "dgx-a100", "--precision", "tf32", "--calib-ips", "900",
+                                    "--device-tflops", "100", "--device-mem-gbs", "1555"]))
+    assert given.peak == 100e12 and given.device.mem_bw == 1555e9 and given.device.name.endswith("(as given)")
+    assert given.device.peak["mixed"] == a100.device.peak["mixed"]      # only --precision's peak replaced
 
 
 # ---------------------------------------------------------------------- schedule ------
