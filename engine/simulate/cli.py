@@ -49,13 +49,16 @@ def number(lo: float, hi: float, *, integer: bool = False, open_lo: bool = False
     return parse
 
 
+MAX_LIST = 64     # values in one list: each is a configuration (or more) to simulate
+
+
 def numbers(lo: float, hi: float, *, integer: bool = False):
-    """An argparse type: a comma-separated list of such numbers."""
+    """An argparse type: a comma-separated list of at most MAX_LIST such numbers."""
     def parse(text: str):
         values = [_read(x, lo, hi, integer, False) for x in text.split(",")]
-        if None in values:
-            raise argparse.ArgumentTypeError(f"must be comma-separated {_range(lo, hi, integer, False)}, "
-                                             f"got {text!r}")
+        if None in values or len(values) > MAX_LIST:
+            raise argparse.ArgumentTypeError(f"must be up to {MAX_LIST} comma-separated "
+                                             f"{_range(lo, hi, integer, False)}, got {text!r}")
         return values
     return parse
 
