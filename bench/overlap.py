@@ -230,11 +230,12 @@ def predict(results, fitted, a) -> list:
     """engine.simulate's step times for the measured configurations, with and without
     contention, beside the measured ones. Collectives make every rank wait for the slowest,
     so the profile is the slowest rank's (largest compute-only total)."""
-    from engine.simulate import Network, ring_link_from_fit, run_step, trace_profile
+    from engine.simulate import Link, Network, ring_link_from_fit, run_step, trace_profile
     profiles = [trace_profile(f"{a.out}.rank{r}.json", a.arch, a.classes) for r in range(a.np)]
     profile = max(profiles, key=lambda p: sum(l.forward_s + l.backward_s for l in p.layers) + p.other_s)
     p = a.np
-    link = ring_link_from_fit(fitted["a"], fitted["b"], p)
+    # one rank communicates nothing (its all-reduce is a copy the model does not count): any link will do
+    link = ring_link_from_fit(fitted["a"], fitted["b"], p) if p > 1 else Link(0.0, 1.0)
     rows = []
     for r in results:
         mode = {"compute": "compute", "serial": "serial", "per-bucket": "overlap"}[r["mode"]]
