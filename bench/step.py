@@ -16,7 +16,8 @@ median over its timed steps, so a change in the machine's load hits all three al
 loader): torch's torchvision resnet50 (tests/torch_reference.py TorchResNet without
 torchvision) in channels_last, in fp32, TF32 and AMP bf16 (torch.autocast bfloat16, float32
 weights, SGD momentum), against ours in --precision fp32 / tf32 / bf16 (the hybrid update
-over the flat buffers). All entries of a run are timed in turns with CUDA events after
+over the flat buffers), with the convolutions by im2col and through cuDNN ("cudnn" entries,
+--conv), side by side. All entries of a run are timed in turns with CUDA events after
 warm-up; each figure is the median of its timed steps, and each of ours is divided by the
 BEST torch figure of that run. A time budget (--budget-s, about 3 minutes by default) sets
 the number of timed rounds; --json writes the figures after every run.
@@ -46,6 +47,9 @@ def parse():
     p.add_argument("--cuda-graph", action="store_true",
                    help="--device gpu: also our step captured once as a CUDA graph and replayed, as "
                         "engine.train --cuda-graph runs it (engine/graph_step.py)")
+    p.add_argument("--conv", nargs="+", choices=("im2col", "cudnn"), default=["im2col", "cudnn"],
+                   help="--device gpu: our step with its convolutions by im2col and/or through cuDNN "
+                        "(engine.train --conv), side by side (default both)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--profile", action="store_true", help="cProfile our step at the first size")
@@ -88,13 +92,18 @@ from engine.schedule import Coefficients  # noqa: E402
 
 CLASSES = 1000
 COEF = Coefficients(eta=0.1, a_sgd=0.5, a_rms=0.5 * 3e-4 / 0.1)   # mid-warm-up: both terms live
+CUDNN_WORKSPACE = 64 << 20     # bytes, engine.train's default --cudnn-workspace-mb
 
 
-def our_step(size, batch, backend=None, precision="fp32"):
-    """Our training step on `backend` (the CPU by default) in `precision`, on a fixed batch
+def our_step(size, batch, backend=None, precision="fp32", conv="im2col"):
+    """Our training step on `backend` (the CPU by default) in `precision`, its convolutions
+    by im2col or, on a GPU, through cuDNN (`conv`, as engine.train --conv), on a fixed batch
     resident where the model is."""
     backend = backend or get_backend("cpu")
     model = build_model(ARGS.arch, CLASSES, backend, precision=precision)
+    if conv == "cudnn":
+        from engine.cudnn_conv import route_convolutions
+        route_convolutions(model.convs, precision, CUDNN_WORKSPACE)
     opt = make_optimizer("hybrid", model.params, model.layout, backend, team=model.ws.team,
                          weight_copy=model.params_lp)
     rng = np.random.default_rng(0)
@@ -227,12 +236,12 @@ def torch_gpu_step(size, batch, precision):
     return torch_training_step(net, x, torch.randint(0, CLASSES, (batch,), device="cuda"), precision)
 
 
-def our_graph_step(size, batch, backend, precision):
+def our_graph_step(size, batch, backend, precision, conv):
     """Our step run by engine.graph_step.GraphedStep, as --cuda-graph runs the trainer's: its
     eager warm-up steps, then the capture and its first replay, all before the timing."""
     from types import SimpleNamespace
     from engine.graph_step import WARMUP_STEPS, GraphedStep
-    step = our_step(size, batch, backend, precision)
+    step = our_step(size, batch, backend, precision, conv)
     graphed = GraphedStep(backend, lambda images, labels, coef: step(), step.optimizer, 1.0)
     # The batch is already resident (as in our_step); a token one goes through the copies.
     token = SimpleNamespace(images=np.zeros(1, np.uint8), labels=np.zeros(1, np.int64))
@@ -248,9 +257,12 @@ def gpu_entries(size, batch, backend):
     """(name, builder of the step function) of every entry of one run, torch's first."""
     entries = [(f"torch {p if p != 'bf16' else 'bf16-amp'}", lambda p=p: torch_gpu_step(size, batch, p))
                for p in PRECISIONS]
-    entries += [(f"ours {p}", lambda p=p: our_step(size, batch, backend, p)) for p in PRECISIONS]
-    if ARGS.cuda_graph:
-        entries += [(f"ours {p} graph", lambda p=p: our_graph_step(size, batch, backend, p)) for p in PRECISIONS]
+    for conv in ARGS.conv:
+        name = "" if conv == "im2col" else " cudnn"
+        entries += [(f"ours {p}{name}", lambda p=p, c=conv: our_step(size, batch, backend, p, c)) for p in PRECISIONS]
+        if ARGS.cuda_graph:
+            entries += [(f"ours {p}{name} graph", lambda p=p, c=conv: our_graph_step(size, batch, backend, p, c))
+                        for p in PRECISIONS]
     return entries
 
 

@@ -55,6 +55,7 @@ Errors: `CudnnConvError`, whose message starts with the shape and the direction.
 """
 from __future__ import annotations
 
+import sys
 from collections import namedtuple
 
 import numpy as np
@@ -126,6 +127,17 @@ def device_pointer(a):
     except AttributeError:
         raise TypeError(f"no device pointer in a {type(a).__name__}: pass CuPy arrays, or give "
                         "CudnnConvolutions a `pointer=` that reads one") from None
+
+
+def route_convolutions(layers, precision, workspace_bytes, search="find", warn=None):
+    """Send the Conv2d `layers` of a model on this GPU through one CudnnConvolutions (each
+    shape self-checked against the layer's im2col path at first sight, a failure said once
+    through `warn`, by default a line on stderr); returns it."""
+    convs = CudnnConvolutions(gpu_handle_factory(), precision, workspace_bytes, search=search)
+    say = warn if warn is not None else (lambda message: print(message, file=sys.stderr, flush=True))
+    for layer in layers:
+        layer.cudnn = (convs, say)
+    return convs
 
 
 def gpu_handle_factory(stream=None):

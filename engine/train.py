@@ -341,10 +341,8 @@ class Trainer:
             self._conv_notes.append(f"--conv auto: convolutions by im2col, cuDNN did not load "
                                     f"({str(e).splitlines()[0]})")
             return
-        convs = cudnn_conv.CudnnConvolutions(cudnn_conv.gpu_handle_factory(), a.precision,
-                                             int(a.cudnn_workspace_mb * (1 << 20)), search=a.cudnn_search)
-        for conv in self.model.convs:
-            conv.cudnn = (convs, self._conv_notes.append)
+        cudnn_conv.route_convolutions(self.model.convs, a.precision, int(a.cudnn_workspace_mb * (1 << 20)),
+                                      a.cudnn_search, self._conv_notes.append)
 
     def _say_conv_notes(self) -> None:
         """Every rank's notes on its convolutions (cuDNN missing, conv shapes that failed the
