@@ -102,18 +102,20 @@ def test_healthy_job_with_long_compute_between_collectives_is_left_alone(tmp_pat
 
 @pytest.mark.mpi
 def test_on_every_rank_turns_one_ranks_failure_into_one_collective_error(comm):
+    from engine.data import DataError
+
     def fails_on(ranks, why):
         def fn():
             if comm.rank in ranks:
-                raise ValueError(why if isinstance(why, str) else why[comm.rank])
+                raise DataError(why if isinstance(why, str) else why[comm.rank])
             return comm.rank * 10
         return fn
-    assert guard.on_every_rank(comm, fails_on((), "never"), ValueError) == comm.rank * 10
-    with pytest.raises(ValueError) as raised:
-        guard.on_every_rank(comm, fails_on((1,), "no data"), ValueError)
+    assert guard.on_every_rank(comm, fails_on((), "never"), DataError) == comm.rank * 10
+    with pytest.raises(DataError) as raised:
+        guard.on_every_rank(comm, fails_on((1,), "no data"), DataError)
     assert raised.value.collective and str(raised.value) == "no data (rank 1 of 2)"
-    with pytest.raises(ValueError) as raised:       # two reasons: each named once, with its rank
-        guard.on_every_rank(comm, fails_on((0, 1), ("disk", "net")), ValueError)
+    with pytest.raises(DataError) as raised:        # two reasons: each named once, with its rank
+        guard.on_every_rank(comm, fails_on((0, 1), ("disk", "net")), DataError)
     assert str(raised.value) == "disk (rank 0 of 2)\n  net (rank 1 of 2)"
     with pytest.raises(KeyError):                   # other errors are not gathered
-        guard.on_every_rank(comm, lambda: {}["missing"], ValueError)
+        guard.on_every_rank(comm, lambda: {}["missing"], DataError)
