@@ -9,6 +9,8 @@ NP       ?= 2
 ARGS     ?=
 STAMP    := $(VENV)/.installed
 PYTEST   := $(PY) -m pytest -p no:cacheprovider
+# pip for the editable install, without setuptools' boxed caution that it is one (it is meant to be)
+PIP_EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install
 
 .PHONY: venv build train test test-fast bench gpu-check gpu-wheels gpu-check-offline gpu-run gpu-first-contact clean
 
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.pyx csrc/*.pxd csrc/*.pxi cs
 	@echo "== MPICH wheel, scikit-learn, Pillow, threadpoolctl), then compiling its C extensions"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --progress-bar off -e .
+	$(PIP_EDITABLE) --progress-bar off -e .
 	touch $(STAMP)
 	@echo "== ready: run the job with $(MPIEXEC) -n 2 $(PY) -m engine.train, or source $(VENV)/bin/activate first"
 
@@ -31,10 +33,9 @@ $(VENV)/.extra-%: $(STAMP) pyproject.toml
 venv: $(STAMP)
 
 # Rebuild the Cython extensions in place after editing csrc/ or kernels/. Through pip,
-# as make venv builds them: Cython comes from the build requirements, not from the venv. (The
-# filter drops setuptools' boxed caution that an editable install is one: it is meant to be.)
+# as make venv builds them: Cython comes from the build requirements, not from the venv.
 build: $(STAMP)
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps -e .
+	$(PIP_EDITABLE) -q --no-deps -e .
 
 train: $(STAMP)
 	$(MPIEXEC) -n $(NP) $(PY) -m engine.train $(ARGS)

@@ -89,10 +89,12 @@ from engine.loss import softmax_cross_entropy  # noqa: E402
 from engine.model import build_model  # noqa: E402
 from engine.optimizer import make_optimizer  # noqa: E402
 from engine.schedule import Coefficients  # noqa: E402
+from engine.train import build_parser  # noqa: E402
 
 CLASSES = 1000
 COEF = Coefficients(eta=0.1, a_sgd=0.5, a_rms=0.5 * 3e-4 / 0.1)   # mid-warm-up: both terms live
-CUDNN_WORKSPACE = 64 << 20     # bytes, engine.train's default --cudnn-workspace-mb
+# bytes: engine.train's default --cudnn-workspace-mb
+CUDNN_WORKSPACE = int(build_parser().get_default("cudnn_workspace_mb") * (1 << 20))
 
 
 def our_step(size, batch, backend=None, precision="fp32", conv="im2col"):

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU convolutions: im2col + one GEMM (the default until cuDNN has run on a GPU), "
                         "cudnn (engine/cudnn_conv.py; each conv shape self-checked against im2col at first "
                         "sight, a failing one falls back with a warning), auto (cudnn where libcudnn loads); "
-                        "fp32 and tf32 only; the CPU always uses im2col")
+                        "the CPU always uses im2col")
     g.add_argument("--cudnn-workspace-mb", type=float, default=64.0,
                    help="--conv cudnn: no algorithm needing more workspace than this is chosen")
     g.add_argument("--cudnn-search", default="find", choices=("find", "heuristic"),
